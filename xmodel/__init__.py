@@ -1,0 +1,1 @@
+"""xmodel: the Xmodel-2.5 architecture (muP), its checkpoints, and the training recipe."""
