@@ -7,6 +7,20 @@ Triton's interpreter when ``TRITON_INTERPRET=1``); see :mod:`xkernels.dispatch`.
 from xkernels.dispatch import force_backend, use_triton
 
 # --- public ops (one line per module; keep alphabetical within each group) ---
+from xkernels.rmsnorm import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_bwd_ref, rms_norm_ref
+from xkernels.rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin
 
-__all__ = ["force_backend", "use_triton"]
+__all__ = [
+    "force_backend",
+    "use_triton",
+    "RMSNorm",
+    "add_rms_norm",
+    "add_rms_norm_ref",
+    "rms_norm",
+    "rms_norm_bwd_ref",
+    "rms_norm_ref",
+    "apply_rotary",
+    "apply_rotary_ref",
+    "rotary_cos_sin",
+]
 __version__ = "0.1.0"
