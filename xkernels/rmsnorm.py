@@ -8,11 +8,13 @@ output dtype is ``x.dtype``; :class:`RMSNorm` casts its weight to the input dtyp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from xkernels._checks import check_float, check_nonempty, check_same_device
-from xkernels.dispatch import use_triton
+from xkernels.dispatch import triton_available, use_triton
 
 # ----------------------------------------------------------------------------------------------------
 # PyTorch reference (CPU path, tests, benchmarks)
@@ -60,6 +62,284 @@ def rms_norm_bwd_ref(
 
 
 # ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rmsnorm_fwd_kernel(
+        X,  # (M, H) input rows, last dim contiguous
+        R,  # (M, H) residual rows (read only when HAS_RESIDUAL)
+        W,  # (H,) weight, dtype of X
+        Y,  # (M, H) output, contiguous
+        S,  # (M, H) x + residual, contiguous (written only when HAS_RESIDUAL)
+        RSTD,  # (M,) fp32 1/rms per row, saved for backward
+        stride_x,  # row strides in elements
+        stride_r,
+        n_cols,
+        eps,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ONE_BLOCK: tl.constexpr,  # the whole row fits in one BLOCK: keep it in registers
+    ):
+        """One program per row.  ``s = x + r`` (rounded to the input dtype, as torch would), then
+        ``rstd = 1 / sqrt(mean(s^2) + eps)`` in fp32, ``y = w * (s * rstd).to(dtype)`` rounded once."""
+        row = tl.program_id(0).to(tl.int64)
+        x_row = X + row * stride_x
+        r_row = R + row * stride_r
+        y_row = Y + row * n_cols
+        s_row = S + row * n_cols
+        if ONE_BLOCK:
+            cols = tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                x += tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
+                s = x.to(S.dtype.element_ty)
+                tl.store(s_row + cols, s, mask=mask)
+                x = s.to(tl.float32)  # normalise exactly the stored sum
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            normed = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)
+            tl.store(y_row + cols, (w * normed).to(Y.dtype.element_ty), mask=mask)
+        else:
+            # Long rows: pass 1 sums squares chunk by chunk (and writes s), pass 2 re-reads the row
+            # (from L2 on a GPU) and normalises.
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < n_cols
+                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_RESIDUAL:
+                    x += tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
+                    s = x.to(S.dtype.element_ty)
+                    tl.store(s_row + cols, s, mask=mask)
+                    x = s.to(tl.float32)
+                acc += x * x
+            rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + eps)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < n_cols
+                if HAS_RESIDUAL:
+                    x = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
+                else:
+                    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                normed = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)
+                tl.store(y_row + cols, (w * normed).to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rmsnorm_bwd_kernel(
+        DY,  # (M, H) gradient of y, last dim contiguous
+        X,  # (M, H) the normalised input (x, or s = x + residual), last dim contiguous
+        W,  # (H,) weight
+        RSTD,  # (M,) fp32 from the forward
+        DS,  # (M, H) gradient of the returned s (read only when HAS_DS), last dim contiguous
+        DX,  # (M, H) output: gradient of x (= of residual in the fused variant), contiguous
+        DW_PARTIAL,  # (n_programs, H) fp32: this program's share of dweight
+        stride_dy,  # row strides in elements
+        stride_x,
+        stride_ds,
+        n_rows,
+        n_cols,
+        rows_per_program,
+        HAS_DS: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ONE_BLOCK: tl.constexpr,
+    ):
+        """Per row, with ``n = x * rstd`` and ``g = dy * w`` (fp32):
+
+        * ``dx = rstd * (g - n * mean(g * n))`` (+ ``ds`` for the fused add, whose two inputs share it),
+        * ``dw += dy * n.to(dtype)`` accumulated over this program's rows in fp32, stored to its own row
+          of ``DW_PARTIAL``; the launcher sums the partials (deterministic, no atomics).
+
+        The cast in the forward is treated as identity for ``dx`` (straight-through), as torch autograd does.
+        """
+        pid = tl.program_id(0)
+        row_start = pid.to(tl.int64) * rows_per_program
+        row_end = tl.minimum(row_start + rows_per_program, n_rows)
+        dw_row = DW_PARTIAL + pid.to(tl.int64) * n_cols
+        if ONE_BLOCK:
+            cols = tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            dw = tl.zeros([BLOCK], dtype=tl.float32)
+            for row in range(row_start, row_end):
+                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(RSTD + row)
+                n = x * rstd
+                g = dy * w
+                c = tl.sum(g * n, axis=0) / n_cols
+                dx = rstd * (g - n * c)
+                if HAS_DS:
+                    dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                dw += dy * n.to(X.dtype.element_ty).to(tl.float32)
+            tl.store(dw_row + cols, dw, mask=mask)
+        else:
+            # Long rows: the dweight partial lives in this program's own row of DW_PARTIAL (no other
+            # program touches it), updated chunk by chunk.
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                tl.store(dw_row + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=cols < n_cols)
+            for row in range(row_start, row_end):
+                rstd = tl.load(RSTD + row)
+                acc = tl.zeros([BLOCK], dtype=tl.float32)
+                for start in range(0, n_cols, BLOCK):
+                    cols = start + tl.arange(0, BLOCK)
+                    mask = cols < n_cols
+                    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                    acc += dy * w * x
+                c = tl.sum(acc, axis=0) * rstd / n_cols
+                for start in range(0, n_cols, BLOCK):
+                    cols = start + tl.arange(0, BLOCK)
+                    mask = cols < n_cols
+                    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                    n = x * rstd
+                    dx = rstd * (dy * w - n * c)
+                    if HAS_DS:
+                        dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+                    tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                    dw = tl.load(dw_row + cols, mask=mask, other=0.0)
+                    tl.store(dw_row + cols, dw + dy * n.to(X.dtype.element_ty).to(tl.float32), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers (no autograd): 2-D row views in, fresh tensors out
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Launch:
+    block: int
+    one_block: bool
+    num_warps: int
+
+
+# Rows up to _MAX_ONE_BLOCK elements stay in registers in one block (8192 fp32 = 16 values per thread
+# at 16 warps); longer rows loop over 4096-element chunks.  Warp counts follow the Triton layer-norm
+# tutorial / Liger-Kernel practice (4 warps to 2048, 8 to 4096, 16 above); not tuned on a GPU here.
+_MAX_ONE_BLOCK = 8192
+_CHUNK = 4096
+
+
+def _launch_config(n_cols: int) -> _Launch:
+    block = triton.next_power_of_2(n_cols)
+    one_block = block <= _MAX_ONE_BLOCK
+    if not one_block:
+        block = _CHUNK
+    num_warps = 4 if block <= 2048 else 8 if block <= 4096 else 16
+    return _Launch(block, one_block, num_warps)
+
+
+def _bwd_programs(n_rows: int, device: torch.device) -> int:
+    """Programs in the backward: a few per SM so each accumulates dweight over many rows (the partial
+    buffer is ``programs x H`` fp32).  The interpreter runs programs one by one, so a handful suffices."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    return max(1, min(n_rows, target))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D ``(rows, hidden)`` view with a contiguous last dim (copies only when it must)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _rmsnorm_fwd(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """Returns ``(y, s_or_None, rstd)`` for 2-D rows ``x2`` (and residual rows ``r2``)."""
+    n_rows, n_cols = x2.shape
+    cfg = _launch_config(n_cols)
+    weight = weight.contiguous()
+    y = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    s = torch.empty_like(y) if r2 is not None else None
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+    _rmsnorm_fwd_kernel[(n_rows,)](
+        x2,
+        r2 if r2 is not None else x2,
+        weight,
+        y,
+        s if s is not None else y,
+        rstd,
+        x2.stride(0),
+        r2.stride(0) if r2 is not None else 0,
+        n_cols,
+        eps,
+        HAS_RESIDUAL=r2 is not None,
+        BLOCK=cfg.block,
+        ONE_BLOCK=cfg.one_block,
+        num_warps=cfg.num_warps,
+    )
+    return y, s, rstd
+
+
+def _rmsnorm_bwd(dy2, x2, weight, rstd, ds2):
+    """Returns ``(dx, dweight)`` for 2-D rows; ``ds2`` is the gradient of ``s`` (fused add) or None."""
+    n_rows, n_cols = x2.shape
+    cfg = _launch_config(n_cols)
+    programs = _bwd_programs(n_rows, x2.device)
+    rows_per_program = triton.cdiv(n_rows, programs)
+    programs = triton.cdiv(n_rows, rows_per_program)
+    weight = weight.contiguous()
+    dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
+    _rmsnorm_bwd_kernel[(programs,)](
+        dy2,
+        x2,
+        weight,
+        rstd,
+        ds2 if ds2 is not None else dy2,
+        dx,
+        dw_partial,
+        dy2.stride(0),
+        x2.stride(0),
+        ds2.stride(0) if ds2 is not None else 0,
+        n_rows,
+        n_cols,
+        rows_per_program,
+        HAS_DS=ds2 is not None,
+        BLOCK=cfg.block,
+        ONE_BLOCK=cfg.one_block,
+        num_warps=cfg.num_warps,
+    )
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """Autograd over 2-D rows; ``residual`` may be None (plain RMSNorm, second output None)."""
+
+    @staticmethod
+    def forward(ctx, x2, r2, weight, eps):
+        y, s, rstd = _rmsnorm_fwd(x2, r2, weight, eps)
+        ctx.save_for_backward(s if s is not None else x2, weight, rstd)
+        ctx.has_residual = r2 is not None
+        if s is None:
+            return y
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, *maybe_ds):
+        x2, weight, rstd = ctx.saved_tensors
+        ds = maybe_ds[0] if maybe_ds else None
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        if ds is not None and ds.stride(-1) != 1:
+            ds = ds.contiguous()
+        dx, dw = _rmsnorm_bwd(dy, x2, weight, rstd, ds)
+        return dx, (dx if ctx.has_residual else None), dw, None
+
+
+# ----------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------
 
@@ -96,7 +376,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     """RMSNorm over the last dim of ``x`` (any leading shape); see the module docstring for the math."""
     _validate(x, weight, eps)
     if use_triton(x):
-        return _RMSNormFunction.apply(x, None, weight, float(eps))[0]
+        return _RMSNormFunction.apply(_rows(x), None, weight, float(eps)).view(x.shape)
     return rms_norm_ref(x, weight, eps)
 
 
@@ -106,7 +386,8 @@ def add_rms_norm(
     """Fused ``s = x + residual; return rms_norm(s, weight, eps), s`` (one pass over memory)."""
     _validate(x, weight, eps, residual)
     if use_triton(x):
-        return _RMSNormFunction.apply(x, residual, weight, float(eps))
+        y, s = _RMSNormFunction.apply(_rows(x), _rows(residual), weight, float(eps))
+        return y.view(x.shape), s.view(x.shape)
     return add_rms_norm_ref(x, residual, weight, eps)
 
 
@@ -136,14 +417,3 @@ class RMSNorm(nn.Module):
         return f"{self.hidden_size}, eps={self.eps}"
 
 
-# ----------------------------------------------------------------------------------------------------
-# Autograd (kernels land here; until then the reference runs under autograd)
-# ----------------------------------------------------------------------------------------------------
-
-
-class _RMSNormFunction:
-    @staticmethod
-    def apply(x, residual, weight, eps):
-        if residual is None:
-            return (rms_norm_ref(x, weight, eps),)
-        return add_rms_norm_ref(x, residual, weight, eps)

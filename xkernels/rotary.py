@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor
-from xkernels.dispatch import use_triton
+from xkernels.dispatch import triton_available, use_triton
 
 # ----------------------------------------------------------------------------------------------------
 # Tables and PyTorch reference
@@ -160,18 +160,187 @@ def apply_rotary(
         return q, k
     return out_q, out_k
 
+# ----------------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rotate_heads(
+        X,  # first element of this token's head 0 in the input
+        stride_xh,  # input head stride (elements)
+        O,  # same token in the output (may equal X: in-place)
+        stride_oh,
+        n_heads,
+        half,
+        cos1,  # (BLOCK_D,) fp32 table rows: first and second half of cos[pos] / sin[pos]
+        cos2,
+        sin1,
+        sin2,
+        BACKWARD: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        d = tl.arange(0, BLOCK_D)[None, :]
+        d_mask = d < half
+        for h0 in range(0, n_heads, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)[:, None]
+            mask = (h < n_heads) & d_mask
+            x_ptr = X + h * stride_xh + d
+            o_ptr = O + h * stride_oh + d
+            x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x_ptr + half, mask=mask, other=0.0).to(tl.float32)
+            if BACKWARD:  # transpose of the forward map
+                o1 = x1 * cos1 + x2 * sin2
+                o2 = x2 * cos2 - x1 * sin1
+            else:
+                o1 = x1 * cos1 - x2 * sin1
+                o2 = x2 * cos2 + x1 * sin2
+            tl.store(o_ptr, o1.to(O.dtype.element_ty), mask=mask)
+            tl.store(o_ptr + half, o2.to(O.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(
+        Q,  # (B, S, Hq, D) strided, last dim contiguous
+        K,  # (B, S, Hk, D) strided, last dim contiguous
+        QO,  # outputs (may alias Q / K for the in-place variant)
+        KO,
+        COS,  # (P, D) fp32 tables, last dim contiguous
+        SIN,
+        POS,  # (B or 1, S) integer positions (read only when HAS_POS)
+        seq_len,
+        stride_qb,  # q strides along batch, seq, head (elements); same pattern for the others
+        stride_qs,
+        stride_qh,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_qob,
+        stride_qos,
+        stride_qoh,
+        stride_kob,
+        stride_kos,
+        stride_koh,
+        stride_table,  # row stride of COS / SIN
+        stride_pb,  # position_ids strides (0 along batch when broadcast)
+        stride_ps,
+        n_q_heads,
+        n_k_heads,
+        half,  # head_dim // 2
+        HAS_POS: tl.constexpr,
+        BACKWARD: tl.constexpr,
+        BLOCK_HQ: tl.constexpr,
+        BLOCK_HK: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """One program per token (b, s), rotating all q heads and all k heads (one launch for both).
+
+        With ``x = [x1, x2]`` (halves of head_dim), ``c = cos[pos]``, ``s = sin[pos]`` split the same way:
+        forward ``o1 = x1*c1 - x2*s1``, ``o2 = x2*c2 + x1*s2`` (= ``x*cos + rotate_half(x)*sin``);
+        backward is the transpose ``g1 = o1*c1 + o2*s2``, ``g2 = o2*c2 - o1*s1`` -- the inverse rotation
+        for rotate-half tables (``c1 = c2``, ``s1 = s2``).  fp32 math, one rounding on store.
+        """
+        tok = tl.program_id(0).to(tl.int64)
+        b = tok // seq_len
+        s = tok % seq_len
+        if HAS_POS:
+            pos = tl.load(POS + b * stride_pb + s * stride_ps).to(tl.int64)
+        else:
+            pos = s
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < half
+        row = pos * stride_table
+        cos1 = tl.load(COS + row + d, mask=d_mask, other=0.0)[None, :]
+        cos2 = tl.load(COS + row + half + d, mask=d_mask, other=0.0)[None, :]
+        sin1 = tl.load(SIN + row + d, mask=d_mask, other=0.0)[None, :]
+        sin2 = tl.load(SIN + row + half + d, mask=d_mask, other=0.0)[None, :]
+        _rotate_heads(
+            Q + b * stride_qb + s * stride_qs, stride_qh, QO + b * stride_qob + s * stride_qos, stride_qoh,
+            n_q_heads, half, cos1, cos2, sin1, sin2, BACKWARD, BLOCK_HQ, BLOCK_D,
+        )  # fmt: skip
+        _rotate_heads(
+            K + b * stride_kb + s * stride_ks, stride_kh, KO + b * stride_kob + s * stride_kos, stride_koh,
+            n_k_heads, half, cos1, cos2, sin1, sin2, BACKWARD, BLOCK_HK, BLOCK_D,
+        )  # fmt: skip
+
 
 # ----------------------------------------------------------------------------------------------------
-# Autograd (kernels land here; until then the reference runs under autograd)
+# Launcher and autograd
 # ----------------------------------------------------------------------------------------------------
 
+# A program's (heads x head_dim/2) tile holds at most _MAX_TILE elements; more heads loop in chunks.
+# The model's shapes (24 q heads / 8 k heads, head_dim 64) fit in one tile.  4 warps up to 2048
+# elements, 8 above (Triton tutorial practice; not tuned on a GPU here).
+_MAX_TILE = 4096
 
-class _RotaryFunction:
+
+def _rotary_launch_config(n_q_heads: int, n_k_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_HQ, BLOCK_HK, BLOCK_D, num_warps)``."""
+    block_d = triton.next_power_of_2(head_dim // 2)
+    max_h = max(1, _MAX_TILE // block_d)
+    block_hq = min(triton.next_power_of_2(n_q_heads), max_h)
+    block_hk = min(triton.next_power_of_2(n_k_heads), max_h)
+    num_warps = 4 if block_hq * block_d <= 2048 else 8
+    return block_hq, block_hk, block_d, num_warps
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rotary(q, k, cos, sin, position_ids, inplace: bool, backward: bool):
+    """Launch the kernel once for q and k; returns ``(q_out, k_out)`` (q, k themselves when in place)."""
+    batch, seq, n_q_heads, head_dim = q.shape
+    n_k_heads = k.shape[2]
+    if head_dim // 2 > _MAX_TILE:
+        raise ValueError(f"head_dim={head_dim} is too large for the Triton rotary kernel (max {2 * _MAX_TILE})")
+    if inplace:
+        q_out, k_out = q, k
+    else:
+        q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    cos, sin = _last_dim_contiguous(cos), _last_dim_contiguous(sin)
+    if sin.stride(0) != cos.stride(0):
+        sin = sin.contiguous()
+        cos = cos.contiguous()
+    has_pos = position_ids is not None
+    if has_pos:
+        stride_pb = position_ids.stride(0) if position_ids.shape[0] > 1 else 0
+        stride_ps = position_ids.stride(1)
+    else:
+        stride_pb = stride_ps = 0
+    block_hq, block_hk, block_d, num_warps = _rotary_launch_config(n_q_heads, n_k_heads, head_dim)
+    _rotary_kernel[(batch * seq,)](
+        q, k, q_out, k_out, cos, sin, position_ids if has_pos else cos,
+        seq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2),
+        k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        cos.stride(0), stride_pb, stride_ps,
+        n_q_heads, n_k_heads, head_dim // 2,
+        HAS_POS=has_pos, BACKWARD=backward,
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return q_out, k_out
+
+
+class _RotaryFunction(torch.autograd.Function):
     @staticmethod
-    def apply(q, k, cos, sin, position_ids, inplace):
-        out_q, out_k = apply_rotary_ref(q, k, cos, sin, position_ids)
+    def forward(ctx, q, k, cos, sin, position_ids, inplace):
+        q_out, k_out = _rotary(q, k, cos, sin, position_ids, inplace, backward=False)
+        ctx.save_for_backward(cos, sin, position_ids)
         if inplace:
-            q.copy_(out_q)
-            k.copy_(out_k)
-            return q, k
-        return out_q, out_k
+            ctx.mark_dirty(q, k)
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin, position_ids = ctx.saved_tensors
+        dq_in, dk_in = _rotary(dq, dk, cos, sin, position_ids, inplace=False, backward=True)
+        return dq_in, dk_in, None, None, None, None
