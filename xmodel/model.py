@@ -1,0 +1,387 @@
+"""The Xmodel-2.5 decoder (μP), with the released module and weight names.
+
+Forward, for token ids ``x`` (B, T) and ``L = num_hidden_layers`` (multipliers from :class:`XmodelConfig`;
+all 1 without ``use_mup``)::
+
+    h = embed_tokens(x) * mup_input_scale
+    for each layer:
+        a = o_proj(attention(rope(q_proj(rms(h))), rope(k_proj(rms(h))), v_proj(rms(h))))   # GQA, causal
+        h = h + a * mup_attention_residual_scale / sqrt(L)
+        m = down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))                           # SwiGLU
+        h = h + m * mup_ffn_residual_scale / sqrt(L)
+    logits = lm_head(rms(h)) * mup_output_scale / (hidden_size / mup_base_width)            # lm_head tied
+
+Attention is ``softmax(q kᵀ * scale) v`` with ``scale = 1/head_dim`` under μP (``1/sqrt(head_dim)`` without);
+rotary embeddings use the rotate-half convention with ``rope_theta``; each RMSNorm normalises in fp32, casts back
+and multiplies by its weight.  The residual adds are fused with the following RMSNorm
+(:func:`xkernels.add_rms_norm`), rotary is :func:`xkernels.apply_rotary`, attention is
+``F.scaled_dot_product_attention`` with the explicit scale.  All projections are plain ``nn.Linear`` (no bias) so
+FP8 conversion can swap them from outside.
+
+State-dict keys are the released names (``model.embed_tokens.weight``, ``model.layers.{i}.self_attn.q_proj.weight``,
+..., ``model.norm.weight``, ``lm_head.weight``), so :mod:`xmodel.checkpoint` reads and writes the HF format.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import xkernels
+from xmodel.config import XmodelConfig
+
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+_SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
+
+
+class KVCacheLike(Protocol):
+    """What the forward needs from a KV cache (see :class:`xmodel.generate.KVCache`).
+
+    ``length`` tokens are cached; ``update(layer, k, v)`` appends ``k, v`` (B, n_kv_heads, T, head_dim) for one
+    layer and returns all cached keys/values of that layer; ``advance(T)`` is called once per forward after
+    every layer has been updated.
+    """
+
+    length: int
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def advance(self, num_tokens: int) -> None: ...
+
+
+@dataclass
+class XmodelOutput:
+    """``loss``: mean cross entropy over the non-ignored labels (0 when there are none), fp32, or None;
+    ``logits``: (B, T, vocab) fp32, or None when not requested; ``num_tokens``: number of non-ignored labels
+    (a 0-dim int64 tensor), or None without labels."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None
+    num_tokens: torch.Tensor | None
+
+
+# --------------------------------------------------------------------------------------------------------
+# The two spots where a fused kernel may replace plain torch.
+# --------------------------------------------------------------------------------------------------------
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``."""
+    return F.silu(gate) * up
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Sum over positions of ``-log softmax(logits)[label]`` in fp32, skipping ``labels == ignore_index``."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Masks and positions
+# --------------------------------------------------------------------------------------------------------
+def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 wherever ``doc_ids`` changes along the sequence: (B, T) int64."""
+    batch, seq = doc_ids.shape
+    idx = torch.arange(seq, device=doc_ids.device).expand(batch, seq)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+def build_attention_mask(
+    seq: int,
+    past: int,
+    doc_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Boolean ``(B or 1, 1, seq, past + seq)`` mask (True = may attend), or None when plain causal suffices.
+
+    Query ``i`` (absolute position ``past + i``) sees key ``j`` iff ``j <= past + i``, the key is not padding
+    (``attention_mask[:, j] == 1``) and both are in the same document (``doc_ids``).  Every query always sees
+    itself, so a padding query never has an empty row (its output is unused but stays finite).
+    """
+    if doc_ids is None and attention_mask is None and (past == 0 or seq == 1):
+        return None
+    total = past + seq
+    q_pos = torch.arange(past, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None]  # (1, seq, total)
+    if attention_mask is not None:
+        mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    mask = mask | (k_pos == q_pos)[None]
+    return mask[:, None]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Modules (names = released names)
+# --------------------------------------------------------------------------------------------------------
+class XmodelAttention(nn.Module):
+    def __init__(self, config: XmodelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.attention_softmax_scale
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+    def forward(self, x, cos, sin, position_ids, mask, cache: KVCacheLike | None):
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        q, k = xkernels.apply_rotary(q, k, cos, sin, position_ids)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        causal = mask is None and (cache is None or cache.length == 0) and seq > 1
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past + T, D)
+        groups = self.num_heads // self.num_kv_heads
+        extra: dict[str, Any] = {}
+        if groups > 1:
+            if _SDPA_HAS_GQA and mask is None:
+                extra["enable_gqa"] = True
+            else:  # head h reads kv head h // groups
+                k = k.repeat_interleave(groups, dim=1)
+                v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, **extra)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+class XmodelMLP(nn.Module):
+    def __init__(self, config: XmodelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class XmodelDecoderLayer(nn.Module):
+    def __init__(self, config: XmodelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = XmodelAttention(config, layer_idx)
+        self.mlp = XmodelMLP(config)
+        self.input_layernorm = xkernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = xkernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn_mult = config.attention_residual_multiplier
+        self.ffn_mult = config.ffn_residual_multiplier
+
+    def forward(self, h, pending, cos, sin, position_ids, mask, cache=None):
+        """``h``: residual stream; ``pending``: the previous layer's scaled MLP branch, not yet added (or None).
+
+        Returns ``(h, pending)`` with this layer's attention branch added and its MLP branch pending, so each
+        residual add is fused with the RMSNorm that follows it.
+        """
+        if pending is None:
+            normed = self.input_layernorm(h)
+        else:
+            normed, h = self.input_layernorm(pending, h)
+        attn = self.self_attn(normed, cos, sin, position_ids, mask, cache) * self.attn_mult
+        normed, h = self.post_attention_layernorm(attn, h)
+        return h, self.mlp(normed) * self.ffn_mult
+
+
+class XmodelModel(nn.Module):
+    def __init__(self, config: XmodelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([XmodelDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = xkernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class Xmodel(nn.Module):
+    """Xmodel-2.5 causal LM.  Build on any device (``meta`` included), then :meth:`init_weights`.
+
+    ``with torch.device("meta"): m = Xmodel(cfg)``; ``m.to_empty(device="cuda"); m.init_weights()``.
+    A model built on a real device is initialised (``"hf"`` scheme) by the constructor.
+    """
+
+    def __init__(self, config: XmodelConfig):
+        super().__init__()
+        self.config = config
+        self.model = XmodelModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.activation_checkpointing = False
+        self._rope_tables: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        if not self.lm_head.weight.is_meta:
+            self.init_weights()
+
+    # ------------------------------------------------------------------------------------------ setup
+    def tie_weights(self) -> None:
+        """Make ``lm_head.weight`` the very Parameter of ``model.embed_tokens.weight`` (when tied)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .to_empty() may replace parameters one by one; re-tie afterwards.
+        out = super()._apply(fn, *args, **kwargs)
+        self.tie_weights()
+        self._rope_tables = {}
+        return out
+
+    @torch.no_grad()
+    def init_weights(self, scheme: str = "hf", generator: torch.Generator | None = None) -> None:
+        """Initialise every parameter (norm weights to 1).  ``std0 = initializer_range`` (0.1),
+        ``w = mup_width_multiplier`` under μP (else 1), ``L = num_hidden_layers``:
+
+        * ``"hf"`` -- the released ``_init_weights``: every linear ``N(0, std0 / sqrt(w))``, the (tied)
+          embedding ``N(0, std0)``.
+        * ``"megatron"`` -- what the paper trained with: q/k/v and gate/up ``N(0, std0 / sqrt(w))``,
+          o and down ``N(0, std0 / sqrt(2 L))``, embedding ``N(0, std0)``.
+
+        An untied ``lm_head`` gets ``N(0, std0 / sqrt(w))`` in both schemes.
+        """
+        if scheme not in ("hf", "megatron"):
+            raise ValueError(f"scheme must be 'hf' or 'megatron', got {scheme!r}")
+        cfg = self.config
+        std0 = cfg.initializer_range
+        width_mult = cfg.mup_width_multiplier if cfg.use_mup else 1.0
+        std_in = std0 / math.sqrt(width_mult)
+        std_out = std0 / math.sqrt(2 * cfg.num_hidden_layers) if scheme == "megatron" else std_in
+        self.tie_weights()
+        nn.init.normal_(self.model.embed_tokens.weight, 0.0, std0, generator=generator)
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                nn.init.normal_(lin.weight, 0.0, std_in, generator=generator)
+            for lin in (attn.o_proj, mlp.down_proj):
+                nn.init.normal_(lin.weight, 0.0, std_out, generator=generator)
+            nn.init.ones_(layer.input_layernorm.weight)
+            nn.init.ones_(layer.post_attention_layernorm.weight)
+        nn.init.ones_(self.model.norm.weight)
+        if not cfg.tie_word_embeddings:
+            nn.init.normal_(self.lm_head.weight, 0.0, std_in, generator=generator)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer in backward instead of storing its activations (training only)."""
+        self.activation_checkpointing = bool(enabled)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Distinct parameters (tied weights once); ``non_embedding`` leaves out embedding and lm_head."""
+        skip = {id(self.model.embed_tokens.weight), id(self.lm_head.weight)} if non_embedding else set()
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+    def _rope(self, needed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (cos, sin) tables with at least ``needed`` rows, grown by powers of two and kept per device."""
+        rows = max(256, 1 << (needed - 1).bit_length())
+        key = (str(device), rows)
+        if key not in self._rope_tables:
+            self._rope_tables = {k: v for k, v in self._rope_tables.items() if k[0] != str(device)}
+            self._rope_tables[key] = xkernels.rotary_cos_sin(rows, self.config.head_dim, self.config.rope_theta, device)
+        return self._rope_tables[key]
+
+    # ---------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCacheLike | None = None,
+        ignore_index: int = -100,
+        return_logits: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> XmodelOutput:
+        """Run the model on ``input_ids`` (B, T).
+
+        * ``labels`` (B, T): targets ALREADY ALIGNED with the inputs -- ``labels[b, t]`` is the token that
+          should follow ``input_ids[b, :t+1]`` (the caller shifts).  ``loss`` = mean over
+          ``labels != ignore_index`` of ``-log softmax(logits[b, t])[labels[b, t]]``, ``num_tokens`` = their count.
+        * ``position_ids`` (B, T) or (1, T): rotary positions.  Default: ``past + arange(T)`` with a cache,
+          positions restarting at 0 per document with ``doc_ids``, else ``arange(T)``.
+        * ``doc_ids`` (B, T): packed sequences -- no attention across different ids (combined with causal).
+        * ``cache``: a KV cache (:class:`xmodel.generate.KVCache`); keys/values are appended in place.
+        * ``attention_mask`` (B, past + T): 1 for real tokens, 0 for padding keys (left-padded batches).
+        * ``return_logits``: default (None) returns logits only when no ``labels`` are given.
+        """
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        for name, t in (("labels", labels), ("doc_ids", doc_ids)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+        past = 0 if cache is None else cache.length
+        if doc_ids is not None and past:
+            raise ValueError("doc_ids (packed sequences) cannot be combined with a non-empty KV cache")
+        if attention_mask is not None and attention_mask.shape != (batch, past + seq):
+            raise ValueError(f"attention_mask must have shape ({batch}, {past + seq}), got {tuple(attention_mask.shape)}")
+        if return_logits is None:
+            return_logits = labels is None
+        device = input_ids.device
+
+        if position_ids is None:
+            if doc_ids is not None:
+                position_ids = positions_from_doc_ids(doc_ids)
+            elif past:
+                position_ids = torch.arange(past, past + seq, device=device)[None]
+            max_pos = past + seq
+        else:
+            max_pos = int(position_ids.max()) + 1
+        cos, sin = self._rope(max_pos, device)
+        mask = build_attention_mask(seq, past, doc_ids, attention_mask, device)
+
+        h = self.model.embed_tokens(input_ids) * cfg.embedding_multiplier  # (B, T, hidden)
+        pending = None
+        for layer in self.model.layers:
+            if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                h, pending = checkpoint(layer, h, pending, cos, sin, position_ids, mask, use_reentrant=False)
+            else:
+                h, pending = layer(h, pending, cos, sin, position_ids, mask, cache)
+        h, _ = self.model.norm(pending, h)
+        if cache is not None:
+            cache.advance(seq)
+
+        loss = num_tokens = logits = None
+        if return_logits or labels is not None:
+            logits = self.lm_head(h).float() * cfg.logit_multiplier  # (B, T, vocab)
+        if labels is not None:
+            num_tokens = (labels != ignore_index).sum()
+            loss = cross_entropy_sum(logits, labels, ignore_index) / num_tokens.clamp(min=1)
+        return XmodelOutput(loss=loss, logits=logits if return_logits else None, num_tokens=num_tokens)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def save_pretrained(
+        self,
+        path: str | Path,
+        max_shard_size: int | str = "2GB",
+        dtype: torch.dtype | None = None,
+        tokenizer_dir: str | Path | None = None,
+    ) -> None:
+        """Write an HF checkpoint directory (see :func:`xmodel.checkpoint.save_pretrained`)."""
+        from xmodel.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype, tokenizer_dir=tokenizer_dir)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Xmodel:
+        """Load an HF checkpoint directory (see :func:`xmodel.checkpoint.load_pretrained`)."""
+        from xmodel.checkpoint import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def generate(self, prompts, **kwargs):
+        """Autoregressive generation; see :func:`xmodel.generate.generate`."""
+        from xmodel.generate import generate
+
+        return generate(self, prompts, **kwargs)
