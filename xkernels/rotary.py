@@ -128,6 +128,8 @@ def _validate(q, k, cos, sin, position_ids, inplace):
         for name, t in (("q", q), ("k", k)):
             if t.stride(-1) != 1:
                 raise ValueError(f"inplace=True needs {name} with a contiguous last dim, got strides {t.stride()}")
+            if t.is_leaf and t.requires_grad and torch.is_grad_enabled():
+                raise ValueError(f"inplace=True cannot overwrite {name}: it is a leaf tensor that requires grad")
 
 
 def _compiling() -> bool:
@@ -152,6 +154,14 @@ def apply_rotary(
     """
     _validate(q, k, cos, sin, position_ids, inplace)
     if use_triton(q):
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        if inplace and not needs_grad:
+            return _rotary(q, k, cos, sin, position_ids, inplace=True, backward=False)
+        if inplace and (q._is_view() or k._is_view()):
+            # Autograd cannot mark two views dirty in one Function: rotate q and k in two launches.
+            q_out = _RotaryFunction.apply(q, None, cos, sin, position_ids, True)
+            k_out = _RotaryFunction.apply(k, None, cos, sin, position_ids, True)
+            return q_out, k_out
         return _RotaryFunction.apply(q, k, cos, sin, position_ids, inplace)
     out_q, out_k = apply_rotary_ref(q, k, cos, sin, position_ids)
     if inplace:
@@ -282,7 +292,7 @@ def _rotary_launch_config(n_q_heads: int, n_k_heads: int, head_dim: int) -> tupl
     block_d = triton.next_power_of_2(head_dim // 2)
     max_h = max(1, _MAX_TILE // block_d)
     block_hq = min(triton.next_power_of_2(n_q_heads), max_h)
-    block_hk = min(triton.next_power_of_2(n_k_heads), max_h)
+    block_hk = min(triton.next_power_of_2(max(n_k_heads, 1)), max_h)
     num_warps = 4 if block_hq * block_d <= 2048 else 8
     return block_hq, block_hk, block_d, num_warps
 
@@ -294,6 +304,9 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def _rotary(q, k, cos, sin, position_ids, inplace: bool, backward: bool):
     """Launch the kernel once for q and k; returns ``(q_out, k_out)`` (q, k themselves when in place)."""
     batch, seq, n_q_heads, head_dim = q.shape
+    k_out_none = k is None
+    if k is None:  # rotate q alone: a k with no heads (the kernel's k loop runs zero times)
+        k = q[:, :, :0]
     n_k_heads = k.shape[2]
     if head_dim // 2 > _MAX_TILE:
         raise ValueError(f"head_dim={head_dim} is too large for the Triton rotary kernel (max {2 * _MAX_TILE})")
@@ -327,20 +340,22 @@ def _rotary(q, k, cos, sin, position_ids, inplace: bool, backward: bool):
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
         num_warps=num_warps,
     )  # fmt: skip
-    return q_out, k_out
+    return q_out, (None if k_out_none else k_out)
 
 
 class _RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, position_ids, inplace):
+        """``k`` may be None: rotate ``q`` alone and return only ``q_out`` (autograd allows a single output
+        when an in-place input is a view)."""
         q_out, k_out = _rotary(q, k, cos, sin, position_ids, inplace, backward=False)
         ctx.save_for_backward(cos, sin, position_ids)
         if inplace:
-            ctx.mark_dirty(q, k)
-        return q_out, k_out
+            ctx.mark_dirty(*[t for t in (q, k) if t is not None])
+        return q_out if k is None else (q_out, k_out)
 
     @staticmethod
-    def backward(ctx, dq, dk):
+    def backward(ctx, dq, dk=None):
         cos, sin, position_ids = ctx.saved_tensors
         dq_in, dk_in = _rotary(dq, dk, cos, sin, position_ids, inplace=False, backward=True)
         return dq_in, dk_in, None, None, None, None
