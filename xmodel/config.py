@@ -76,7 +76,7 @@ class XmodelConfig:
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown config.json keys, kept on save
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # unknown config.json keys, kept on save
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -217,9 +217,6 @@ class XmodelConfig:
             warnings.warn(f"config model_type is {d['model_type']!r}, expected 'xmodel'", stacklevel=2)
         if unknown:
             warnings.warn(f"XmodelConfig ignores unknown config keys: {sorted(unknown)}", stacklevel=2)
-        for key in ("torch_dtype", "dtype"):
-            if key in d:
-                unknown[key] = d[key]
         config = cls(**kwargs)
         config.extra = unknown
         if "head_dim" in d and d["head_dim"] is not None and int(d["head_dim"]) != config.head_dim:

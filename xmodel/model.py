@@ -219,6 +219,7 @@ class Xmodel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.activation_checkpointing = False
+        self.tokenizer_dir: Path | None = None  # set by from_pretrained; save_pretrained copies its tokenizer files
         self._rope_tables: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         if not self.lm_head.weight.is_meta:
             self.init_weights()
