@@ -9,6 +9,8 @@ from xkernels.dispatch import force_backend, use_triton
 # --- public ops (one line per module; keep alphabetical within each group) ---
 from xkernels.rmsnorm import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_bwd_ref, rms_norm_ref
 from xkernels.rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin
+from xkernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from xkernels.swiglu import swiglu, swiglu_fused, swiglu_fused_ref, swiglu_ref
 
 __all__ = [
     "force_backend",
@@ -22,5 +24,11 @@ __all__ = [
     "apply_rotary",
     "apply_rotary_ref",
     "rotary_cos_sin",
+    "linear_cross_entropy",
+    "linear_cross_entropy_ref",
+    "swiglu",
+    "swiglu_fused",
+    "swiglu_fused_ref",
+    "swiglu_ref",
 ]
 __version__ = "0.1.0"

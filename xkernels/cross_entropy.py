@@ -1,0 +1,368 @@
+"""Linear + cross-entropy without materialising the ``(tokens, vocab)`` logits (Liger-style chunking).
+
+Math, per token ``i`` with hidden row ``h_i`` (H), output weight ``W`` (V, H), target ``t_i`` and
+``s = logit_scale`` (muP's ``mup_output_scale / width_mult``)::
+
+    z_i    = s * (W h_i)                         # (V,) scaled logits
+    lse_i  = log(sum_v exp(z_iv))                # fp32
+    loss_i = lse_i - z_i[t_i] + z_loss * lse_i^2 # 0 where t_i == ignore_index
+
+Reduction ``"mean"`` divides the sum over non-ignored tokens by their exact count ``n``; when every
+target is ignored the mean is defined as ``0`` with zero gradients (``F.cross_entropy`` returns NaN
+there).  ``"sum"`` sums, ``"none"`` returns ``loss_i`` (0 at ignored tokens) in the shape of ``targets``.
+The loss is returned in fp32 whatever the input dtype.
+
+Gradient of ``loss_i`` with respect to the raw logits ``l_i = W h_i``::
+
+    dl_i = s * (softmax(z_i) * (1 + 2 z_loss lse_i) - onehot(t_i))   (0 at ignored tokens)
+    dh_i = dl_i W ,   dW = sum_i dl_i^T h_i
+
+The tokens are processed in chunks of ``C`` rows: for each chunk the logits ``(C, V)`` are formed by one
+matmul, a row kernel computes the loss and overwrites the logits with ``dl`` in place (a Triton kernel on
+GPU / under the interpreter, PyTorch on CPU), then ``dh`` for the chunk and the chunk's contribution to
+``dW`` (accumulated in fp32) are formed by two more matmuls.  For the scalar reductions all of this runs
+in the forward pass and the backward only scales the stored gradients by ``grad_output``; so peak extra
+memory is one logits chunk plus ``dW`` and ``dh``.  For ``"none"`` the per-token ``grad_output`` is only
+known in the backward, which therefore recomputes the chunks (one more pass of matmuls).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor
+from xkernels.dispatch import triton_available, use_triton
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch reference (unfused: materialises the logits; tests and benchmarks compare against it)
+# ----------------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    logit_scale: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """The module docstring's loss, computed the plain way in fp32 (float64 for float64 inputs).
+
+    Differentiable by autograd; "mean" over zero non-ignored targets gives 0 (not NaN).
+    """
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    h = hidden.reshape(-1, hidden.shape[-1]).to(acc)
+    t = targets.reshape(-1)
+    z = (h @ weight.to(acc).t()) * logit_scale
+    lse = torch.logsumexp(z, dim=-1)
+    valid = t != ignore_index
+    safe_t = torch.where(valid, t, torch.zeros_like(t))
+    loss = lse - z.gather(1, safe_t[:, None]).squeeze(1) + z_loss * lse * lse
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.reshape(targets.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / valid.sum().clamp_min(1).to(acc)
+
+
+def unfused_cross_entropy(hidden, weight, targets, logit_scale=1.0, ignore_index=-100, reduction="mean"):
+    """The baseline everybody writes: ``F.cross_entropy((hidden @ weight.T) * logit_scale, targets)``
+    (full logits in the input dtype).  Used as the memory/time comparison point."""
+    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.t()) * logit_scale
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+
+
+def _ce_chunk_torch(logits, targets, logit_scale, ignore_index, z_loss, compute_grad, row_grad=None):
+    """PyTorch twin of :func:`_ce_chunk_kernel`: per-row loss of one chunk (fp32) and, when
+    ``compute_grad``, ``dl`` written into ``logits`` in place (times ``row_grad`` per row when given)."""
+    z = logits.float() * logit_scale
+    lse = torch.logsumexp(z, dim=-1)
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+    loss = lse - z.gather(1, safe_t[:, None]).squeeze(1) + z_loss * lse * lse
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if compute_grad:
+        p = z.sub_(lse[:, None]).exp_()  # softmax, reusing z's storage
+        if z_loss:
+            p.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+        p.scatter_add_(1, safe_t[:, None], torch.full_like(lse[:, None], -1.0))
+        row_scale = valid.to(p.dtype) * logit_scale
+        if row_grad is not None:
+            row_scale = row_scale * row_grad.float()
+        p.mul_(row_scale[:, None])
+        logits.copy_(p)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernel: loss and in-place logits gradient of one chunk
+# ----------------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _ce_chunk_kernel(
+        LOGITS,  # (C, V) raw logits of the chunk, last dim contiguous; overwritten with dl when COMPUTE_GRAD
+        TARGETS,  # (C,) int64 targets
+        LOSS,  # (C,) fp32 per-row loss (output)
+        ROW_GRAD,  # (C,) per-row incoming gradient (read only when HAS_ROW_GRAD)
+        stride_l,  # row stride of LOGITS in elements
+        n_cols,  # V
+        ignore_index,
+        logit_scale,
+        z_loss,
+        COMPUTE_GRAD: tl.constexpr,
+        HAS_ROW_GRAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """One program per row.  Pass 1: online max / sum-exp over ``z = s * l`` in fp32 -> ``lse``;
+        loss ``lse - z[t] + z_loss lse^2``.  Pass 2 (COMPUTE_GRAD): overwrite the row with
+        ``dl = s * g * (softmax(z) * (1 + 2 z_loss lse) - onehot(t))`` where ``g`` is 1 or ``ROW_GRAD[row]``,
+        and 0 for ignored rows.  The target logit is read before pass 2 overwrites it."""
+        row = tl.program_id(0).to(tl.int64)
+        ptr = LOGITS + row * stride_l
+        t = tl.load(TARGETS + row)
+        valid = t != ignore_index
+        safe_t = tl.where(valid, t, 0)
+
+        m = tl.full([], float("-inf"), tl.float32)
+        d = tl.full([], 0.0, tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            # load with other=0 then mask in fp32 (-inf as a bf16 `other` is unreliable in the interpreter)
+            z = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
+            z = tl.where(mask, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(d)
+        z_t = tl.load(ptr + safe_t).to(tl.float32) * logit_scale
+        loss = lse - z_t + z_loss * lse * lse
+        tl.store(LOSS + row, tl.where(valid, loss, 0.0))
+
+        if COMPUTE_GRAD:
+            scale = tl.where(valid, logit_scale, 0.0)
+            if HAS_ROW_GRAD:
+                scale = scale * tl.load(ROW_GRAD + row).to(tl.float32)
+            p_scale = 1.0 + 2.0 * z_loss * lse
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < n_cols
+                z = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
+                dz = tl.exp(z - lse) * p_scale - tl.where(cols == safe_t, 1.0, 0.0)
+                tl.store(ptr + cols, (dz * scale).to(LOGITS.dtype.element_ty), mask=mask)
+
+    def _ce_chunk_triton(logits, targets, logit_scale, ignore_index, z_loss, compute_grad, row_grad=None):
+        n_rows, n_cols = logits.shape
+        loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+        # 4096 fp32 per block: 32 elements per thread at 4 warps; fewer for tiny vocabularies.
+        block = min(4096, triton.next_power_of_2(n_cols))
+        _ce_chunk_kernel[(n_rows,)](
+            logits,
+            targets,
+            loss,
+            row_grad if row_grad is not None else loss,
+            logits.stride(0),
+            n_cols,
+            ignore_index,
+            float(logit_scale),
+            float(z_loss),
+            COMPUTE_GRAD=compute_grad,
+            HAS_ROW_GRAD=row_grad is not None,
+            BLOCK=block,
+            num_warps=8 if block >= 4096 else 4,
+        )
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chunked driver and autograd
+# ----------------------------------------------------------------------------------------------------
+
+
+def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
+    """Tokens per chunk: a logits chunk about the size of ``hidden`` itself (Liger's rule,
+    ``next_pow2(ceil(N / ceil(V / H)))``), at least 64 rows so the matmuls stay efficient, at most N."""
+    chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n_tokens / math.ceil(vocab / hidden))))))
+    return max(1, min(n_tokens, max(64, chunk)))
+
+
+def _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, need_dh, need_dw, row_grad=None):
+    """Run all chunks.  Returns (per-token fp32 loss (N,), dh (N, H) or None, dW fp32 (V, H) or None).
+
+    When neither gradient is needed only the losses are computed (the logits chunk is not modified).
+    """
+    n = h2.shape[0]
+    compute_grad = need_dh or need_dw
+    loss = torch.empty(n, dtype=torch.float32, device=h2.device)
+    dh = torch.empty_like(h2) if need_dh else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    wt = weight.t()
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        h_c = h2[start:end]
+        logits = h_c @ wt  # (c, V), input dtype, fp32 accumulation inside the GEMM
+        rg = row_grad[start:end] if row_grad is not None else None
+        loss[start:end] = step(logits, t1[start:end], logit_scale, ignore_index, z_loss, compute_grad, rg)
+        if need_dh:
+            torch.mm(logits, weight, out=dh[start:end])
+        if need_dw:
+            dw += logits.t() @ h_c  # (V, H) chunk contribution, summed in fp32
+    return loss, dh, dw
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """Over 2-D ``hidden (N, H)`` and 1-D ``targets (N,)``; returns the reduced fp32 loss."""
+
+    @staticmethod
+    def forward(ctx, h2, weight, t1, logit_scale, ignore_index, reduction, z_loss, chunk, use_kernel):
+        step = _ce_chunk_triton if use_kernel else _ce_chunk_torch
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.reduction = reduction
+        if reduction == "none":
+            # per-token incoming gradients are only known in backward: recompute there
+            loss, _, _ = _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, False, False)
+            ctx.save_for_backward(h2, weight, t1)
+            ctx.args = (logit_scale, ignore_index, z_loss, chunk, step)
+            return loss
+        loss, dh, dw = _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, need_dh, need_dw)
+        total = loss.sum()
+        if reduction == "mean":
+            # exact count of non-ignored targets, kept on the device (no sync); 0 targets -> loss 0, grads 0
+            inv_n = 1.0 / (t1 != ignore_index).sum().clamp_min(1).to(torch.float32)
+            total = total * inv_n
+            dh = dh.mul_(inv_n.to(dh.dtype)) if dh is not None else None
+            dw = dw.mul_(inv_n) if dw is not None else None
+        ctx.save_for_backward(dh, dw.to(weight.dtype) if dw is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.reduction == "none":
+            h2, weight, t1 = ctx.saved_tensors
+            logit_scale, ignore_index, z_loss, chunk, step = ctx.args
+            need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            _, dh, dw = _chunked(
+                h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, need_dh, need_dw, grad_out.contiguous()
+            )
+            return dh, (dw.to(weight.dtype) if dw is not None else None), None, None, None, None, None, None, None
+        dh, dw = ctx.saved_tensors
+        dh = dh * grad_out.to(dh.dtype) if dh is not None else None
+        dw = dw * grad_out.to(dw.dtype) if dw is not None else None
+        return dh, dw, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _validate(hidden, weight, targets, logit_scale, ignore_index, reduction, z_loss, chunk_size):
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    check_tensor("targets", targets)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape (..., hidden_size), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (vocab, hidden_size), got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight has hidden size {weight.shape[1]} (shape {tuple(weight.shape)}) but hidden has "
+            f"{hidden.shape[-1]} (shape {tuple(hidden.shape)}); weight must be (vocab, hidden_size)"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"weight dtype {str(weight.dtype).removeprefix('torch.')} differs from hidden dtype "
+            f"{str(hidden.dtype).removeprefix('torch.')}; cast one of them"
+        )
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be an int64 (or int32) tensor, got {str(targets.dtype).removeprefix('torch.')}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), got {tuple(targets.shape)}"
+        )
+    check_same_device("weight", weight, "hidden", hidden)
+    check_same_device("targets", targets, "hidden", hidden)
+    check_nonempty("hidden", hidden)
+    check_nonempty("weight", weight)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    for name, val in (("logit_scale", logit_scale), ("z_loss", z_loss)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+            raise TypeError(f"{name} must be a finite float, got {val!r}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    # Host-side range check of the targets (one device->host sync); skipped while torch.compile traces.
+    # An out-of-range target there gives an undefined loss instead of an error.
+    if not _compiling():
+        valid = targets != ignore_index
+        lo = torch.where(valid, targets, 0).min()
+        hi = torch.where(valid, targets, 0).max()
+        lo, hi = torch.stack([lo, hi]).tolist()
+        vocab = weight.shape[0]
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"targets must lie in [0, {vocab}) (the rows of weight) or equal ignore_index={ignore_index}, "
+                f"got values in [{lo}, {hi}]"
+            )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    logit_scale: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``cross_entropy((hidden @ weight.T) * logit_scale, targets)`` without the full logits.
+
+    ``hidden`` ``(..., H)``, ``weight`` ``(V, H)`` (same float dtype and device), ``targets`` ``(...)``
+    int64/int32 in ``[0, V)`` or ``ignore_index`` -- checked on the host (one sync; skipped under
+    ``torch.compile``).  ``reduction``: ``"mean"`` over non-ignored targets (0 when there are none),
+    ``"sum"`` or ``"none"``.  ``z_loss`` adds ``z_loss * lse^2`` per token.  Returns fp32.
+    ``chunk_size`` (tokens per chunk) defaults to :func:`default_chunk_size`.  See the module docstring.
+    """
+    _validate(hidden, weight, targets, logit_scale, ignore_index, reduction, z_loss, chunk_size)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    t1 = targets.reshape(-1).to(torch.int64).contiguous()
+    n, vocab = h2.shape[0], weight.shape[0]
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(n, vocab, h2.shape[1])
+    use_kernel = use_triton(hidden)
+    args = (float(logit_scale), int(ignore_index), reduction, float(z_loss), min(chunk, n), use_kernel)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        loss = _LinearCrossEntropyFunction.apply(h2, weight, t1, *args)
+    else:
+        with torch.no_grad():
+            step = _ce_chunk_triton if use_kernel else _ce_chunk_torch
+            per_token, _, _ = _chunked(h2, weight, t1, args[0], args[1], args[3], args[4], step, False, False)
+            if reduction == "none":
+                loss = per_token
+            elif reduction == "sum":
+                loss = per_token.sum()
+            else:
+                loss = per_token.sum() / (t1 != ignore_index).sum().clamp_min(1).to(torch.float32)
+    return loss.reshape(targets.shape) if reduction == "none" else loss
