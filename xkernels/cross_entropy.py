@@ -191,10 +191,17 @@ if triton_available():
 
 
 def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
-    """Tokens per chunk: a logits chunk about the size of ``hidden`` itself (Liger's rule,
-    ``next_pow2(ceil(N / ceil(V / H)))``), at least 64 rows so the matmuls stay efficient, at most N."""
-    chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n_tokens / math.ceil(vocab / hidden))))))
-    return max(1, min(n_tokens, max(64, chunk)))
+    """Tokens per chunk: ``next_pow2(hidden)`` clamped to [256, 4096], at most ``n_tokens``.
+
+    Why: every chunk adds its ``(V, H)`` weight-gradient product into the fp32 ``dW`` buffer, i.e. about
+    three passes over a ``(V, H)`` matrix per chunk; with ``C`` rows per chunk that traffic costs ~``C/3``
+    FLOPs per byte of the ``dW`` GEMM, so ``C`` must reach the high hundreds to keep the GEMMs compute-bound
+    (Liger's ``N / ceil(V / H)`` rule gives 256 rows at 16k x 129k x 1536, too few for fp32 accumulation).
+    ``C ~ H`` makes a logits chunk about the size of the weight, so the extra memory stays
+    ``~3 x weight`` (logits chunk, fp32 ``dW``) whatever the number of tokens.
+    """
+    chunk = 1 << max(0, math.ceil(math.log2(max(1, hidden))))
+    return max(1, min(n_tokens, min(4096, max(256, chunk))))
 
 
 def _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, need_dh, need_dw, row_grad=None):
@@ -217,7 +224,10 @@ def _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, nee
         if need_dh:
             torch.mm(logits, weight, out=dh[start:end])
         if need_dw:
-            dw += logits.t() @ h_c  # (V, H) chunk contribution, summed in fp32
+            if h_c.dtype == torch.float32:
+                dw.addmm_(logits.t(), h_c)
+            else:  # the (V, H) half-precision product of this chunk, summed in fp32 (one temporary)
+                dw += logits.t() @ h_c
     return loss, dh, dw
 
 
@@ -260,6 +270,44 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         dh = dh * grad_out.to(dh.dtype) if dh is not None else None
         dw = dw * grad_out.to(dw.dtype) if dw is not None else None
         return dh, dw, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory measurement (tests and benchmarks)
+# ----------------------------------------------------------------------------------------------------
+
+
+def measure_peak_memory(fn, device: torch.device | str = "cpu") -> int:
+    """Peak bytes allocated by torch while ``fn()`` runs, above what was allocated when it started.
+
+    CUDA: ``torch.cuda.max_memory_allocated``.  CPU: the profiler's allocator events (``profile_memory``),
+    whose ``Total Allocated`` counter starts at 0 when profiling starts -- exact and independent of RSS
+    noise.  Tensors still alive when ``fn`` returns count (keep outputs out of the comparison by
+    returning nothing, or accept that both sides allocate them).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max([0, *totals])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""SwiGLU: kernels (through the interpreter on CPU) against the float64 / same-dtype reference."""
+
+import pytest
+import torch
+
+from xkernels import force_backend, swiglu, swiglu_fused
+from xkernels.swiglu import swiglu_bwd_ref, swiglu_fused_ref, swiglu_ref
+
+# (atol, rtol) per dtype, against the float64 reference; bf16/fp16 outputs are rounded once (and the
+# interpreter's fp32->bf16 store truncates: up to 1 ulp).
+TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 1.6e-2)}
+SHAPES = [(1, 8), (3, 7, 33), (67, 1000), (2, 1100)]  # 1 row, odd sizes, > one column block
+
+
+def _close(actual, expected, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+def _inputs(shape, dtype, device):
+    gate = (torch.randn(shape, device=device) * 3).to(dtype).requires_grad_()
+    up = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    return gate, up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_swiglu_matches_reference(shape, dtype, device):
+    gate, up = _inputs(shape, dtype, device)
+    y = swiglu(gate, up)
+    assert y.shape == gate.shape and y.dtype == dtype
+    dy = torch.randn_like(y)
+    dgate, dup = torch.autograd.grad(y, (gate, up), dy)
+    ref = swiglu_ref(gate.double(), up.double())
+    dgate_ref, dup_ref = swiglu_bwd_ref(dy.double(), gate.double(), up.double())
+    _close(y, ref, dtype)
+    _close(dgate, dgate_ref, dtype)
+    _close(dup, dup_ref, dtype)
+
+
+def test_bwd_ref_matches_autograd():
+    gate = torch.randn(5, 17, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(5, 17, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(5, 17, dtype=torch.float64)
+    grads = torch.autograd.grad(swiglu_ref(gate, up), (gate, up), dy)
+    expected = swiglu_bwd_ref(dy, gate, up)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_matches_split(dtype, device):
+    x = (torch.randn(4, 9, 2 * 45, device=device) * 2).to(dtype).requires_grad_()
+    y = swiglu_fused(x)
+    assert y.shape == (4, 9, 45)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    xd = x.detach().double()
+    _close(y, swiglu_fused_ref(xd), dtype)
+    dgate_ref, dup_ref = swiglu_bwd_ref(dy.double(), xd[..., :45], xd[..., 45:])
+    _close(dx, torch.cat([dgate_ref, dup_ref], dim=-1), dtype)
+
+
+def test_strided_views(device):
+    """Halves of a fused projection and a transposed tensor (non-contiguous last dim) both work."""
+    x = torch.randn(6, 2 * 20, device=device, requires_grad=True)
+    gate, up = x[:, :20], x[:, 20:]
+    y = swiglu(gate, up)
+    y.sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    swiglu_ref(xr[:, :20], xr[:, 20:]).sum().backward()
+    torch.testing.assert_close(y, swiglu_ref(xr[:, :20], xr[:, 20:]).detach())
+    torch.testing.assert_close(x.grad, xr.grad)
+
+    g = torch.randn(20, 6, device=device).t()  # last dim stride 6
+    u = torch.randn(6, 20, device=device)
+    torch.testing.assert_close(swiglu(g, u), swiglu_ref(g, u))
+
+
+def test_torch_backend_matches_kernel(device):
+    gate, up = _inputs((7, 64), torch.float32, device)
+    y = swiglu(gate, up)
+    with force_backend("torch"):
+        y_torch = swiglu(gate, up)
+    torch.testing.assert_close(y, y_torch, atol=1e-6, rtol=1e-6)
+
+
+def test_bad_input():
+    a = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="same shape"):
+        swiglu(a, torch.randn(3, 5))
+    with pytest.raises(TypeError, match="up dtype"):
+        swiglu(a, a.half())
+    with pytest.raises(TypeError, match="gate must have dtype"):
+        swiglu(a.long(), a.long())
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        swiglu([1.0], a)
+    with pytest.raises(ValueError, match="empty"):
+        swiglu(torch.randn(0, 4), torch.randn(0, 4))
+    with pytest.raises(ValueError, match="even"):
+        swiglu_fused(torch.randn(3, 5))
