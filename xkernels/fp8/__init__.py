@@ -1,0 +1,23 @@
+"""FP8 training: quantisation kernels, scaled GEMM, FP8Linear and recipes (``from xkernels.fp8 import ...``).
+
+Scales are dequantisation scales (``x ≈ x_fp8 * scale``), see :mod:`xkernels.fp8.formats`.
+"""
+
+from xkernels.fp8.formats import BLOCK, E4M3, E5M2, GRANULARITIES, fp8_max, scale_shape
+from xkernels.fp8.quantize import cast_transpose, cast_transpose_ref, dequantize, quantize, quantize_ref
+from xkernels.fp8.recipe import FP8Recipe
+
+__all__ = [
+    "BLOCK",
+    "E4M3",
+    "E5M2",
+    "FP8Recipe",
+    "GRANULARITIES",
+    "cast_transpose",
+    "cast_transpose_ref",
+    "dequantize",
+    "fp8_max",
+    "quantize",
+    "quantize_ref",
+    "scale_shape",
+]

@@ -1,0 +1,546 @@
+"""FP8 quantisation: fused amax + scale + saturating cast in Triton, a fused cast-transpose, and the reference.
+
+Math (every granularity, every backend)::
+
+    amax = max |x| over the scaling group          (a group holding inf/NaN has amax = NaN)
+    s    = max(amax, AMAX_EPS) / fp8_max            (fp32, IEEE division; the dequantisation scale)
+    q    = fp8_rne(clamp(x / s, -fp8_max, fp8_max)) (IEEE division, round to nearest even, saturating)
+    q    = NaN where x is inf/NaN or s is NaN      (non-finite input is reported, never made finite)
+
+so ``x ≈ q * s``; the GEMM multiplies its accumulator by ``s`` directly. Groups (``formats.scale_shape``):
+``tensor`` (one scale), ``row`` (one per row), ``block_1x128`` (per row, per 128 columns), ``block_128x128``.
+
+Passes over ``x``: block granularities and a given scale (delayed scaling) quantise in ONE pass, the amax (and,
+for delayed scaling, the amax reported back to the history) computed in the same kernel. A tensor or row scale
+needs the whole tensor/row before the first element can be cast, so ``tensor``/``row`` current scaling runs an
+amax kernel first (one extra read of ``x``) and then the cast kernel.
+
+The cast-transpose (:func:`cast_transpose`) emits ``q`` and the quantised ``xᵀ`` (row-major, for the
+weight-gradient GEMM) from the same tile loads: for ``tensor`` and ``block_128x128`` the codes of ``xᵀ`` are the
+codes of ``x`` transposed; for ``row`` and ``block_1x128`` ``xᵀ`` is quantised along its own rows (columns of
+``x``), whose scales come from the amax pre-pass (``row``) or from the 128-row tile itself (``block_1x128``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor
+from xkernels.dispatch import interpreting, use_triton
+from xkernels.fp8.formats import (
+    AMAX_EPS,
+    BLOCK,
+    E4M3,
+    E5M2,
+    cdiv,
+    check_granularity,
+    fp8_format,
+    scale_shape,
+)
+
+# --- reference ----------------------------------------------------------------------------------------------------
+
+
+def _pad_to(x: torch.Tensor, rows: int, cols: int, value: float = 0.0) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, cols - x.shape[1], 0, rows - x.shape[0]), value=value)
+
+
+def amax_ref(x: torch.Tensor, granularity: str) -> torch.Tensor:
+    """fp32 ``max |x|`` per scaling group of the 2-D ``x`` (shape ``scale_shape``); NaN for a group with inf/NaN."""
+    m, k = x.shape
+    a = x.float().abs()
+    a = torch.where(torch.isfinite(a), a, torch.full_like(a, float("inf")))
+    if granularity == "tensor":
+        out = a.amax() if a.numel() else a.new_zeros(())
+    elif granularity == "row":
+        out = a.amax(dim=1, keepdim=True)
+    elif granularity == "block_1x128":
+        kb = cdiv(k, BLOCK)
+        out = _pad_to(a, m, kb * BLOCK).view(m, kb, BLOCK).amax(dim=2)
+    else:
+        mb, kb = cdiv(m, BLOCK), cdiv(k, BLOCK)
+        out = _pad_to(a, mb * BLOCK, kb * BLOCK).view(mb, BLOCK, kb, BLOCK).amax(dim=(1, 3))
+    return torch.where(out == float("inf"), torch.full_like(out, float("nan")), out)
+
+
+def scale_from_amax(amax: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """Dequantisation scale ``max(amax, AMAX_EPS) / fp8_max`` (fp32; NaN stays NaN)."""
+    return amax.float().clamp(min=AMAX_EPS) / fp8_format(fp8_dtype).max
+
+
+def expand_scale(scale: torch.Tensor, rows: int, cols: int, granularity: str) -> torch.Tensor:
+    """Broadcast a scale tensor of ``granularity`` to the ``(rows, cols)`` elements it scales."""
+    if granularity == "tensor":
+        return scale.reshape(1, 1)
+    if granularity == "row":
+        return scale.reshape(rows, 1)
+    if granularity == "block_1x128":
+        return scale.repeat_interleave(BLOCK, dim=1)[:, :cols]
+    return scale.repeat_interleave(BLOCK, dim=0).repeat_interleave(BLOCK, dim=1)[:rows, :cols]
+
+
+def infer_granularity(rows: int, cols: int, scale: torch.Tensor) -> str | None:
+    """The granularity whose scale shape ``scale`` has for a ``(rows, cols)`` matrix, or None.
+
+    Where two granularities share a shape (e.g. ``row`` and ``block_1x128`` when ``cols <= 128``) they scale
+    exactly the same elements, so either answer is right.
+    """
+    if scale.numel() == 1 and scale.dim() <= 2:
+        return "tensor"
+    shape = tuple(scale.shape)
+    for g in ("row", "block_1x128", "block_128x128"):
+        if shape == scale_shape(rows, cols, g):
+            return g
+    return None
+
+
+def _codes_ref(x: torch.Tensor, s: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    fmax = fp8_format(fp8_dtype).max
+    q = x.float() / s
+    y = q.clamp(-fmax, fmax)
+    bad = torch.isnan(q) | torch.isinf(x)
+    return torch.where(bad, torch.full_like(y, float("nan")), y).to(fp8_dtype)
+
+
+def quantize_ref(
+    x: torch.Tensor, fp8_dtype: torch.dtype = E4M3, granularity: str = "tensor", scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference quantisation of a 2-D ``x`` (see the module docstring); returns ``(q, scale)``."""
+    m, k = x.shape
+    if scale is None:
+        scale = scale_from_amax(amax_ref(x, granularity), fp8_dtype)
+    q = _codes_ref(x, expand_scale(scale, m, k, granularity), fp8_dtype)
+    return q, scale
+
+
+def _pad_cols(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    cols = cdiv(t.shape[1], multiple) * multiple
+    if cols == t.shape[1]:
+        return t.contiguous()
+    out = t.new_zeros(t.shape[0], cols)
+    out[:, : t.shape[1]] = t
+    return out
+
+
+def cast_transpose_ref(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype = E4M3,
+    granularity: str = "tensor",
+    scale: torch.Tensor | None = None,
+    pad_to: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference cast-transpose: ``(q, s, qt, st)`` with ``(q, s) = quantize(x)`` and ``(qt, st)`` quantised ``xᵀ``.
+
+    ``qt`` is row-major ``(K, M)`` with its columns zero-padded to a multiple of ``pad_to`` (the contraction dim
+    of the weight-gradient GEMM must be a multiple of 16). For ``tensor``/``block_128x128`` the codes of ``xᵀ``
+    are those of ``x`` (``st = s``, resp. ``s.T``); for ``row``/``block_1x128`` ``xᵀ`` is quantised along its
+    own rows (current scaling; a given ``scale`` applies to ``x`` only).
+    """
+    q, s = quantize_ref(x, fp8_dtype, granularity, scale)
+    if granularity == "tensor":
+        qt, st = q.t(), s
+    elif granularity == "block_128x128":
+        qt, st = q.t(), s.t().contiguous()
+    else:
+        qt, st = quantize_ref(x.t(), fp8_dtype, granularity)
+    # Padding an fp8 tensor through a byte view: zeros are the fp8 zero code.
+    qt = _pad_cols(qt.view(torch.uint8), pad_to).view(fp8_dtype)
+    return q, s, qt, st
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q * scale`` for a 2-D fp8 ``q`` and a scale of any granularity (inferred from its shape)."""
+    m, k = q.shape
+    g = infer_granularity(m, k, scale)
+    if g is None:
+        raise ValueError(f"scale of shape {tuple(scale.shape)} matches no granularity of a {m}x{k} tensor")
+    return (q.float() * expand_scale(scale.float(), m, k, g)).to(dtype)
+
+
+# --- Triton kernels -------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _finite_abs(x):
+    """|x| with inf/NaN mapped to +inf, so that max() is well defined and flags the group."""
+    a = tl.abs(x)
+    return tl.where(a < float("inf"), a, float("inf"))
+
+
+@triton.jit
+def _scale_of(amax, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    """s = max(amax, EPS) / FP8_MAX with IEEE division (bit-equal to torch); NaN when amax flags inf/NaN."""
+    s = tl.fdiv(tl.maximum(amax, EPS), FP8_MAX, ieee_rounding=True)
+    return tl.where(amax < float("inf"), s, float("nan"))
+
+
+@triton.jit
+def _round_to_grid(y, MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """Round |y| <= fp8_max to the nearest fp8 value (ties to even) in fp32 arithmetic.
+
+    Only used under the interpreter, whose fp32->fp8 cast rounds 2-4% of values the wrong way: after this the
+    cast sees exactly representable values. Adding and subtracting 1.5 * 2**23 * ulp rounds to a multiple of
+    ``ulp = 2**(max(e, EMIN) - MBITS)`` with the FPU's round-to-nearest-even. On GPUs the hardware cvt rounds
+    correctly and this is skipped.
+    """
+    a = tl.abs(y)
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, EMIN)
+    magic = ((e - MBITS + 150) << 23).to(tl.float32, bitcast=True) * 1.5
+    r = (a + magic) - magic
+    return tl.where(y.to(tl.int32, bitcast=True) < 0, -r, r)
+
+
+@triton.jit
+def _codes(x, s, FP8_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """fp32 values of the fp8 codes of x / s: saturated at ±FP8_MAX, NaN where x is inf/NaN or s is NaN."""
+    q = tl.fdiv(x, s, ieee_rounding=True)
+    y = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+    if EXACT_ROUND:
+        y = _round_to_grid(y, MBITS, EMIN)
+    bad = (q != q) | (tl.abs(x) == float("inf"))
+    return tl.where(bad, float("nan"), y)
+
+
+@triton.jit
+def _to_fp8(y, dtype: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """Cast fp32 code values to fp8; under the interpreter as raw bytes with NaN fixed up.
+
+    The interpreter turns NaN into a finite fp8 code, so there (EXACT_ROUND) NaN is written as the byte 0x7F,
+    a NaN in both E4M3FN and E5M2, and callers store through a uint8 view of the output.
+    """
+    if EXACT_ROUND:
+        bits = y.to(dtype).to(tl.uint8, bitcast=True)
+        return tl.where(y != y, 0x7F, bits).to(tl.uint8)
+    else:
+        return y.to(dtype)
+
+
+@triton.jit
+def _amax_kernel(
+    x_ptr,  # (M, K), any strides
+    row_ptr,  # (M, n_kb) fp32: max |x| of each row within each BK-column tile
+    col_ptr,  # (K, n_mb) fp32: max |x| of each column within each BM-row tile
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    n_kb,
+    n_mb,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """Partial amaxes of one (BM, BK) tile; the host reduces them (deterministic, no atomics).
+
+    inf/NaN elements count as +inf, which the host turns into a NaN amax.
+    """
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    cols = pid_k.to(tl.int64) * BK + tl.arange(0, BK)
+    rmask = rows < M
+    cmask = cols < K
+    x = tl.load(
+        x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+        mask=rmask[:, None] & cmask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    a = _finite_abs(x)
+    if ROWS:
+        tl.store(row_ptr + rows * n_kb + pid_k, tl.max(a, axis=1), mask=rmask)
+    if COLS:
+        tl.store(col_ptr + cols * n_mb + pid_m, tl.max(a, axis=0), mask=cmask)
+
+
+@triton.jit
+def _cast_kernel(
+    x_ptr,  # (M, K) input, any strides
+    y_ptr,  # (M, K) fp8 output, row stride stride_ym, unit column stride
+    yt_ptr,  # (K, Mp) fp8 output of xᵀ (T_MODE != 0), row stride stride_ytk
+    s_ptr,  # scales of y: read (MODE 0) or written (MODE 1, 2)
+    st_ptr,  # scales of yt: read (T_MODE 2) or written (T_MODE 3)
+    amax_ptr,  # (grid_m * grid_k,) fp32 per-program amax (WRITE_AMAX)
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_ym,
+    stride_ytk,
+    s_sr,  # y's scale for element (r, c) is at (r // S_ROWS) * s_sr + (c // BK) * s_sc
+    s_sc,
+    st_sr,  # yt's scale for xᵀ element (c, r) is at (c // ST_ROWS) * st_sr + (r // BM) * st_sc
+    st_sc,
+    FP8_DTYPE: tl.constexpr,  # tl.float8e4nv or tl.float8e5
+    FP8_MAX: tl.constexpr,
+    MBITS: tl.constexpr,
+    EMIN: tl.constexpr,
+    EPS: tl.constexpr,
+    MODE: tl.constexpr,  # 0 scale given, 1 scale per row of the tile (1x128), 2 one scale per tile (128x128)
+    T_MODE: tl.constexpr,  # 0 no xᵀ, 1 xᵀ = codes of x, 2 xᵀ with given row scales, 3 xᵀ per tile column (1x128)
+    S_ROWS: tl.constexpr,
+    ST_ROWS: tl.constexpr,
+    WRITE_AMAX: tl.constexpr,
+    EXACT_ROUND: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """One (BM, BK) tile: amax (if computed here) -> scale -> saturating cast, for x and optionally xᵀ.
+
+    With BM = BK = 128 a tile is exactly one 128x128 block, 128 1x128 row groups and 128 1x128 column
+    groups, so every computed scale is complete inside the program (one read of x).
+    """
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    cols = pid_k.to(tl.int64) * BK + tl.arange(0, BK)
+    rmask = rows < M
+    cmask = cols < K
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    a = _finite_abs(x)
+
+    if MODE == 0:
+        s = tl.load(s_ptr + (rows // S_ROWS)[:, None] * s_sr + pid_k * s_sc, mask=rmask[:, None], other=1.0)
+    elif MODE == 1:
+        s_row = _scale_of(tl.max(a, axis=1), FP8_MAX, EPS)
+        tl.store(s_ptr + rows * s_sr + pid_k * s_sc, s_row, mask=rmask)
+        s = s_row[:, None]
+    else:
+        s = _scale_of(tl.max(tl.max(a, axis=1), axis=0), FP8_MAX, EPS)
+        tl.store(s_ptr + pid_m * s_sr + pid_k * s_sc, s)
+    y = _codes(x, s, FP8_MAX, MBITS, EMIN, EXACT_ROUND)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], _to_fp8(y, FP8_DTYPE, EXACT_ROUND), mask=mask)
+
+    if T_MODE != 0:
+        if T_MODE == 1:
+            yt = y
+        elif T_MODE == 2:
+            st = tl.load(st_ptr + (cols // ST_ROWS)[None, :] * st_sr + pid_m * st_sc, mask=cmask[None, :], other=1.0)
+            yt = _codes(x, st, FP8_MAX, MBITS, EMIN, EXACT_ROUND)
+        else:
+            st_col = _scale_of(tl.max(a, axis=0), FP8_MAX, EPS)
+            tl.store(st_ptr + cols * st_sr + pid_m * st_sc, st_col, mask=cmask)
+            yt = _codes(x, st_col[None, :], FP8_MAX, MBITS, EMIN, EXACT_ROUND)
+        yt = tl.trans(_to_fp8(yt, FP8_DTYPE, EXACT_ROUND))  # (BK, BM)
+        tl.store(yt_ptr + cols[:, None] * stride_ytk + rows[None, :], yt, mask=cmask[:, None] & rmask[None, :])
+
+    if WRITE_AMAX:
+        tl.store(amax_ptr + pid_m * tl.num_programs(1) + pid_k, tl.max(tl.max(a, axis=1), axis=0))
+
+
+# --- launchers ------------------------------------------------------------------------------------------------------
+
+_TL_FP8 = {E4M3: tl.float8e4nv, E5M2: tl.float8e5}
+_MODE = {"tensor": 0, "row": 0, "block_1x128": 1, "block_128x128": 2}
+
+
+def _nan_for_inf(a: torch.Tensor) -> torch.Tensor:
+    return torch.where(a == float("inf"), torch.full_like(a, float("nan")), a)
+
+
+def _amax_partials(x: torch.Tensor, rows: bool, cols: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    m, k = x.shape
+    n_mb, n_kb = cdiv(m, BLOCK), cdiv(k, BLOCK)
+    row_part = torch.empty(m, n_kb, device=x.device, dtype=torch.float32) if rows else None
+    col_part = torch.empty(k, n_mb, device=x.device, dtype=torch.float32) if cols else None
+    dummy = row_part if row_part is not None else col_part
+    _amax_kernel[(n_mb, n_kb)](
+        x,
+        row_part if rows else dummy,
+        col_part if cols else dummy,
+        m,
+        k,
+        x.stride(0),
+        x.stride(1),
+        n_kb,
+        n_mb,
+        ROWS=rows,
+        COLS=cols,
+        BM=BLOCK,
+        BK=BLOCK,
+        num_warps=8,
+    )
+    return row_part, col_part
+
+
+def _scale_strides(scale: torch.Tensor, granularity: str) -> tuple[int, int, int]:
+    """(stride per row group, stride per 128-column block, rows per group) to address a scale in the kernel."""
+    if granularity == "tensor":
+        return 0, 0, 1
+    if granularity == "row":
+        return scale.stride(0), 0, 1
+    if granularity == "block_1x128":
+        return scale.stride(0), scale.stride(1), 1
+    return scale.stride(0), scale.stride(1), BLOCK
+
+
+def _cast_transpose_triton(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    granularity: str,
+    scale: torch.Tensor | None,
+    transpose: bool,
+    pad_to: int,
+    want_amax: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the cast (and transpose) kernel; returns ``(q, s, qt, st, amax)`` (``qt``/``st``/``amax`` maybe None)."""
+    fmt = fp8_format(fp8_dtype)
+    m, k = x.shape
+    dev = x.device
+    n_mb, n_kb = cdiv(m, BLOCK), cdiv(k, BLOCK)
+    amax = None
+
+    # Scales that need the whole tensor/row/column come from the amax pre-pass.
+    need_rows = scale is None and granularity in ("tensor", "row")
+    need_cols = transpose and granularity == "row"
+    row_part = col_part = None
+    if need_rows or need_cols:
+        row_part, col_part = _amax_partials(x, need_rows, need_cols)
+    if need_rows:
+        amax = _nan_for_inf(row_part.amax() if granularity == "tensor" else row_part.amax(dim=1, keepdim=True))
+        scale = scale_from_amax(amax, fp8_dtype)
+
+    mode = 0 if scale is not None else _MODE[granularity]
+    if scale is None:
+        scale = torch.empty(scale_shape(m, k, granularity), device=dev, dtype=torch.float32)
+    s_sr, s_sc, s_rows = _scale_strides(scale, granularity)
+
+    t_mode, st, qt = 0, None, None
+    if transpose:
+        mp = cdiv(m, pad_to) * pad_to
+        qt = (torch.zeros if mp != m else torch.empty)(k, mp, device=dev, dtype=fp8_dtype)
+        if granularity in ("tensor", "block_128x128"):
+            t_mode = 1
+            st = scale if granularity == "tensor" else None  # 128x128: scale.T once the kernel has written it
+        elif granularity == "row":
+            t_mode = 2
+            st = scale_from_amax(_nan_for_inf(col_part.amax(dim=1, keepdim=True)), fp8_dtype)
+        else:
+            t_mode = 3
+            st = torch.empty(scale_shape(k, m, granularity), device=dev, dtype=torch.float32)
+    st_sr, st_sc, st_rows = _scale_strides(st, granularity) if st is not None else (0, 0, 1)
+
+    want_kernel_amax = want_amax and amax is None
+    partial = torch.empty(n_mb * n_kb, device=dev, dtype=torch.float32) if want_kernel_amax else None
+    q = torch.empty(m, k, device=dev, dtype=fp8_dtype)
+    exact = interpreting()
+    # Under the interpreter the kernel writes raw bytes (see _to_fp8); the views share storage.
+    q_arg = q.view(torch.uint8) if exact else q
+    qt_arg = qt.view(torch.uint8) if exact and qt is not None else qt
+    _cast_kernel[(n_mb, n_kb)](
+        x,
+        q_arg,
+        qt_arg if qt_arg is not None else q_arg,
+        scale,
+        st if st is not None else scale,
+        partial if partial is not None else scale,
+        m,
+        k,
+        x.stride(0),
+        x.stride(1),
+        q.stride(0),
+        qt.stride(0) if qt is not None else 0,
+        s_sr,
+        s_sc,
+        st_sr,
+        st_sc,
+        FP8_DTYPE=_TL_FP8[fp8_dtype],
+        FP8_MAX=fmt.max,
+        MBITS=fmt.mantissa_bits,
+        EMIN=fmt.min_exponent,
+        EPS=AMAX_EPS,
+        MODE=mode,
+        T_MODE=t_mode,
+        S_ROWS=s_rows,
+        ST_ROWS=st_rows,
+        WRITE_AMAX=want_kernel_amax,
+        EXACT_ROUND=exact,
+        BM=BLOCK,
+        BK=BLOCK,
+        num_warps=8,
+    )
+    if transpose and granularity == "block_128x128":
+        st = scale.t().contiguous()
+    if want_amax:
+        # NaN propagates through amax(), so one bad group makes the reported tensor amax NaN.
+        amax = amax.amax() if amax is not None else _nan_for_inf(partial.amax())
+    return q, scale, qt, st, amax
+
+
+# --- public API -----------------------------------------------------------------------------------------------------
+
+
+def _validate(x: object, fp8_dtype: object, granularity: object, scale: object) -> None:
+    check_float("x", x)
+    if not isinstance(fp8_dtype, torch.dtype):
+        raise TypeError(f"fp8_dtype must be a torch.dtype, got {type(fp8_dtype).__name__}")
+    fp8_format(fp8_dtype)
+    if not isinstance(granularity, str):
+        raise TypeError(f"granularity must be a str, got {type(granularity).__name__}")
+    check_granularity(granularity)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (rows, cols), got shape {tuple(x.shape)}; flatten leading dims first")
+    check_nonempty("x", x)
+    if scale is not None:
+        check_tensor("scale", scale)
+        if scale.dtype != torch.float32:
+            raise TypeError(f"scale must be float32, got {str(scale.dtype).removeprefix('torch.')}")
+        check_same_device("scale", scale, "x", x)
+        expected = scale_shape(*x.shape, granularity)
+        ok = scale.numel() == 1 and scale.dim() <= 1 if granularity == "tensor" else tuple(scale.shape) == expected
+        if not ok:
+            raise ValueError(
+                f"scale has shape {tuple(scale.shape)}, but granularity {granularity!r} on x of shape "
+                f"{tuple(x.shape)} needs shape {expected}"
+            )
+
+
+def quantize(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype = E4M3,
+    granularity: str = "tensor",
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise the 2-D ``x`` to ``fp8_dtype``; returns ``(x_fp8, scale)`` with ``x ≈ x_fp8 * scale``.
+
+    ``granularity``: ``"tensor" | "row" | "block_1x128" | "block_128x128"``; scale shapes ``()``, ``(M, 1)``,
+    ``(M, ceil(K/128))``, ``(ceil(M/128), ceil(K/128))``. ``scale`` given: cast with it (delayed scaling) instead of
+    computing it. Saturates at the format's max; a group holding inf/NaN gets a NaN scale and NaN codes.
+    """
+    _validate(x, fp8_dtype, granularity, scale)
+    if scale is not None and granularity == "tensor":
+        scale = scale.reshape(())
+    if not use_triton(x):
+        return quantize_ref(x, fp8_dtype, granularity, scale)
+    q, s, _, _, _ = _cast_transpose_triton(x, fp8_dtype, granularity, scale, False, 1, False)
+    return q, s
+
+
+def cast_transpose(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype = E4M3,
+    granularity: str = "tensor",
+    scale: torch.Tensor | None = None,
+    pad_to: int = 1,
+    return_amax: bool = False,
+):
+    """Quantise ``x`` and ``xᵀ`` in one pass: ``(q, s, qt, st)`` (plus the tensor amax of ``x`` if asked).
+
+    ``qt`` is the row-major ``(K, M')`` quantised ``xᵀ`` with ``M'`` = ``M`` rounded up to ``pad_to`` (zero
+    columns), ready as an operand of the weight-gradient GEMM; see :func:`cast_transpose_ref` for which scales
+    ``xᵀ`` uses. ``return_amax`` adds ``max |x|`` (fp32 scalar, NaN with inf/NaN input) for delayed scaling.
+    """
+    _validate(x, fp8_dtype, granularity, scale)
+    if not isinstance(pad_to, int) or pad_to < 1:
+        raise ValueError(f"pad_to must be a positive int, got {pad_to!r}")
+    if scale is not None and granularity == "tensor":
+        scale = scale.reshape(())
+    if not use_triton(x):
+        out = cast_transpose_ref(x, fp8_dtype, granularity, scale, pad_to)
+        return (*out, amax_ref(x, "tensor")) if return_amax else out
+    q, s, qt, st, amax = _cast_transpose_triton(x, fp8_dtype, granularity, scale, True, pad_to, return_amax)
+    return (q, s, qt, st, amax) if return_amax else (q, s, qt, st)
