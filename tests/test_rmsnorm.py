@@ -1,0 +1,267 @@
+"""RMSNorm / fused add+RMSNorm: Triton kernels (interpreter on CPU, CUDA when present) vs the reference."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import xkernels
+import xkernels.rmsnorm as rmsnorm_mod
+from xkernels import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_bwd_ref, rms_norm_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# max|actual - float64 reference| / max|reference|.  fp32 ~1e-5; fp16/bf16 allow ~2-4 ulp of the output
+# dtype (the interpreter truncates fp32->bf16 instead of rounding, costing one extra ulp).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, scale: float = 0.0) -> float:
+    """max|actual - expected| / max(max|expected|, scale); ``scale`` is the size of the terms that cancel."""
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(max(scale, 1e-12))).item()
+
+
+def dw_tol(dtype: torch.dtype, rows: int) -> float:
+    """dweight is a sum over ``rows``: fp32 accumulation error grows like sqrt(rows)."""
+    return TOL[dtype] * max(1.0, math.sqrt(rows / 64))
+
+
+def run_case(device, dtype, shape, with_residual, eps=1e-5, x=None):
+    """Forward + backward of the public op and of the float64 reference; returns both sets of results."""
+    hidden = shape[-1]
+    if x is None:
+        x = torch.randn(shape, device=device, dtype=dtype)
+    w = (torch.rand(hidden, device=device) + 0.5).to(dtype)
+    r = torch.randn(shape, device=device, dtype=dtype)
+    dy = torch.randn(shape, device=device, dtype=dtype)
+    ds = torch.randn(shape, device=device, dtype=dtype)
+
+    xs, ws, rs = (t.detach().clone().requires_grad_() for t in (x, w, r))
+    x64, w64, r64 = (t.detach().double().requires_grad_() for t in (x, w, r))
+    # dx = rstd * (g - n * mean(g * n)) can cancel to ~0 (e.g. hidden=1): measure its error against the
+    # size of the terms, rstd * |dy * w|.
+    normed_in = (x64 + r64 if with_residual else x64).detach()
+    rstd = torch.rsqrt(normed_in.pow(2).mean(-1, keepdim=True) + eps)
+    dx_scale = (rstd * (dy.double() * w64.detach()).abs()).max().item()
+    # dweight sums dy * n over rows, which can cancel too: measure against sum |dy * n|.
+    dw_scale = (dy.double() * normed_in * rstd).abs().reshape(-1, hidden).sum(0).max().item()
+    scales = {"dx": dx_scale, "dresidual": dx_scale, "dweight": dw_scale}
+    if with_residual:
+        y, s = add_rms_norm(xs, rs, ws, eps)
+        torch.autograd.backward([y, s], [dy, ds])
+        y64, s64 = add_rms_norm_ref(x64, r64, w64, eps)
+        torch.autograd.backward([y64, s64], [dy.double(), ds.double()])
+        return (y, s, xs.grad, rs.grad, ws.grad), (y64, s64, x64.grad, r64.grad, w64.grad), scales
+    y = rms_norm(xs, ws, eps)
+    y.backward(dy)
+    y64 = rms_norm_ref(x64, w64, eps)
+    y64.backward(dy.double())
+    return (y, xs.grad, ws.grad), (y64, x64.grad, w64.grad), scales
+
+
+def assert_parity(got, ref, scales, dtype, rows):
+    names = ["y", "s", "dx", "dresidual", "dweight"] if len(got) == 5 else ["y", "dx", "dweight"]
+    for name, a, b in zip(names, got, ref):
+        assert a.dtype == dtype, f"{name} has dtype {a.dtype}, expected {dtype}"
+        assert a.shape == b.shape, name
+        tol = dw_tol(dtype, rows) if name == "dweight" else TOL[dtype]
+        err = rel_err(a, b, scales.get(name, 0.0))
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.1e} ({dtype})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 64), (3, 1000), (2, 3, 96), (2, 1, 2, 40)], ids=str)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "fused_add"])
+def test_parity_forward_backward(device, dtype, shape, with_residual):
+    got, ref, scales = run_case(device, dtype, shape, with_residual)
+    assert_parity(got, ref, scales, dtype, math.prod(shape[:-1]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_hidden_16384_loops_over_chunks(device, dtype):
+    """Rows longer than one block run the chunked two-pass path."""
+    assert not rmsnorm_mod._launch_config(16384).one_block
+    got, ref, scales = run_case(device, dtype, (2, 16384), with_residual=True)
+    assert_parity(got, ref, scales, dtype, 2)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "fused_add"])
+def test_chunked_path_with_ragged_last_chunk(device, monkeypatch, with_residual):
+    """Shrink the one-block threshold so hidden=1000 takes the chunked path with a partial last chunk."""
+    monkeypatch.setattr(rmsnorm_mod, "_MAX_ONE_BLOCK", 64)
+    monkeypatch.setattr(rmsnorm_mod, "_CHUNK", 128)
+    assert rmsnorm_mod._launch_config(1000) == rmsnorm_mod._Launch(128, False, 4)
+    got, ref, scales = run_case(device, torch.float32, (5, 1000), with_residual)
+    assert_parity(got, ref, scales, torch.float32, 5)
+
+
+def test_closed_form_backward_reference_matches_autograd(device):
+    x = torch.randn(7, 48, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(48, device=device, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(7, 48, device=device, dtype=torch.float64)
+    rms_norm_ref(x, w).backward(dy)
+    dx, dw = rms_norm_bwd_ref(dy, x.detach(), w.detach())
+    torch.testing.assert_close(dx, x.grad)
+    torch.testing.assert_close(dw, w.grad)
+
+
+def test_matches_hf_llama_semantics_in_half_precision(device):
+    """Normalise in fp32, cast back to the input dtype, then multiply by the weight (released Xmodel)."""
+    x = torch.randn(4, 256, device=device, dtype=torch.float16) * 3
+    w = torch.randn(256, device=device, dtype=torch.float16)
+    hf = x.float()
+    hf = w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.float16)
+    torch.testing.assert_close(rms_norm(x, w), hf, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(rms_norm_ref(x, w), hf, rtol=0, atol=0)
+
+
+def test_strided_rows_and_non_contiguous_inputs(device):
+    base = torch.randn(6, 200, device=device)
+    x = base[:, 20:120]  # row stride 200, no copy needed
+    w = torch.rand(100, device=device) + 0.5
+    r = torch.randn(100, 6, device=device).t()  # last dim not contiguous: copied
+    assert not x.is_contiguous() and r.stride(-1) != 1
+    torch.testing.assert_close(rms_norm(x, w), rms_norm_ref(x, w), rtol=1e-5, atol=1e-5)
+    y, s = add_rms_norm(x, r, w)
+    y_ref, s_ref = add_rms_norm_ref(x, r, w)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_with_broadcast_gradient(device):
+    """An expanded upstream gradient (row stride 0) goes straight into the kernel."""
+    x = torch.randn(5, 33, device=device, requires_grad=True)
+    w = torch.randn(33, device=device, requires_grad=True)
+    g = torch.randn(33, device=device)
+    (rms_norm(x, w) * g).sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (rms_norm_ref(x64, w64) * g.double()).sum().backward()
+    assert rel_err(x.grad, x64.grad) < 1e-5
+    assert rel_err(w.grad, w64.grad) < 1e-5
+
+
+def test_only_one_output_of_fused_add_used(device):
+    x = torch.randn(3, 40, device=device, requires_grad=True)
+    r = torch.randn(3, 40, device=device, requires_grad=True)
+    w = torch.rand(40, device=device, requires_grad=True)
+    y, _ = add_rms_norm(x, r, w)
+    y.sum().backward()
+    x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, w))
+    add_rms_norm_ref(x64, r64, w64)[0].sum().backward()
+    for a, b in ((x.grad, x64.grad), (r.grad, r64.grad), (w.grad, w64.grad)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_dweight_is_deterministic(device):
+    x = torch.randn(37, 80, device=device, requires_grad=True)
+    w = torch.rand(80, device=device, requires_grad=True)
+    dy = torch.randn(37, 80, device=device)
+    grads = []
+    for _ in range(2):
+        w.grad = None
+        rms_norm(x, w).backward(dy)
+        grads.append(w.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_eps_is_used(device):
+    x = torch.full((2, 8), 1e-3, device=device)
+    w = torch.ones(8, device=device)
+    expected = 1e-3 / math.sqrt(1e-6 + 0.5)
+    torch.testing.assert_close(rms_norm(x, w, eps=0.5), torch.full_like(x, expected), rtol=1e-6, atol=0)
+
+
+def test_module(device):
+    norm = RMSNorm(64, eps=1e-6).to(device)
+    assert torch.equal(norm.weight.detach(), torch.ones(64, device=device))
+    assert "64, eps=1e-06" in repr(norm)
+    with torch.no_grad():
+        norm.weight.mul_(torch.linspace(0.5, 1.5, 64, device=device))
+    x = torch.randn(2, 3, 64, device=device)
+    r = torch.randn(2, 3, 64, device=device)
+    torch.testing.assert_close(norm(x), rms_norm_ref(x, norm.weight, 1e-6))
+    y, s = norm(x, r)
+    y_ref, s_ref = add_rms_norm_ref(x, r, norm.weight, 1e-6)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(s, s_ref)
+
+
+def test_module_casts_fp32_weight_to_bf16_input(device):
+    norm = RMSNorm(32).to(device)
+    x = torch.randn(4, 32, device=device, dtype=torch.bfloat16, requires_grad=True)
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32
+    assert rel_err(y, rms_norm_ref(x.detach().double(), norm.weight.detach().double())) < TOL[torch.bfloat16]
+
+
+@settings(max_examples=120, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    lead=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    hidden=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    with_residual=st.booleans(),
+    scale=st.sampled_from([1e-2, 1.0, 30.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_parity(device, lead, hidden, dtype, with_residual, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (*lead, hidden)
+    x = (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
+    got, ref, scales = run_case(device, dtype, shape, with_residual, x=x)
+    assert_parity(got, ref, scales, dtype, math.prod(lead))
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda: (torch.randn(2, 8), torch.ones(7)), ValueError, r"weight must have shape \(8,\)"),
+        (lambda: (torch.randn(2, 8), torch.ones(2, 8)), ValueError, "weight must have shape"),
+        (lambda: (torch.randn(2, 8), torch.ones(8, dtype=torch.float16)), TypeError, "weight dtype float16 differs"),
+        (lambda: (torch.randn(2, 8), torch.ones(8, device="meta")), ValueError, "weight is on meta"),
+        (lambda: (torch.ones(2, 8, dtype=torch.int32), torch.ones(8)), TypeError, "x must have dtype"),
+        (lambda: (torch.randn(2, 8), torch.ones(8, dtype=torch.int64)), TypeError, "weight must have dtype"),
+        (lambda: (torch.randn(2, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)), TypeError, "x must have"),
+        (lambda: (torch.randn(0, 8), torch.ones(8)), ValueError, "x is empty"),
+        (lambda: (torch.randn(2, 0), torch.ones(0)), ValueError, "x is empty"),
+        (lambda: ([[1.0, 2.0]], torch.ones(2)), TypeError, "x must be a torch.Tensor"),
+    ],
+    ids=["hidden", "weight_2d", "weight_dtype", "weight_device", "int_x", "int_weight", "float64", "empty_rows",
+         "empty_hidden", "not_tensor"],
+)  # fmt: skip
+def test_bad_input(make, exc, match):
+    x, w = make()
+    with pytest.raises(exc, match=match):
+        rms_norm(x, w)
+
+
+@pytest.mark.parametrize(
+    "residual, exc, match",
+    [
+        (torch.randn(2, 9), ValueError, "residual must have the shape of x"),
+        (torch.randn(2, 8, dtype=torch.bfloat16), TypeError, "residual dtype bfloat16 differs"),
+        (torch.randn(2, 8, device="meta"), ValueError, "residual is on meta"),
+        (torch.ones(2, 8, dtype=torch.int64), TypeError, "residual must have dtype"),
+    ],
+    ids=["shape", "dtype", "device", "int"],
+)
+def test_bad_residual(residual, exc, match):
+    with pytest.raises(exc, match=match):
+        add_rms_norm(torch.randn(2, 8), residual, torch.ones(8))
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, "1e-5", True])
+def test_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps must be a positive float"):
+        rms_norm(torch.randn(2, 8), torch.ones(8), eps=eps)
+
+
+def test_public_names():
+    for name in ("rms_norm", "add_rms_norm", "RMSNorm", "rms_norm_ref", "add_rms_norm_ref", "rms_norm_bwd_ref"):
+        assert name in xkernels.__all__ and hasattr(xkernels, name)
