@@ -123,6 +123,29 @@ def test_loss_is_mean_ce_over_aligned_labels():
     assert out.num_tokens.item() == 0 and out.loss.item() == 0.0
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_loss_equals_loss_from_logits(tied):
+    """labels without logits -> xkernels.linear_cross_entropy; with logits -> F.cross_entropy: same loss and grads."""
+    model = Xmodel(tiny_config(num_key_value_heads=2, tie_word_embeddings=tied))
+    ids = torch.randint(0, 97, (2, 10))
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = -100
+
+    def run(return_logits):
+        model.zero_grad()
+        out = model(ids, labels=labels, return_logits=return_logits)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fused, grads_fused = run(False)
+    plain, grads_plain = run(True)
+    assert fused.logits is None and plain.logits is not None
+    assert fused.num_tokens.item() == plain.num_tokens.item() == 18
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-6, atol=1e-6)
+    for name in grads_plain:
+        torch.testing.assert_close(grads_fused[name], grads_plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_loss_backward_reaches_every_parameter():
     model = Xmodel(tiny_config(num_key_value_heads=2))
     ids = torch.randint(0, 97, (2, 8))

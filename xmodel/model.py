@@ -68,11 +68,11 @@ class XmodelOutput:
 
 
 # --------------------------------------------------------------------------------------------------------
-# The two spots where a fused kernel may replace plain torch.
+# SwiGLU and the loss: fused xkernels ops, with their plain-torch forms documented here.
 # --------------------------------------------------------------------------------------------------------
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``."""
-    return F.silu(gate) * up
+    """``silu(gate) * up`` (:func:`xkernels.swiglu`: one pass, fp32 inside)."""
+    return xkernels.swiglu(gate, up)
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -310,7 +310,9 @@ class Xmodel(nn.Module):
         * ``doc_ids`` (B, T): packed sequences -- no attention across different ids (combined with causal).
         * ``cache``: a KV cache (:class:`xmodel.generate.KVCache`); keys/values are appended in place.
         * ``attention_mask`` (B, past + T): 1 for real tokens, 0 for padding keys (left-padded batches).
-        * ``return_logits``: default (None) returns logits only when no ``labels`` are given.
+        * ``return_logits``: default (None) returns logits only when no ``labels`` are given.  With labels and
+          ``return_logits=False`` the loss comes from :func:`xkernels.linear_cross_entropy` (no logits in memory);
+          with ``return_logits=True`` from the logits (same value up to fp32 rounding).
         """
         cfg = self.config
         if input_ids.dim() != 2:
@@ -351,12 +353,19 @@ class Xmodel(nn.Module):
             cache.advance(seq)
 
         loss = num_tokens = logits = None
-        if return_logits or labels is not None:
-            logits = self.lm_head(h).float() * cfg.logit_multiplier  # (B, T, vocab)
         if labels is not None:
             num_tokens = (labels != ignore_index).sum()
-            loss = cross_entropy_sum(logits, labels, ignore_index) / num_tokens.clamp(min=1)
-        return XmodelOutput(loss=loss, logits=logits if return_logits else None, num_tokens=num_tokens)
+        if return_logits:
+            logits = self.lm_head(h).float() * cfg.logit_multiplier  # (B, T, vocab)
+            if labels is not None:
+                loss = cross_entropy_sum(logits, labels, ignore_index) / num_tokens.clamp(min=1)
+        elif labels is not None:
+            # Chunked lm_head + cross entropy: the (B, T, vocab) logits are never materialised.
+            weight = self.lm_head.weight if self.lm_head.weight.dtype == h.dtype else self.lm_head.weight.to(h.dtype)
+            loss = xkernels.linear_cross_entropy(
+                h, weight, labels, logit_scale=cfg.logit_multiplier, ignore_index=ignore_index, reduction="mean"
+            )
+        return XmodelOutput(loss=loss, logits=logits, num_tokens=num_tokens)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save_pretrained(
