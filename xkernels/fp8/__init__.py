@@ -4,6 +4,7 @@ Scales are dequantisation scales (``x ≈ x_fp8 * scale``), see :mod:`xkernels.f
 """
 
 from xkernels.fp8.formats import BLOCK, E4M3, E5M2, GRANULARITIES, fp8_max, scale_shape
+from xkernels.fp8.gemm import fp8_gemm, fp8_gemm_ref
 from xkernels.fp8.quantize import cast_transpose, cast_transpose_ref, dequantize, quantize, quantize_ref
 from xkernels.fp8.recipe import FP8Recipe
 
@@ -16,6 +17,8 @@ __all__ = [
     "cast_transpose",
     "cast_transpose_ref",
     "dequantize",
+    "fp8_gemm",
+    "fp8_gemm_ref",
     "fp8_max",
     "quantize",
     "quantize_ref",

@@ -1,0 +1,142 @@
+"""Scaled FP8 GEMM vs the dequantised fp32 product of the same fp8 inputs (relative error < 1e-3)."""
+
+import pytest
+import torch
+
+from xkernels.dispatch import force_backend
+from xkernels.fp8 import E4M3, E5M2, fp8_gemm, quantize
+from xkernels.fp8.gemm import GemmConfig, _launch, _scale_mode, fp8_gemm_ref
+
+PAIRS = [
+    ("tensor", "tensor"),
+    ("row", "row"),
+    ("block_1x128", "block_128x128"),  # forward / input-gradient GEMM of the block recipe
+    ("block_1x128", "block_1x128"),  # weight-gradient GEMM of the block recipe
+]
+SHAPES = [(64, 96, 128), (100, 80, 208), (1, 16, 400)]  # ragged M/N/K (not multiples of the 128 block)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _operands(m, n, k, ga, gb, device, a_dtype=E4M3, b_dtype=E4M3):
+    a, sa = quantize(torch.randn(m, k, device=device) * 2, a_dtype, ga)
+    b, sb = quantize(torch.randn(n, k, device=device) * 0.1, b_dtype, gb)
+    return a, b, sa, sb
+
+
+def _dequantised_product(a, b, sa, sb, bias=None):
+    return fp8_gemm_ref(a, b, sa, sb, torch.float32, bias)
+
+
+@pytest.mark.parametrize("ga,gb", PAIRS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemm_matches_dequantised_product(device, ga, gb, shape):
+    m, n, k = shape
+    a, b, sa, sb = _operands(m, n, k, ga, gb, device)
+    out = fp8_gemm(a, b, sa, sb, out_dtype=torch.float32)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert _rel_err(out, _dequantised_product(a, b, sa, sb)) < 1e-3
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("ga,gb", [("tensor", "tensor"), ("block_1x128", "block_128x128")])
+def test_out_dtypes_and_bias(device, out_dtype, ga, gb):
+    a, b, sa, sb = _operands(70, 48, 144, ga, gb, device, E5M2, E4M3)  # hybrid: E5M2 gradient x E4M3 weight
+    bias = torch.randn(48, device=device, dtype=torch.bfloat16)
+    out = fp8_gemm(a, b, sa, sb, out_dtype=out_dtype, bias=bias)
+    assert out.dtype == out_dtype
+    ref = _dequantised_product(a, b, sa, sb, bias)
+    # Error of the final rounding to out_dtype dominates for half types (bf16: 8 bits, fp16: 11 bits).
+    tol = {torch.float32: 1e-3, torch.bfloat16: 5e-3, torch.float16: 1e-3}[out_dtype]
+    assert _rel_err(out, ref) < tol
+
+
+def test_block_scales_are_applied_per_k_block(device):
+    """Block scales that differ strongly between K blocks must be applied inside the K loop, not at the end."""
+    m, n, k = 32, 32, 256
+    x = torch.randn(m, k, device=device)
+    x[:, 128:] *= 1000.0  # second K block has a 1000x larger scale
+    a, sa = quantize(x, E4M3, "block_1x128")
+    b, sb = quantize(torch.randn(n, k, device=device), E4M3, "block_128x128")
+    out = fp8_gemm(a, b, sa, sb, out_dtype=torch.float32)
+    assert _rel_err(out, _dequantised_product(a, b, sa, sb)) < 1e-3
+    exact = x @ torch.cat([b[:, :128].float() * sb[0, 0], b[:, 128:].float() * sb[0, 1]], 1).t()
+    assert _rel_err(out, exact) < 0.05  # and it is close to the unquantised-activation product
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_persistent_grid_and_tma_descriptors(use_tma):
+    """Fewer programs than tiles (the Hopper persistent loop, grouped order) and the TMA descriptor path.
+
+    Runs the kernel directly on CPU through the interpreter (which emulates tensor descriptors), or on CUDA.
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if use_tma and device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA descriptors need sm_90+")
+    a, b, sa, sb = _operands(150, 112, 272, "block_1x128", "block_128x128", device)
+    mode = _scale_mode(a, b, sa, sb)
+    cfg = GemmConfig(BM=32, BN=32, GROUP_M=3)
+    out = _launch(a, b, sa, sb, torch.float32, None, *mode, config=cfg, num_programs=5, use_tma=use_tma)
+    assert _rel_err(out, _dequantised_product(a, b, sa, sb)) < 1e-3
+
+
+def test_strided_operands(device):
+    a, b, sa, sb = _operands(48, 32, 128, "row", "row", device)
+    at = a.view(torch.uint8).t().contiguous().t().view(E4M3)  # column-major A
+    out = fp8_gemm(at, b, sa, sb, out_dtype=torch.float32)
+    assert _rel_err(out, _dequantised_product(a, b, sa, sb)) < 1e-3
+
+
+def test_torch_backend_is_the_reference(device):
+    a, b, sa, sb = _operands(40, 32, 128, "tensor", "tensor", device)
+    with force_backend("torch"):
+        out = fp8_gemm(a, b, sa, sb, out_dtype=torch.float32)
+    assert torch.equal(out, _dequantised_product(a, b, sa, sb))
+    assert torch.equal(fp8_gemm(a, b, sa, sb, torch.float32, backend="torch"), out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_mm (cuBLASLt) needs a CUDA GPU")
+@pytest.mark.parametrize("ga", ["tensor", "row"])
+def test_scaled_mm_backend(ga):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 cuBLASLt needs sm_89+")
+    a, b, sa, sb = _operands(256, 128, 256, ga, ga, "cuda")
+    out = fp8_gemm(a, b, sa, sb, out_dtype=torch.bfloat16, backend="scaled_mm")
+    assert _rel_err(out, _dequantised_product(a, b, sa, sb)) < 5e-3
+
+
+def test_bad_inputs_raise_clear_errors(device):
+    a, b, sa, sb = _operands(32, 32, 128, "tensor", "tensor", device)
+    with pytest.raises(TypeError, match="a must be an fp8 tensor"):
+        fp8_gemm(a.float(), b, sa, sb)
+    with pytest.raises(TypeError, match="b must be an fp8 tensor"):
+        fp8_gemm(a, b.to(torch.bfloat16), sa, sb)
+    with pytest.raises(ValueError, match="their K dims differ"):
+        fp8_gemm(a, b[:, :64], sa, sb)
+    a2, sa2 = quantize(torch.randn(32, 40, device=device), E4M3)
+    b2, sb2 = quantize(torch.randn(16, 40, device=device), E4M3)
+    with pytest.raises(ValueError, match="K = 40 must be a multiple of 16"):
+        fp8_gemm(a2, b2, sa2, sb2)
+    _, sa_row = quantize(torch.randn(32, 128, device=device), E4M3, "row")
+    with pytest.raises(ValueError, match=r"match no supported granularity.*row: \(32, 1\) and \(32, 1\)"):
+        fp8_gemm(a, b, sa_row, sb)
+    with pytest.raises(ValueError, match="match no supported granularity"):
+        fp8_gemm(a, b, torch.ones(32, 3, device=device), torch.ones(1, 1, device=device))
+    with pytest.raises(TypeError, match="a_scale must be float32"):
+        fp8_gemm(a, b, sa.double(), sb)
+    with pytest.raises(TypeError, match="out_dtype must be one of"):
+        fp8_gemm(a, b, sa, sb, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"bias must be a float tensor of shape \(32,\)"):
+        fp8_gemm(a, b, sa, sb, bias=torch.ones(31, device=device))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fp8_gemm(a, b, sa, sb, backend="cublas")
+    if device == "cpu":
+        with pytest.raises(ValueError, match="backend='scaled_mm' needs CUDA"):
+            fp8_gemm(a, b, sa, sb, backend="scaled_mm")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="b is on cpu but a is on cuda"):
+            fp8_gemm(a.cuda(), b.cpu(), sa.cuda(), sb.cuda())
+        with pytest.raises(ValueError, match="a_scale is on cpu but a is on cuda"):
+            fp8_gemm(a.cuda(), b.cuda(), sa.cpu(), sb.cuda())

@@ -1,0 +1,417 @@
+"""Scaled FP8 GEMM: ``out = (a · bᵀ) ⊙ scales (+ bias)`` with fp32 accumulation.
+
+``a`` is ``(M, K)`` and ``b`` is ``(N, K)`` fp8 (E4M3 or E5M2, mixed allowed) with the scales of
+:func:`xkernels.fp8.quantize` (dequantisation scales, ``a ≈ a_fp8 * a_scale``):
+
+==========  =====================  ===========================================  ===================================
+pairing     a_scale                b_scale                                      math
+==========  =====================  ===========================================  ===================================
+tensor      ``()``                 ``()``                                       ``acc · sa · sb`` once at the end
+row         ``(M, 1)``             ``(N, 1)``                                   ``acc[m, n] · sa[m] · sb[n]``
+block       ``(M, ceil(K/128))``   ``(ceil(N/128), ceil(K/128))`` (128x128)     per 128-wide K block ``kb``:
+                                   or ``(N, ceil(K/128))`` (1x128)              ``acc += dot_kb · sa[m,kb] · sb[n',kb]``
+==========  =====================  ===========================================  ===================================
+
+The block pairing promotes every 128-wide K block into the fp32 accumulator with its own scales (DeepSeek-V3's
+recipe), which is why the kernel's K tile is exactly 128.
+
+Alignment (checked, ``ValueError``): K must be a multiple of 16 (16-byte fp8 rows: TMA descriptors and cuBLASLt
+need it; pad K with zeros). M and N are free for our kernel (ragged tiles are masked); the cuBLASLt backend also
+needs N to be a multiple of 16.
+
+Backends behind the one call (``backend=``): ``"triton"`` (our kernel; the default on CUDA with fp8 tensor cores,
+sm_89+), ``"scaled_mm"`` (``torch._scaled_mm``/cuBLASLt; tensor and row scales), ``"torch"`` (dequantise in fp32,
+then matmul: :func:`fp8_gemm_ref`, the CPU path); ``"auto"`` asks :func:`xkernels.dispatch.use_triton`.
+
+GPU specifics: one persistent kernel walks output tiles in grouped order (GROUP_M row-tiles share B tiles in L2).
+On Hopper the grid is one program per SM and A/B tiles are fetched with TMA tensor descriptors when the installed
+Triton has ``tl.make_tensor_descriptor``; elsewhere the grid is one program per tile with pointer loads. Tile
+shapes are autotuned on CUDA (configs below); the interpreter uses one fixed small config.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from xkernels._checks import check_nonempty, check_same_device, check_tensor
+from xkernels.dispatch import interpreting, use_triton
+from xkernels.fp8.formats import BLOCK, FP8_DTYPES, cdiv
+from xkernels.fp8.quantize import dequantize
+
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKENDS = ("auto", "triton", "scaled_mm", "torch")
+K_ALIGN = 16
+
+
+# --- reference ------------------------------------------------------------------------------------------------------
+
+
+def fp8_gemm_ref(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantise both operands to fp32, ``a · bᵀ`` in fp32 (+ bias), cast to ``out_dtype``."""
+    out = dequantize(a, a_scale) @ dequantize(b, b_scale).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+# --- Triton kernel --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr,  # (M, K) fp8
+    b_ptr,  # (N, K) fp8; the kernel reads bᵀ tiles (BK, BN)
+    c_ptr,  # (M, N) output in out_dtype
+    bias_ptr,  # (N,) fp32 (HAS_BIAS)
+    sa_ptr,  # a_scale: (1,), (M, 1) or (M, Kb) fp32
+    sb_ptr,  # b_scale: (1,), (N, 1), (N, Kb) or (Nb, Kb) fp32
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    stride_cn,
+    stride_sam,
+    stride_sak,
+    stride_sbn,
+    stride_sbk,
+    SCALE_MODE: tl.constexpr,  # 0 tensor, 1 row, 2 block (per-K-block scales inside the main loop)
+    SB_ROWS: tl.constexpr,  # block mode: rows of b sharing one scale row (1 for 1x128, 128 for 128x128)
+    HAS_BIAS: tl.constexpr,
+    USE_TMA: tl.constexpr,  # A/B tiles through TMA tensor descriptors (needs K-contiguous, 16B-aligned operands)
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Persistent scaled GEMM: program p computes output tiles p, p + P, p + 2P, ... in grouped order.
+
+    acc = Σ_k a[m, k] b[n, k] in fp32 (fp8 tensor-core dot); tensor/row scales multiply acc once in the epilogue,
+    block scales multiply each 128-wide K block's partial product before it is added (exact promotion).
+    """
+    pid = tl.program_id(0)
+    num_progs = tl.num_programs(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BK)
+    tiles_per_group = GROUP_M * num_pid_n
+    if USE_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BM, BK])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BN, BK])
+    if SCALE_MODE == 0:
+        s_ab = tl.load(sa_ptr) * tl.load(sb_ptr)
+    rk = tl.arange(0, BK)
+
+    for tile in range(pid, num_tiles, num_progs):
+        # Grouped order: GROUP_M consecutive row-tiles sweep the column-tiles together, so B stays in L2.
+        group = tile // tiles_per_group
+        first_m = group * GROUP_M
+        group_m = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % tiles_per_group) % group_m
+        pid_n = (tile % tiles_per_group) // group_m
+        rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+        rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
+        m_mask = rm < M
+        n_mask = rn < N
+
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kt in range(0, k_tiles):
+            k0 = kt * BK
+            if USE_TMA:
+                a = a_desc.load([pid_m * BM, k0])
+                bt = tl.trans(b_desc.load([pid_n * BN, k0]))
+            else:
+                k_mask = (k0 + rk) < K
+                a = tl.load(
+                    a_ptr + rm[:, None] * stride_am + (k0 + rk)[None, :] * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                bt = tl.load(
+                    b_ptr + rn[None, :] * stride_bn + (k0 + rk)[:, None] * stride_bk,
+                    mask=k_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                )
+            if SCALE_MODE == 2:
+                sa = tl.load(sa_ptr + rm * stride_sam + kt * stride_sak, mask=m_mask, other=0.0)
+                sb = tl.load(sb_ptr + (rn // SB_ROWS) * stride_sbn + kt * stride_sbk, mask=n_mask, other=0.0)
+                acc += tl.dot(a, bt) * (sa[:, None] * sb[None, :])
+            else:
+                acc = tl.dot(a, bt, acc)
+
+        if SCALE_MODE == 0:
+            acc = acc * s_ab
+        elif SCALE_MODE == 1:
+            sa = tl.load(sa_ptr + rm * stride_sam, mask=m_mask, other=0.0)
+            sb = tl.load(sb_ptr + rn * stride_sbn, mask=n_mask, other=0.0)
+            acc = acc * (sa[:, None] * sb[None, :])
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
+        tl.store(
+            c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
+            acc.to(c_ptr.dtype.element_ty),
+            mask=m_mask[:, None] & n_mask[None, :],
+        )
+
+
+# --- launch configuration -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch configuration. BK is fixed at 128: the block pairing needs one scale column per K tile."""
+
+    BM: int = 64
+    BN: int = 64
+    BK: int = BLOCK
+    GROUP_M: int = 2
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Interpreter: small tiles keep the numpy emulation cheap; several tiles still exercise masking and grouping.
+INTERPRETER_CONFIG = GemmConfig()
+
+# CUDA autotune space. fp8 operands are 1 byte, so 128x256x128 at 3 stages is 144 KiB of shared memory (fits
+# H100/H200's 227 KiB); the smaller tiles serve skinny shapes and sm_89 (100 KiB). Chosen from the shapes the
+# Triton persistent-matmul tutorial and FBGEMM's fp8 Triton GEMMs tune over; to be re-measured on H100/H200.
+_CUDA_CONFIGS = [
+    GemmConfig(128, 256, 128, 8, 8, 3),
+    GemmConfig(256, 128, 128, 8, 8, 3),
+    GemmConfig(128, 128, 128, 8, 8, 4),
+    GemmConfig(128, 128, 128, 8, 4, 4),
+    GemmConfig(64, 128, 128, 8, 4, 4),
+    GemmConfig(128, 64, 128, 8, 4, 4),
+    GemmConfig(64, 64, 128, 8, 4, 3),
+]
+
+
+@functools.cache
+def _autotuned_kernel():
+    configs = [
+        triton.Config({"BM": c.BM, "BN": c.BN, "BK": c.BK, "GROUP_M": c.GROUP_M}, num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in _CUDA_CONFIGS
+    ]
+    key = ["M", "N", "K", "SCALE_MODE", "SB_ROWS", "HAS_BIAS", "USE_TMA"]
+    return triton.autotune(configs=configs, key=key)(_fp8_gemm_kernel)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def tma_available() -> bool:
+    """Whether this Triton has device-side tensor descriptors (``tl.make_tensor_descriptor``, Triton >= 3.4)."""
+    return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+
+
+_allocator_set = False
+_tma_broken = False
+
+
+def _ensure_tma_allocator(device: torch.device) -> None:
+    """Device-side descriptors need scratch memory from a global allocator (set once, on first TMA launch)."""
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
+        _allocator_set = True
+
+
+def _tma_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Hopper+ with descriptors available, and operands TMA can address (K-contiguous, 16B-aligned rows/base)."""
+    if _tma_broken or os.environ.get("XKERNELS_FP8_TMA", "1") == "0" or not tma_available() or a.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(a.device) < (9, 0):
+        return False
+    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
+
+
+def _launch(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None,
+    mode: int,
+    sb_rows: int,
+    *,
+    config: GemmConfig | None = None,
+    num_programs: int | None = None,
+    use_tma: bool | None = None,
+) -> torch.Tensor:
+    """Run the Triton kernel (no validation). ``config``/``num_programs``/``use_tma`` override the heuristics."""
+    global _tma_broken
+    m, k = a.shape
+    n = b.shape[0]
+    c = torch.empty(m, n, device=a.device, dtype=out_dtype)
+    sa = a_scale.reshape(1) if mode == 0 else a_scale
+    sb = b_scale.reshape(1) if mode == 0 else b_scale
+    bias_f = bias.float().contiguous() if bias is not None else c
+    if use_tma is None:
+        use_tma = _tma_ok(a, b)
+    if use_tma:  # (the interpreter emulates descriptors in host memory, so it needs the allocator too)
+        _ensure_tma_allocator(a.device)
+
+    args = (a, b, c, bias_f, sa, sb, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    args += (sa.stride(0), sa.stride(1) if sa.dim() > 1 else 0, sb.stride(0), sb.stride(1) if sb.dim() > 1 else 0)
+    flags = dict(SCALE_MODE=mode, SB_ROWS=sb_rows, HAS_BIAS=bias is not None)
+
+    if config is not None or a.device.type != "cuda":
+        cfg = config or INTERPRETER_CONFIG
+        tiles = cdiv(m, cfg.BM) * cdiv(n, cfg.BN)
+        grid = (min(num_programs or tiles, tiles),)
+        _fp8_gemm_kernel[grid](
+            *args, **flags, USE_TMA=use_tma, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return c
+
+    persistent = torch.cuda.get_device_capability(a.device) >= (9, 0)
+    sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
+
+    def grid(meta):
+        tiles = triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])
+        return (min(sms, tiles) if persistent else tiles,)
+
+    try:
+        _autotuned_kernel()[grid](*args, **flags, USE_TMA=use_tma)
+    except Exception as err:  # a Triton build whose descriptor lowering fails: fall back once, loudly
+        if not use_tma:
+            raise
+        _tma_broken = True
+        warnings.warn(f"fp8_gemm: TMA path failed ({type(err).__name__}: {err}); using pointer loads", stacklevel=3)
+        _autotuned_kernel()[grid](*args, **flags, USE_TMA=False)
+    return c
+
+
+# --- cuBLASLt backend -----------------------------------------------------------------------------------------------
+
+
+def _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode):
+    """``torch._scaled_mm`` (cuBLASLt): a row-major, bᵀ column-major; scales () or (M,1)/(1,N)."""
+    if mode == 2:
+        raise ValueError("backend='scaled_mm' supports tensor and row scales only; use backend='triton' for blocks")
+    if a.device.type != "cuda":
+        raise ValueError(f"backend='scaled_mm' needs CUDA tensors, got {a.device}")
+    if b.shape[0] % 16:
+        raise ValueError(f"backend='scaled_mm' needs N (b.shape[0] = {b.shape[0]}) to be a multiple of 16")
+    m, n = a.shape[0], b.shape[0]
+    if mode == 0:
+        sa, sb = a_scale.reshape(()), b_scale.reshape(())
+    else:
+        sa, sb = a_scale.reshape(m, 1).contiguous(), b_scale.reshape(1, n).contiguous()
+    out = torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    if isinstance(out, tuple):  # torch < 2.5 also returned amax
+        out = out[0]
+    if bias is not None:  # added outside: cuBLASLt rejects bias with some out dtypes / row scales
+        out = (out.float() + bias.float()).to(out_dtype)
+    return out
+
+
+# --- public API -----------------------------------------------------------------------------------------------------
+
+
+def _scale_mode(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor) -> tuple[int, int]:
+    """(SCALE_MODE, SB_ROWS) from the scale shapes; ValueError listing the accepted shapes otherwise."""
+    m, k = a.shape
+    n = b.shape[0]
+    kb = cdiv(k, BLOCK)
+    sa, sb = tuple(a_scale.shape), tuple(b_scale.shape)
+    if a_scale.numel() == 1 and b_scale.numel() == 1 and a_scale.dim() <= 2 and b_scale.dim() <= 2:
+        return 0, 1
+    if sa == (m, 1) and sb == (n, 1):
+        return 1, 1
+    if sa == (m, kb) and sb == (n, kb):
+        return 2, 1
+    if sa == (m, kb) and sb == (cdiv(n, BLOCK), kb):
+        return 2, BLOCK
+    raise ValueError(
+        f"a_scale {sa} / b_scale {sb} match no supported granularity for a ({m}, {k}) and b ({n}, {k}); expected "
+        f"tensor: () and (); row: ({m}, 1) and ({n}, 1); block: ({m}, {kb}) and ({cdiv(n, BLOCK)}, {kb}) [128x128] "
+        f"or ({n}, {kb}) [1x128]"
+    )
+
+
+def _validate(a, b, a_scale, b_scale, out_dtype, bias, backend) -> tuple[int, int]:
+    for name, t in (("a", a), ("b", b)):
+        check_tensor(name, t)
+        if t.dtype not in FP8_DTYPES:
+            raise TypeError(
+                f"{name} must be an fp8 tensor (float8_e4m3fn or float8_e5m2; quantise it first), "
+                f"got {str(t.dtype).removeprefix('torch.')}"
+            )
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        check_nonempty(name, t)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a is (M, K) = {tuple(a.shape)} and b is (N, K) = {tuple(b.shape)}: their K dims differ")
+    k = a.shape[1]
+    if k % K_ALIGN:
+        raise ValueError(
+            f"K = {k} must be a multiple of {K_ALIGN} (fp8 rows must be 16-byte aligned for TMA and cuBLASLt); "
+            "pad K with zeros"
+        )
+    check_same_device("b", b, "a", a)
+    for name, s in (("a_scale", a_scale), ("b_scale", b_scale)):
+        check_tensor(name, s)
+        if s.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {str(s.dtype).removeprefix('torch.')}")
+        check_same_device(name, s, "a", a)
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+    if bias is not None:
+        check_tensor("bias", bias)
+        if not bias.is_floating_point() or bias.dim() != 1 or bias.shape[0] != b.shape[0]:
+            raise ValueError(f"bias must be a float tensor of shape ({b.shape[0]},), got {bias.dtype} {tuple(bias.shape)}")
+        check_same_device("bias", bias, "a", a)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return _scale_mode(a, b, a_scale, b_scale)
+
+
+def _fp8_tensor_cores(device: torch.device) -> bool:
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``(a · bᵀ) ⊙ scales + bias`` for fp8 ``a (M, K)``, ``b (N, K)``; see the module docstring for the scale
+    pairings, alignment rules and backends. Returns ``(M, N)`` in ``out_dtype`` (fp32, bf16 or fp16)."""
+    mode, sb_rows = _validate(a, b, a_scale, b_scale, out_dtype, bias, backend)
+    if backend == "auto":
+        backend = "triton" if use_triton(a) and _fp8_tensor_cores(a.device) else "torch"
+    if backend == "torch":
+        return fp8_gemm_ref(a, b, a_scale, b_scale, out_dtype, bias)
+    if backend == "scaled_mm":
+        return _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode)
+    if a.device.type != "cuda" and not interpreting():
+        raise ValueError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 (set before importing xkernels)")
+    return _launch(a, b, a_scale, b_scale, out_dtype, bias, mode, sb_rows)
