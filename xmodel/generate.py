@@ -113,12 +113,14 @@ def generate(
     generator: torch.Generator | None = None,
     static_cache: bool = True,
     on_tokens: Callable[[list[int | None]], None] | None = None,
+    stop_fn: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids, or a (B, T) tensor) by up to ``max_new_tokens`` tokens.
 
     Prompts of different lengths are left-padded and masked.  Generation of a row stops at an EOS token
     (``eos_token_id``, default the config's) -- the EOS is not returned -- or after ``max_new_tokens``.
     ``on_tokens`` is called after each step with the new token of every row (None for finished rows).
+    ``stop_fn(row, new_tokens)`` returning True also finishes a row (its last token is kept), e.g. on a stop string.
     Returns the new tokens of each prompt (prompt not included).
     """
     if isinstance(prompts, torch.Tensor):
@@ -164,8 +166,8 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        out = model(ids, position_ids=positions, cache=cache, attention_mask=None if mask is None else mask[:, :width])
-        logits = out.logits[:, -1]
+        hidden = model.hidden_states(ids, positions, cache=cache, attention_mask=None if mask is None else mask[:, :width])
+        logits = model.logits(hidden[:, -1])  # (B, vocab): only the last position is needed
         results: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
         for step in range(max_new_tokens):
@@ -180,13 +182,15 @@ def generate(
                 else:
                     results[row].append(t)
                     step_tokens.append(t)
+                    if stop_fn is not None and stop_fn(row, results[row]):
+                        done[row] = True
             if on_tokens is not None:
                 on_tokens(step_tokens)
             if all(done) or step == max_new_tokens - 1:
                 break
             step_mask = None if mask is None else mask[:, : width + step + 1]
-            out = model(token[:, None], position_ids=next_pos + step, cache=cache, attention_mask=step_mask)
-            logits = out.logits[:, -1]
+            hidden = model.hidden_states(token[:, None], next_pos + step, cache=cache, attention_mask=step_mask)
+            logits = model.logits(hidden[:, -1])
     finally:
         model.train(was_training)
     return results

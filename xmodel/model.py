@@ -289,6 +289,55 @@ class Xmodel(nn.Module):
         return self._rope_tables[key]
 
     # ---------------------------------------------------------------------------------------- forward
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCacheLike | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-normed hidden states (B, T, hidden) that feed ``lm_head``; arguments as in :meth:`forward`."""
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        if doc_ids is not None and doc_ids.shape != input_ids.shape:
+            raise ValueError(f"doc_ids must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(doc_ids.shape)}")
+        past = 0 if cache is None else cache.length
+        if doc_ids is not None and past:
+            raise ValueError("doc_ids (packed sequences) cannot be combined with a non-empty KV cache")
+        if attention_mask is not None and attention_mask.shape != (batch, past + seq):
+            raise ValueError(f"attention_mask must have shape ({batch}, {past + seq}), got {tuple(attention_mask.shape)}")
+        device = input_ids.device
+
+        if position_ids is None:
+            if doc_ids is not None:
+                position_ids = positions_from_doc_ids(doc_ids)
+            elif past:
+                position_ids = torch.arange(past, past + seq, device=device)[None]
+            max_pos = past + seq
+        else:
+            max_pos = int(position_ids.max()) + 1
+        cos, sin = self._rope(max_pos, device)
+        mask = build_attention_mask(seq, past, doc_ids, attention_mask, device)
+
+        h = self.model.embed_tokens(input_ids) * cfg.embedding_multiplier  # (B, T, hidden)
+        pending = None
+        for layer in self.model.layers:
+            if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                h, pending = checkpoint(layer, h, pending, cos, sin, position_ids, mask, use_reentrant=False)
+            else:
+                h, pending = layer(h, pending, cos, sin, position_ids, mask, cache)
+        h, _ = self.model.norm(pending, h)
+        if cache is not None:
+            cache.advance(seq)
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``lm_head(hidden) * logit multiplier`` in fp32, for hidden states of any leading shape."""
+        return self.lm_head(hidden).float() * self.config.logit_multiplier
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -314,49 +363,18 @@ class Xmodel(nn.Module):
           ``return_logits=False`` the loss comes from :func:`xkernels.linear_cross_entropy` (no logits in memory);
           with ``return_logits=True`` from the logits (same value up to fp32 rounding).
         """
-        cfg = self.config
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
-        batch, seq = input_ids.shape
-        for name, t in (("labels", labels), ("doc_ids", doc_ids)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
-        past = 0 if cache is None else cache.length
-        if doc_ids is not None and past:
-            raise ValueError("doc_ids (packed sequences) cannot be combined with a non-empty KV cache")
-        if attention_mask is not None and attention_mask.shape != (batch, past + seq):
-            raise ValueError(f"attention_mask must have shape ({batch}, {past + seq}), got {tuple(attention_mask.shape)}")
         if return_logits is None:
             return_logits = labels is None
-        device = input_ids.device
-
-        if position_ids is None:
-            if doc_ids is not None:
-                position_ids = positions_from_doc_ids(doc_ids)
-            elif past:
-                position_ids = torch.arange(past, past + seq, device=device)[None]
-            max_pos = past + seq
-        else:
-            max_pos = int(position_ids.max()) + 1
-        cos, sin = self._rope(max_pos, device)
-        mask = build_attention_mask(seq, past, doc_ids, attention_mask, device)
-
-        h = self.model.embed_tokens(input_ids) * cfg.embedding_multiplier  # (B, T, hidden)
-        pending = None
-        for layer in self.model.layers:
-            if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                h, pending = checkpoint(layer, h, pending, cos, sin, position_ids, mask, use_reentrant=False)
-            else:
-                h, pending = layer(h, pending, cos, sin, position_ids, mask, cache)
-        h, _ = self.model.norm(pending, h)
-        if cache is not None:
-            cache.advance(seq)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        h = self.hidden_states(input_ids, position_ids, doc_ids, cache, attention_mask)
+        cfg = self.config
 
         loss = num_tokens = logits = None
         if labels is not None:
             num_tokens = (labels != ignore_index).sum()
         if return_logits:
-            logits = self.lm_head(h).float() * cfg.logit_multiplier  # (B, T, vocab)
+            logits = self.logits(h)  # (B, T, vocab)
             if labels is not None:
                 loss = cross_entropy_sum(logits, labels, ignore_index) / num_tokens.clamp(min=1)
         elif labels is not None:
