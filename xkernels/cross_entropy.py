@@ -37,6 +37,9 @@ from xkernels._checks import check_float, check_nonempty, check_same_device, che
 from xkernels.dispatch import triton_available, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
+# vocab rows per slab when a half-precision dW product is added into the fp32 accumulator: big enough
+# for an efficient GEMM (16384 x H x chunk), small enough that the temporary is ~1/8 of a 129k-row dW
+_DW_SLAB = 16384
 
 # ----------------------------------------------------------------------------------------------------
 # PyTorch reference (unfused: materialises the logits; tests and benchmarks compare against it)
@@ -81,23 +84,30 @@ def unfused_cross_entropy(hidden, weight, targets, logit_scale=1.0, ignore_index
 
 def _ce_chunk_torch(logits, targets, logit_scale, ignore_index, z_loss, compute_grad, row_grad=None):
     """PyTorch twin of :func:`_ce_chunk_kernel`: per-row loss of one chunk (fp32) and, when
-    ``compute_grad``, ``dl`` written into ``logits`` in place (times ``row_grad`` per row when given)."""
-    z = logits.float() * logit_scale
-    lse = torch.logsumexp(z, dim=-1)
+    ``compute_grad``, ``dl`` written into ``logits`` in place (times ``row_grad`` per row when given).
+
+    The chunk is scratch (fp32 logits are modified even without ``compute_grad``); the log-sum-exp is
+    done in place (max, subtract, exp, sum) so at most one fp32 copy of the chunk exists."""
+    z = logits.mul_(logit_scale) if logits.dtype == torch.float32 else logits.float().mul_(logit_scale)
     valid = targets != ignore_index
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))
-    loss = lse - z.gather(1, safe_t[:, None]).squeeze(1) + z_loss * lse * lse
+    z_t = z.gather(1, safe_t[:, None]).squeeze(1)
+    m = z.amax(dim=-1)
+    e = z.sub_(m[:, None]).exp_()  # exp(z - max), in z's storage
+    total = e.sum(dim=-1)
+    lse = m + torch.log(total)
+    loss = lse - z_t + z_loss * lse * lse
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if compute_grad:
-        p = z.sub_(lse[:, None]).exp_()  # softmax, reusing z's storage
-        if z_loss:
-            p.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+        # softmax * (1 + 2 z_loss lse), minus the one-hot, times s (0 at ignored rows, times row_grad)
+        p = e.mul_(((1.0 + 2.0 * z_loss * lse) / total)[:, None])
         p.scatter_add_(1, safe_t[:, None], torch.full_like(lse[:, None], -1.0))
         row_scale = valid.to(p.dtype) * logit_scale
         if row_grad is not None:
             row_scale = row_scale * row_grad.float()
         p.mul_(row_scale[:, None])
-        logits.copy_(p)
+        if p.data_ptr() != logits.data_ptr():
+            logits.copy_(p)
     return loss
 
 
@@ -226,8 +236,11 @@ def _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, nee
         if need_dw:
             if h_c.dtype == torch.float32:
                 dw.addmm_(logits.t(), h_c)
-            else:  # the (V, H) half-precision product of this chunk, summed in fp32 (one temporary)
-                dw += logits.t() @ h_c
+            else:
+                # the half-precision product is summed into fp32 in slabs of _DW_SLAB vocab rows, so the
+                # temporary is (_DW_SLAB, H) instead of a second (V, H) matrix
+                for v in range(0, dw.shape[0], _DW_SLAB):
+                    dw[v : v + _DW_SLAB] += logits[:, v : v + _DW_SLAB].t() @ h_c
     return loss, dh, dw
 
 
