@@ -1,0 +1,101 @@
+"""xkernels.dispatch: the one place choosing Triton kernel vs PyTorch reference."""
+
+import pytest
+import torch
+
+import xkernels
+import xkernels.rmsnorm as rmsnorm_mod
+from xkernels import dispatch, force_backend, use_triton
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("XKERNELS_BACKEND", raising=False)
+    return monkeypatch
+
+
+def test_default_backend_is_auto(clean_env):
+    assert dispatch.backend() == "auto"
+
+
+@pytest.mark.parametrize("name", ["auto", "triton", "torch", "TORCH"])
+def test_env_var_selects_backend(clean_env, name):
+    clean_env.setenv("XKERNELS_BACKEND", name)
+    assert dispatch.backend() == name.lower()
+
+
+def test_bad_env_var_raises(clean_env):
+    clean_env.setenv("XKERNELS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="XKERNELS_BACKEND must be one of"):
+        use_triton(torch.zeros(1))
+
+
+def test_auto_on_cpu_follows_interpreter_flag(clean_env):
+    x = torch.zeros(2)
+    clean_env.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.interpreting() and use_triton(x) == dispatch.triton_available()
+    clean_env.setenv("TRITON_INTERPRET", "0")
+    assert not dispatch.interpreting() and not use_triton(x)
+
+
+def test_forced_triton_on_cpu_without_interpreter_raises(clean_env):
+    clean_env.setenv("TRITON_INTERPRET", "0")
+    clean_env.setenv("XKERNELS_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 is not set"):
+        use_triton(torch.zeros(2))
+
+
+def test_torch_backend_never_uses_triton(clean_env, device):
+    clean_env.setenv("XKERNELS_BACKEND", "torch")
+    assert not use_triton(torch.zeros(2, device=device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_uses_triton_for_cuda_tensors(clean_env):
+    clean_env.setenv("TRITON_INTERPRET", "0")
+    assert use_triton(torch.zeros(2, device="cuda"))
+
+
+def test_force_backend_overrides_env_and_restores(clean_env):
+    clean_env.setenv("XKERNELS_BACKEND", "auto")
+    with force_backend("torch"):
+        assert dispatch.backend() == "torch"
+        with force_backend("triton"):
+            assert dispatch.backend() == "triton"
+        assert dispatch.backend() == "torch"
+    assert dispatch.backend() == "auto"
+
+
+def test_force_backend_restores_after_exception(clean_env):
+    with pytest.raises(KeyError):
+        with force_backend("torch"):
+            raise KeyError("boom")
+    assert dispatch.backend() == "auto"
+
+
+def test_force_backend_rejects_unknown_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with force_backend("numpy"):
+            pass
+
+
+def test_public_op_routes_through_dispatch(clean_env, device, monkeypatch):
+    """rms_norm launches the kernel exactly when use_triton says so, and the reference otherwise."""
+    launches = []
+    real = rmsnorm_mod._rmsnorm_fwd
+
+    def spy(*args):
+        launches.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(rmsnorm_mod, "_rmsnorm_fwd", spy)
+    x = torch.randn(3, 16, device=device)
+    w = torch.rand(16, device=device)
+    with force_backend("torch"):
+        out = xkernels.rms_norm(x, w)
+    assert launches == []
+    assert torch.equal(out, xkernels.rms_norm_ref(x, w))
+    if use_triton(x):
+        out = xkernels.rms_norm(x, w)
+        assert len(launches) == 1
+        torch.testing.assert_close(out, xkernels.rms_norm_ref(x, w), rtol=1e-5, atol=1e-5)
