@@ -1,0 +1,87 @@
+"""Rotary embedding on q and k at once: xkernels vs eager PyTorch (HF Llama's form), torch.compile and Liger-Kernel.
+
+Shapes: q (B, T, 24, 64), k (B, T, 8, 64) (the model's GQA heads) with B*T tokens; bf16 on CUDA (1x4096 and
+4x4096), fp32 on CPU (1x1024).  Bytes: read and write q and k once per pass, plus the cos/sin rows per token
+(fp32); fwd+bwd counts both passes.  Liger's kernel rotates in place and takes (B, H, T, D) views: it is given
+exactly the transposed views HF passes it.
+
+GPU target (issue 2): >= 85% of the measured copy bandwidth and >= 1.2x Liger.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xkernels
+from benchmarks.common import compile_fn, dtype_name, import_peer, pick, randn, require_cuda, run
+
+N_Q, N_KV, HEAD_DIM = 24, 8, 64
+THETA = 500000.0
+SHAPES = pick([(1, 4096), (4, 4096)], [(1, 1024)])  # (batch, seq)
+DTYPE = pick(torch.bfloat16, torch.float32)
+IMPLS = ["xkernels", "eager", "compile", "liger"]
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_eager(q, k, cos, sin):
+    """HF Llama's apply_rotary_pos_emb on (B, T, H, D) tensors, tables cast to the activation dtype."""
+    seq = q.shape[1]
+    c = cos[:seq].to(q.dtype)[None, :, None, :]
+    s = sin[:seq].to(q.dtype)[None, :, None, :]
+    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+
+def _liger():
+    require_cuda("Liger-Kernel")
+    functional = import_peer("liger_kernel.transformers.functional", "liger-kernel")
+    rope = getattr(functional, "liger_rope", None)
+    if rope is None:
+        pytest.skip("liger_kernel.transformers.functional.liger_rope missing in the installed Liger-Kernel")
+
+    def fn(q, k, cos, sin):
+        seq = q.shape[1]
+        c, s = cos[:seq].to(q.dtype)[None], sin[:seq].to(q.dtype)[None]  # (1, T, D)
+        qo, ko = rope(q.transpose(1, 2), k.transpose(1, 2), c, s)
+        return qo.transpose(1, 2), ko.transpose(1, 2)
+
+    return fn
+
+
+def _fn(impl: str):
+    if impl == "xkernels":
+        return xkernels.apply_rotary
+    if impl == "eager":
+        return rotary_eager
+    if impl == "compile":
+        return compile_fn(rotary_eager)
+    return _liger()
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_apply_rotary(benchmark, impl, shape, mode):
+    fn = _fn(impl)
+    batch, seq = shape
+    grad = mode != "fwd"
+    cos, sin = xkernels.rotary_cos_sin(seq, HEAD_DIM, THETA, device=randn(1, dtype=torch.float32).device)
+
+    def make_inputs():
+        q = randn(batch, seq, N_Q, HEAD_DIM, dtype=DTYPE, requires_grad=grad)
+        k = randn(batch, seq, N_KV, HEAD_DIM, dtype=DTYPE, requires_grad=grad)
+        grads = (randn(batch, seq, N_Q, HEAD_DIM, dtype=DTYPE), randn(batch, seq, N_KV, HEAD_DIM, dtype=DTYPE))
+        return (q, k, cos, sin), grads
+
+    es = torch.empty((), dtype=DTYPE).element_size()
+    per_pass = 2 * batch * seq * (N_Q + N_KV) * HEAD_DIM * es + 2 * seq * HEAD_DIM * 4
+    run(
+        benchmark, fn=fn, make_inputs=make_inputs, mode=mode, impl=impl, family="rotary",
+        group=f"apply_rotary {mode} {batch}x{seq}x({N_Q}+{N_KV})x{HEAD_DIM} {dtype_name(DTYPE)}",
+        shape=f"{batch}x{seq}x({N_Q}+{N_KV})x{HEAD_DIM}", dtype=DTYPE,
+        bytes_moved=per_pass * (1 if mode == "fwd" else 2),
+    )

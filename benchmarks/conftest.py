@@ -1,0 +1,80 @@
+"""pytest setup for the benchmark suite (``pytest benchmarks/ --benchmark-only``; CI: ``--benchmark-disable``).
+
+* Collects ``bench_*.py`` (pytest.ini's ``python_files`` is left to the test suite).
+* Nothing here sets ``TRITON_INTERPRET``: on CPU the ops take their default (auto) path, the PyTorch reference.
+* The ceilings (:mod:`benchmarks.ceilings`) are measured once per session when timing is on, and written into
+  the ``--benchmark-json`` output under ``"xkernels"`` together with the versions of torch/triton/CUDA and peers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.metadata
+import platform
+
+import pytest
+import torch
+
+
+def pytest_collect_file(file_path, parent):
+    name = file_path.name
+    if file_path.suffix != ".py" or not fnmatch.fnmatch(name, "bench_*.py"):
+        return None
+    patterns = parent.config.getini("python_files") or []
+    if any(fnmatch.fnmatch(name, p) for p in patterns):
+        return None  # the default collector already takes it
+    return pytest.Module.from_parent(parent, path=file_path)
+
+
+def pytest_configure(config):
+    # torch.compile contenders: one graph per (shape, pass); keep dynamo from giving up on recompiles.
+    dynamo_config = getattr(getattr(torch, "_dynamo", None), "config", None)
+    if dynamo_config is not None:
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(dynamo_config, knob):
+                setattr(dynamo_config, knob, max(64, getattr(dynamo_config, knob)))
+
+
+PEERS = ("liger-kernel", "torchao", "transformer-engine", "transformers", "pytest-benchmark")
+
+
+def versions() -> dict:
+    """Versions of everything the numbers depend on."""
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    for dist in PEERS:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    return out
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    from benchmarks import ceilings
+
+    output_json["xkernels"] = {"versions": versions(), "ceilings": ceilings.get()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ceilings(request):
+    """Measure the ceilings once, before the first timed case (not when timing is disabled)."""
+    if not request.config.getoption("benchmark_disable", default=False):
+        from benchmarks import ceilings
+
+        ceilings.get()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
