@@ -17,7 +17,6 @@ Kernels never re-implement this decision; every public op calls :func:`use_trito
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 
@@ -27,19 +26,28 @@ BACKENDS = ("auto", "triton", "torch")
 _override: str | None = None
 
 
-@functools.cache
+try:  # once, at import: a plain bool keeps use_triton() traceable by torch.compile (no cache wrapper)
+    import triton  # noqa: F401
+
+    _TRITON_IMPORTS = True
+except ImportError:
+    _TRITON_IMPORTS = False
+
+
 def triton_available() -> bool:
     """True when the ``triton`` package imports (it ships for Linux only)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_IMPORTS
 
 
 def interpreting() -> bool:
     """True when Triton kernels execute through the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def compiling() -> bool:
+    """True while ``torch.compile`` traces the caller (ops then use their custom-op form, skip host syncs)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def backend() -> str:

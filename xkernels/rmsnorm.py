@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from xkernels._checks import check_float, check_nonempty, check_same_device
-from xkernels.dispatch import triton_available, use_triton
+from xkernels.dispatch import compiling, triton_available, use_triton
 
 # ----------------------------------------------------------------------------------------------------
 # PyTorch reference (CPU path, tests, benchmarks)
@@ -339,6 +339,67 @@ class _RMSNormFunction(torch.autograd.Function):
         return dx, (dx if ctx.has_residual else None), dw, None
 
 
+# torch.compile: the same launchers as opaque custom ops, traced through their fake (shape-only) impls.
+# Eager calls keep the cheaper autograd.Function above; compiled code switches to these.
+_CUSTOM_OPS = triton_available() and hasattr(torch.library, "custom_op")
+if _CUSTOM_OPS:
+
+    @torch.library.custom_op(
+        "xkernels::rms_norm_fwd",
+        mutates_args=(),
+        schema="(Tensor x2, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)",
+    )
+    def _rms_norm_fwd_op(x2, residual, weight, eps):
+        """``(y, s, rstd)``; ``s`` is an empty tensor without a residual (outputs may not alias inputs)."""
+        y, s, rstd = _rmsnorm_fwd(x2, residual, weight, eps)
+        return y, (s if s is not None else x2.new_empty(0)), rstd
+
+    @_rms_norm_fwd_op.register_fake
+    def _(x2, residual, weight, eps):
+        s = x2.new_empty(x2.shape) if residual is not None else x2.new_empty(0)
+        return x2.new_empty(x2.shape), s, x2.new_empty(x2.shape[0], dtype=torch.float32)
+
+    @torch.library.custom_op(
+        "xkernels::rms_norm_bwd",
+        mutates_args=(),
+        schema="(Tensor dy, Tensor x2, Tensor weight, Tensor rstd, Tensor? ds) -> (Tensor, Tensor)",
+    )
+    def _rms_norm_bwd_op(dy, x2, weight, rstd, ds):
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        if ds is not None and ds.stride(-1) != 1:
+            ds = ds.contiguous()
+        return _rmsnorm_bwd(dy, x2, weight, rstd, ds)
+
+    @_rms_norm_bwd_op.register_fake
+    def _(dy, x2, weight, rstd, ds):
+        return x2.new_empty(x2.shape), weight.new_empty(weight.shape)
+
+    def _rms_norm_setup_context(ctx, inputs, output):
+        x2, residual, weight, _ = inputs
+        _, s, rstd = output
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(s if ctx.has_residual else x2, weight, rstd)
+
+    def _rms_norm_op_backward(ctx, dy, ds, _drstd):
+        x2, weight, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x2)
+        dx, dw = _rms_norm_bwd_op(dy, x2, weight, rstd, ds if ctx.has_residual else None)
+        return dx, (dx if ctx.has_residual else None), dw, None
+
+    _rms_norm_fwd_op.register_autograd(_rms_norm_op_backward, setup_context=_rms_norm_setup_context)
+
+
+def _rms_norm_triton(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """``(y, s_or_None)`` on 2-D rows through the kernels: autograd.Function eagerly, custom op when compiling."""
+    if _CUSTOM_OPS and compiling():
+        y, s, _ = _rms_norm_fwd_op(x2, r2, weight, eps)
+        return y, (s if r2 is not None else None)
+    if r2 is None:
+        return _RMSNormFunction.apply(x2, None, weight, eps), None
+    return _RMSNormFunction.apply(x2, r2, weight, eps)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------
@@ -376,7 +437,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     """RMSNorm over the last dim of ``x`` (any leading shape); see the module docstring for the math."""
     _validate(x, weight, eps)
     if use_triton(x):
-        return _RMSNormFunction.apply(_rows(x), None, weight, float(eps)).view(x.shape)
+        return _rms_norm_triton(_rows(x), None, weight, float(eps))[0].view(x.shape)
     return rms_norm_ref(x, weight, eps)
 
 
@@ -386,7 +447,7 @@ def add_rms_norm(
     """Fused ``s = x + residual; return rms_norm(s, weight, eps), s`` (one pass over memory)."""
     _validate(x, weight, eps, residual)
     if use_triton(x):
-        y, s = _RMSNormFunction.apply(_rows(x), _rows(residual), weight, float(eps))
+        y, s = _rms_norm_triton(_rows(x), _rows(residual), weight, float(eps))
         return y.view(x.shape), s.view(x.shape)
     return add_rms_norm_ref(x, residual, weight, eps)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor
-from xkernels.dispatch import triton_available, use_triton
+from xkernels.dispatch import compiling, triton_available, use_triton
 
 # ----------------------------------------------------------------------------------------------------
 # Tables and PyTorch reference
@@ -118,7 +118,7 @@ def _validate(q, k, cos, sin, position_ids, inplace):
         check_same_device("position_ids", position_ids, "q", q)
         # Host-side range check: one device->host sync.  Skipped while torch.compile traces (it would break
         # the graph); an out-of-range position there indexes out of bounds.
-        if not _compiling():
+        if not compiling():
             lo, hi = int(position_ids.min()), int(position_ids.max())
             if lo < 0 or hi >= n_pos:
                 raise ValueError(
@@ -130,11 +130,6 @@ def _validate(q, k, cos, sin, position_ids, inplace):
                 raise ValueError(f"inplace=True needs {name} with a contiguous last dim, got strides {t.stride()}")
             if t.is_leaf and t.requires_grad and torch.is_grad_enabled():
                 raise ValueError(f"inplace=True cannot overwrite {name}: it is a leaf tensor that requires grad")
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def apply_rotary(
@@ -153,6 +148,13 @@ def apply_rotary(
     last dim must be contiguous or it is copied.  ``inplace=True`` overwrites q and k and returns them.
     """
     _validate(q, k, cos, sin, position_ids, inplace)
+    if use_triton(q) and _CUSTOM_OPS and compiling():
+        q_out, k_out = _rotary_op(q, k, cos, sin, position_ids, False)
+        if inplace:  # functional op + copy under compile (the compiler may re-inplace it)
+            q.copy_(q_out)
+            k.copy_(k_out)
+            return q, k
+        return q_out, k_out
     if use_triton(q):
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
         if inplace and not needs_grad:
@@ -359,3 +361,33 @@ class _RotaryFunction(torch.autograd.Function):
         cos, sin, position_ids = ctx.saved_tensors
         dq_in, dk_in = _rotary(dq, dk, cos, sin, position_ids, inplace=False, backward=True)
         return dq_in, dk_in, None, None, None, None
+
+
+# torch.compile: the kernel as an opaque custom op (traced through its fake impl); eager calls keep the
+# autograd.Function above.
+_CUSTOM_OPS = triton_available() and hasattr(torch.library, "custom_op")
+if _CUSTOM_OPS:
+
+    @torch.library.custom_op(
+        "xkernels::rotary",
+        mutates_args=(),
+        schema="(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? position_ids, bool backward) -> (Tensor, Tensor)",
+    )
+    def _rotary_op(q, k, cos, sin, position_ids, backward):
+        return _rotary(q, k, cos, sin, position_ids, inplace=False, backward=backward)
+
+    @_rotary_op.register_fake
+    def _(q, k, cos, sin, position_ids, backward):
+        return q.new_empty(q.shape), k.new_empty(k.shape)
+
+    def _rotary_setup_context(ctx, inputs, output):
+        _, _, cos, sin, position_ids, backward = inputs
+        ctx.backward = backward
+        ctx.save_for_backward(cos, sin, position_ids)
+
+    def _rotary_op_backward(ctx, dq, dk):
+        cos, sin, position_ids = ctx.saved_tensors
+        dq_in, dk_in = _rotary_op(dq, dk, cos, sin, position_ids, not ctx.backward)
+        return dq_in, dk_in, None, None, None, None
+
+    _rotary_op.register_autograd(_rotary_op_backward, setup_context=_rotary_setup_context)
