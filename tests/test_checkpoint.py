@@ -7,9 +7,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import xkernels
 from xmodel.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_state_dict, parse_size
 from xmodel.config import XmodelConfig
 from xmodel.model import Xmodel
+
+
+@pytest.fixture(autouse=True)
+def _torch_ops():
+    """Checkpoint I/O does not depend on the kernel backend; skip the slow Triton interpreter."""
+    with xkernels.force_backend("torch"):
+        yield
 
 
 def tiny_config(**overrides) -> XmodelConfig:

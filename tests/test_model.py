@@ -12,6 +12,14 @@ from xmodel.config import XmodelConfig
 from xmodel.model import Xmodel, positions_from_doc_ids
 
 
+@pytest.fixture
+def torch_ops():
+    """For tests of model logic that the kernel backend cannot change (kernel parity has its own tests below):
+    the PyTorch references instead of the slow Triton interpreter."""
+    with xkernels.force_backend("torch"):
+        yield
+
+
 def tiny_config(**overrides) -> XmodelConfig:
     base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, max_position_embeddings=256, mup_base_width=32, rope_theta=10000.0)
@@ -99,6 +107,7 @@ def test_matches_reference(use_mup, kv_heads):
     assert max_rel_err(got, want) < 1e-5
 
 
+@pytest.mark.usefixtures("torch_ops")
 def test_untied_head_matches_reference():
     cfg = tiny_config(tie_word_embeddings=False, num_key_value_heads=2)
     model = Xmodel(cfg)
@@ -108,6 +117,7 @@ def test_untied_head_matches_reference():
         assert max_rel_err(model(ids).logits, reference_logits(model.state_dict(), cfg, ids)) < 1e-5
 
 
+@pytest.mark.usefixtures("torch_ops")
 def test_loss_is_mean_ce_over_aligned_labels():
     model = Xmodel(tiny_config(num_key_value_heads=2))
     ids = torch.randint(0, 97, (3, 10))
@@ -146,6 +156,7 @@ def test_fused_loss_equals_loss_from_logits(tied):
         torch.testing.assert_close(grads_fused[name], grads_plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.usefixtures("torch_ops")
 def test_loss_backward_reaches_every_parameter():
     model = Xmodel(tiny_config(num_key_value_heads=2))
     ids = torch.randint(0, 97, (2, 8))
@@ -164,6 +175,7 @@ def _logits(cfg, state, ids):
         return model(ids).logits
 
 
+@pytest.mark.usefixtures("torch_ops")
 def test_mup_output_scale_and_base_width_scale_logits_exactly():
     cfg = tiny_config(num_key_value_heads=2)
     state = Xmodel(cfg).state_dict()
@@ -173,6 +185,7 @@ def test_mup_output_scale_and_base_width_scale_logits_exactly():
     assert torch.equal(_logits(cfg.replace(mup_base_width=64), state, ids), 2 * ref)  # width multiplier 2 -> 1
 
 
+@pytest.mark.usefixtures("torch_ops")
 def test_mup_input_scale_multiplies_the_embedding():
     cfg = tiny_config(mup_input_scale=5.0)
     model = Xmodel(cfg)
@@ -184,6 +197,7 @@ def test_mup_input_scale_multiplies_the_embedding():
     torch.testing.assert_close(seen["h"], model.model.embed_tokens.weight[ids] * 5.0, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("torch_ops")
 @pytest.mark.parametrize("branch", ["attention", "ffn"])
 def test_residual_scales_multiply_their_branch(branch):
     """scale 0 == that branch's output projection zeroed; scale s -> branch * s / sqrt(L) (via the reference)."""
@@ -200,6 +214,7 @@ def test_residual_scales_multiply_their_branch(branch):
     assert max_rel_err(got, _logits(cfg, state, ids)) > 1e-3
 
 
+@pytest.mark.usefixtures("torch_ops")
 def test_mup_softmax_scale_is_one_over_head_dim():
     """With every μP multiplier neutralised, μP on vs off differ only by the attention scale 1/d vs 1/sqrt(d)."""
     L = 2
@@ -258,6 +273,7 @@ def test_fused_kernel_path_equals_torch_path():
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.usefixtures("torch_ops")
 def test_activation_checkpointing_same_loss_and_grads():
     model = Xmodel(tiny_config(num_key_value_heads=2))
     ids = torch.randint(0, 97, (2, 9))
@@ -276,6 +292,7 @@ def test_activation_checkpointing_same_loss_and_grads():
         torch.testing.assert_close(g, gc, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.usefixtures("torch_ops")
 @pytest.mark.parametrize("scheme", ["hf", "megatron"])
 def test_meta_build_then_init(scheme):
     cfg = tiny_config(hidden_size=256, intermediate_size=512, num_hidden_layers=8, mup_base_width=64, vocab_size=512)
@@ -298,6 +315,7 @@ def test_meta_build_then_init(scheme):
         model.init_weights("xavier")
 
 
+@pytest.mark.usefixtures("torch_ops")
 def test_bf16_forward_close_to_fp32():
     model = Xmodel(tiny_config(num_key_value_heads=2))
     ids = torch.randint(0, 97, (2, 9))
@@ -308,6 +326,7 @@ def test_bf16_forward_close_to_fp32():
     assert max_rel_err(got, ref) < 5e-2
 
 
+@pytest.mark.usefixtures("torch_ops")
 def test_bad_inputs():
     model = Xmodel(tiny_config())
     ids = torch.randint(0, 97, (2, 5))
