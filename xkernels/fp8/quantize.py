@@ -544,3 +544,24 @@ def cast_transpose(
         return (*out, amax_ref(x, "tensor")) if return_amax else out
     q, s, qt, st, amax = _cast_transpose_triton(x, fp8_dtype, granularity, scale, True, pad_to, return_amax)
     return (q, s, qt, st, amax) if return_amax else (q, s, qt, st)
+
+
+def quantize_for_gemm(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    granularity: str,
+    scale: torch.Tensor | None = None,
+    transpose: bool = False,
+    pad_to: int = 16,
+    want_amax: bool = False,
+):
+    """Internal one-call form for FP8Linear (no validation): ``(q, s, qt | None, st | None, amax | None)``."""
+    if scale is not None and granularity == "tensor":
+        scale = scale.reshape(())
+    if use_triton(x):
+        return _cast_transpose_triton(x, fp8_dtype, granularity, scale, transpose, pad_to, want_amax)
+    if transpose:
+        q, s, qt, st = cast_transpose_ref(x, fp8_dtype, granularity, scale, pad_to)
+    else:
+        (q, s), qt, st = quantize_ref(x, fp8_dtype, granularity, scale), None, None
+    return q, s, qt, st, amax_ref(x, "tensor") if want_amax else None
