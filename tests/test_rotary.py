@@ -38,6 +38,7 @@ def check_parity(q, k, cos, sin, position_ids=None):
         assert a.dtype == dtype and a.shape == b.shape, name
         err = rel_err(a, b)
         assert err <= TOL[dtype], f"{name}: relative error {err:.2e} > {TOL[dtype]:.1e} ({dtype})"
+    return q_out.detach(), k_out.detach()
 
 
 def make_qk(device, dtype, batch, seq, n_q, n_kv, head_dim):
@@ -258,10 +259,10 @@ def test_rotary_cos_sin_theta():
 # --- property tests -------------------------------------------------------------------------------
 
 
-@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
-    batch=st.integers(1, 3),
-    seq=st.integers(1, 6),
+    batch=st.integers(1, 2),
+    seq=st.integers(1, 5),
     n_kv=st.integers(1, 3),
     group=st.sampled_from([1, 2, 3, 8]),
     half_dim=st.integers(1, 20),
@@ -279,9 +280,8 @@ def test_property_parity(device, batch, seq, n_kv, group, half_dim, dtype, offse
     if offset is not None:
         starts = torch.randint(0, offset + 1, (batch, 1), generator=gen)
         pos = (starts + torch.arange(seq)).to(device)
-    check_parity(q, k, cos, sin, pos)
+    q_out, _ = check_parity(q, k, cos, sin, pos)
     # A rotation preserves each (x1[i], x2[i]) pair's norm, so each head's norm (up to rounding).
-    q_out, _ = apply_rotary(q, k, cos, sin, pos)
     norms = q.double().norm(dim=-1)
     assert ((q_out.double().norm(dim=-1) - norms).abs() <= 4 * TOL[dtype] * norms + 1e-6).all()
 
