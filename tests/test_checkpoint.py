@@ -159,6 +159,24 @@ def test_tokenizer_files_are_copied_and_remembered(tmp_path):
     assert gen == {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": None}
 
 
+def test_weight_names_are_the_model_state_dict():
+    from xmodel.checkpoint import weight_names
+
+    for tied in (True, False):
+        cfg = tiny_config(tie_word_embeddings=tied)
+        names = set(Xmodel(cfg).state_dict()) - ({"lm_head.weight"} if tied else set())
+        assert weight_names(cfg) == sorted(names, key=weight_names(cfg).index) and set(weight_names(cfg)) == names
+
+
+def test_extra_module_state_is_not_saved(tmp_path):
+    """Swapped-in modules (FP8 linears) may carry buffers; only the released tensors are written."""
+    model = Xmodel(tiny_config())
+    model.model.layers[0].self_attn.q_proj.register_buffer("amax_history", torch.zeros(4))
+    model.save_pretrained(tmp_path)
+    assert "model.layers.0.self_attn.q_proj.amax_history" not in load_state_dict(tmp_path)
+    Xmodel.from_pretrained(tmp_path)
+
+
 def test_parse_size():
     assert parse_size("2GB") == 2_000_000_000
     assert parse_size("500MiB") == 500 * 2**20

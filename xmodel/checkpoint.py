@@ -58,12 +58,30 @@ def parse_size(size: int | str) -> int:
     return result
 
 
+def weight_names(config: XmodelConfig) -> list[str]:
+    """The released tensor names for ``config``, in file order (``lm_head.weight`` only when untied)."""
+    names = ["model.embed_tokens.weight"]
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
+        names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+    names.append("model.norm.weight")
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
 def _weights_to_save(model: Xmodel, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    tied = model.config.tie_word_embeddings
+    """The released tensors only: extra state of swapped-in modules (e.g. FP8 scaling buffers) is not saved."""
+    state = model.state_dict()
+    names = weight_names(model.config)
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ValueError(f"model state_dict lacks released weight names: {missing[:10]}")
     out = {}
-    for name, tensor in model.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue
+    for name in names:
+        tensor = state[name]
         if dtype is not None:
             tensor = tensor.to(dtype)
         out[name] = tensor.detach().to("cpu").contiguous()
