@@ -121,3 +121,11 @@ def test_meta_device_count_of_release_preset():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert sum(p.numel() for p in model.parameters()) == 1_350_059_520
     assert model.num_parameters() == 1_350_059_520
+
+
+def test_parameter_table_lists_every_preset():
+    from xmodel.config import parameter_table
+
+    table = parameter_table(seq_len=2048).splitlines()
+    assert len(table) == 1 + len(PRESETS)
+    assert any(line.startswith("xmodel-2.5") and "1,350,059,520" in line for line in table)

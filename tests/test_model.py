@@ -250,6 +250,11 @@ def test_packed_documents_do_not_attend_across():
         crossed = model(packed).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (crossed[:, 5:] - want[:, 5:]).abs().max() > 1e-3
+    # A document id that comes back later in the row is a new document.
+    c = torch.randint(0, 97, (1, 3))
+    with torch.no_grad():
+        again = model(torch.cat([a, b, c], 1), doc_ids=torch.tensor([[0] * 5 + [1] * 8 + [0] * 3])).logits
+    torch.testing.assert_close(again[:, 13:], model(c).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_kernel_path_equals_torch_path():

@@ -272,3 +272,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Small enough to train on a CPU in minutes, with the trainer's default 4096-token tokenizer.
     "cpu-default": {**_family(4, 256, 4, 2, 640), "vocab_size": 4096, "max_position_embeddings": 2048},
 }
+
+
+def parameter_table(seq_len: int = 4096) -> str:
+    """A text table of every preset: shape, parameters (total / non-embedding) and training FLOPs per token."""
+    lines = [f"{'preset':<12} {'L':>3} {'hidden':>6} {'heads':>6} {'ffn':>5} {'vocab':>7} "
+             f"{'params':>15} {'non-embedding':>15} {f'GFLOP/token@{seq_len}':>18}"]
+    for name in PRESETS:
+        c = XmodelConfig.from_preset(name)
+        lines.append(
+            f"{name:<12} {c.num_hidden_layers:>3} {c.hidden_size:>6} "
+            f"{f'{c.num_attention_heads}/{c.num_key_value_heads}':>6} {c.intermediate_size:>5} {c.vocab_size:>7} "
+            f"{c.num_parameters():>15,} {c.num_parameters(non_embedding=True):>15,} "
+            f"{c.flops_per_token(min(seq_len, c.max_position_embeddings)) / 1e9:>18.3f}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(parameter_table())

@@ -105,7 +105,8 @@ def build_attention_mask(
     """Boolean ``(B or 1, 1, seq, past + seq)`` mask (True = may attend), or None when plain causal suffices.
 
     Query ``i`` (absolute position ``past + i``) sees key ``j`` iff ``j <= past + i``, the key is not padding
-    (``attention_mask[:, j] == 1``) and both are in the same document (``doc_ids``).  Every query always sees
+    (``attention_mask[:, j] == 1``) and both are in the same document: the same run of equal ``doc_ids`` (an id that
+    comes back later in the row starts a new document).  Every query always sees
     itself, so a padding query never has an empty row (its output is unused but stays finite).
     """
     if doc_ids is None and attention_mask is None and (past == 0 or seq == 1):
@@ -117,7 +118,9 @@ def build_attention_mask(
     if attention_mask is not None:
         mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
     if doc_ids is not None:
-        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
+        segments = (doc_ids[:, 1:] != doc_ids[:, :-1]).cumsum(dim=1)  # a new segment at every change of id
+        segments = torch.cat([torch.zeros_like(segments[:, :1]), segments], dim=1)
+        mask = mask & (segments[:, :, None] == segments[:, None, :])
     mask = mask | (k_pos == q_pos)[None]
     return mask[:, None]
 
@@ -356,7 +359,8 @@ class Xmodel(nn.Module):
           ``labels != ignore_index`` of ``-log softmax(logits[b, t])[labels[b, t]]``, ``num_tokens`` = their count.
         * ``position_ids`` (B, T) or (1, T): rotary positions.  Default: ``past + arange(T)`` with a cache,
           positions restarting at 0 per document with ``doc_ids``, else ``arange(T)``.
-        * ``doc_ids`` (B, T): packed sequences -- no attention across different ids (combined with causal).
+        * ``doc_ids`` (B, T): packed sequences -- a document is a run of equal ids; no attention across documents
+          (combined with causal), positions restart per document.
         * ``cache``: a KV cache (:class:`xmodel.generate.KVCache`); keys/values are appended in place.
         * ``attention_mask`` (B, past + T): 1 for real tokens, 0 for padding keys (left-padded batches).
         * ``return_logits``: default (None) returns logits only when no ``labels`` are given.  With labels and
