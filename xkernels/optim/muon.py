@@ -1,0 +1,602 @@
+"""Muon (MomentUm Orthogonalized by Newton–Schulz) with batched orthogonalisation, plus the AdamW hybrid.
+
+Per 2-D parameter ``W`` (shape ``A × B``) with gradient ``g``, momentum ``μ`` and learning rate ``γ``
+(the update rule of ``torch.optim.Muon``, whose momentum buffer is an EMA of the gradients)::
+
+    m ← μ·m + (1 − μ)·g                       (m.lerp_(g, 1 − μ))
+    u ← (1 − μ)·g + μ·m  if nesterov else m    (g.lerp(m, μ))
+    O ← NewtonSchulz(u)                        (xkernels.newton_schulz: bf16, ‖u‖_F + eps, transposed if A > B)
+    W ← W·(1 − γ·λ)                            (decoupled weight decay with the *unadjusted* lr)
+    W ← W − γ'·O,   γ' = adjust_lr(γ, A, B)
+
+``adjust_lr_fn``: ``"original"`` (default, Keller Jordan) ``γ·√max(1, A/B)``; ``"match_rms_adamw"``
+(Moonlight, arXiv 2502.16982, the Xmodel-2.5 recipe) ``γ·0.2·√max(A, B)``; ``"spectral"`` ``γ·√(A/B)``
+(= √(fan_out/fan_in) for an ``nn.Linear`` weight).  Moonlight writes the momentum as ``m ← μm + g`` and
+Nesterov ``g + μm``; that is the EMA form scaled by ``1/(1 − μ)``, which the Frobenius normalisation removes
+(up to ``eps``), so the step is the same.  The EMA form has the units of AdamW's ``exp_avg``, which is why
+:func:`switch_adamw_to_muon` can seed the buffer from it.
+
+Batching: within a parameter group, updates are bucketed by their orientated shape ``(min, max)`` and dtype
+(a ``3840×1536`` and a ``1536×3840`` matrix share a bucket), stacked into ``(b, k, N)`` chunks of at most
+``chunk_numel`` elements and orthogonalised by one batched call (Triton kernels on CUDA, the ``baddbmm``
+reference on CPU).
+
+Distributed (decided per step; ``distributed=None`` means "when a process group of size > 1 is
+initialised"):
+
+* plain tensors (DDP, replicated parameters and all-reduced gradients): every rank updates every momentum
+  buffer (elementwise, cheap, so every rank's state is complete), orthogonalises a contiguous share of each
+  bucket and the results are all-gathered (``all_gather_into_tensor``).  Pass ``distributed=False`` when
+  each rank optimises its own independent model.
+* DTensor parameters sharded on dim 0 over a 1-D mesh (FSDP2 ``fully_shard``): momentum stays sharded (every
+  rank keeps and checkpoints its own shard).  Matrix ``j`` of a bucket is owned by rank ``j % W``; one
+  ``all_to_all`` gathers every owner's matrices whole (in the gradient dtype, so the normalisation sees
+  exactly the single-process numbers), the owner orthogonalises them batched, and a second ``all_to_all``
+  returns the shards (in the compute dtype).  The next chunk's gather is issued before the current chunk is
+  orthogonalised, overlapping communication and compute.  DTensors replicated over a 1-D mesh are handled
+  like DDP; other placements raise ``NotImplementedError``.
+
+Public API (used by the trainer, ``xmodel.training``)::
+
+    from xkernels.optim import Muon, MuonWithAuxAdamW, muon_param_groups, switch_adamw_to_muon
+
+    opt = MuonWithAuxAdamW(muon_param_groups(model, lr=1.667e-3, embed_lr=1e-2, weight_decay=0.1),
+                           adjust_lr_fn="match_rms_adamw")            # hybrid from the start
+    opt = switch_adamw_to_muon(adamw, model, momentum_init="zero")     # at the decay phase
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from xkernels.newton_schulz import (
+    _normalise,
+    default_compute_dtype,
+    orthogonalize_batched,
+    resolve_coefficients,
+)
+
+__all__ = [
+    "Muon",
+    "MuonWithAuxAdamW",
+    "adjust_lr",
+    "is_hidden_matrix",
+    "muon_param_groups",
+    "switch_adamw_to_muon",
+]
+
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
+_EMBEDDING_NAME_PARTS = ("embed", "lm_head", "wte", "wpe")
+_MUON_DEFAULT_COEFFS = "muon"
+
+
+def adjust_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
+    """The per-matrix learning rate γ' of a ``(A, B)`` weight (see the module docstring)."""
+    a, b = shape[0], shape[1]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, a / b))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(a, b))
+    if adjust_lr_fn == "spectral":
+        return lr * math.sqrt(a / b)
+    raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
+
+
+def _dtensor_cls():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a DTensor (same storage: in-place updates reach the DTensor), else ``t``."""
+    cls = _dtensor_cls()
+    return t.to_local() if cls is not None and isinstance(t, cls) else t
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters, batched over equal shapes; single device, DDP or FSDP2 (see the module docs).
+
+    Args (the first eight as in ``torch.optim.Muon``):
+        params: 2-D floating tensors or param-group dicts.  Anything else raises ``ValueError`` pointing
+            to :class:`MuonWithAuxAdamW` / :func:`muon_param_groups`.
+        lr: γ (default 1e-3).  weight_decay: λ, decoupled (default 0.1).  momentum: μ (default 0.95).
+        nesterov: Nesterov momentum (default True).
+        ns_coefficients: one ``(a, b, c)`` used at every step (``torch.optim.Muon``'s argument) or one per
+            step; overrides ``coefficients``.
+        eps: Newton–Schulz normaliser epsilon (default 1e-7).  ns_steps: iterations (default 5).
+        adjust_lr_fn: ``None``/``"original"``, ``"match_rms_adamw"`` or ``"spectral"``.
+        coefficients: ``"muon"`` (default) or ``"polar_express"`` (see :mod:`xkernels.newton_schulz`).
+        compute_dtype: dtype of the Newton–Schulz products; ``None`` = bf16 (fp32 on CPUs without native
+            bf16 GEMMs, see :func:`xkernels.newton_schulz.default_compute_dtype`).
+        chunk_numel: largest number of matrix elements orthogonalised in one batched call (per rank); bounds
+            the extra memory of a step to a few times this many elements.
+        distributed: ``None`` (auto), ``True`` or ``False``: whether plain tensors are DDP replicas.
+        process_group: the group for plain (DDP) tensors (default: the world).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: Sequence[float] | Sequence[Sequence[float]] | None = None,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        coefficients: str | Sequence[Sequence[float]] = _MUON_DEFAULT_COEFFS,
+        compute_dtype: torch.dtype | None = None,
+        chunk_numel: int = 1 << 26,
+        distributed: bool | None = None,
+        process_group: Any = None,
+        **extra_defaults: Any,
+    ) -> None:
+        if isinstance(chunk_numel, bool) or not isinstance(chunk_numel, int) or chunk_numel < 1:
+            raise ValueError(f"chunk_numel must be a positive int, got {chunk_numel!r}")
+        if compute_dtype not in (None, torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            raise TypeError(f"compute_dtype must be bf16, fp16, fp32, fp64 or None, got {compute_dtype}")
+        self.compute_dtype = compute_dtype
+        self.chunk_numel = chunk_numel
+        self.distributed = distributed
+        self.process_group = process_group
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            coefficients=coefficients,
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+            use_muon=True,
+            **extra_defaults,
+        )
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    _allows_adamw_groups = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not param_group.get("use_muon", True):
+            if not self._allows_adamw_groups:
+                raise ValueError("Muon takes Muon groups only; for AdamW groups (use_muon=False) use MuonWithAuxAdamW")
+            for key in ("betas", "eps"):
+                if key not in param_group and f"adamw_{key}" in self.defaults:
+                    param_group[key] = self.defaults[f"adamw_{key}"]
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_scalar("lr", group["lr"])
+        _check_scalar("weight_decay", group["weight_decay"])
+        for p in group["params"]:
+            if torch.is_complex(p) or not p.is_floating_point():
+                raise TypeError(f"Muon/AdamW parameters must be real floating tensors, got dtype {p.dtype}")
+        if group["use_muon"]:
+            self._check_muon_group(group)
+        else:
+            _check_adamw_group(group)
+
+    def _check_muon_group(self, group: dict[str, Any]) -> None:
+        m = group["momentum"]
+        if not 0.0 <= m < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {m}")
+        if not isinstance(group["eps"], (int, float)) or group["eps"] < 0:
+            raise ValueError(f"eps must be a number >= 0, got {group['eps']!r}")
+        if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+            raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}")
+        _group_coefficients(group)  # validates ns_steps and the coefficient lists
+        for p in group["params"]:
+            if p.ndim != 2:
+                raise ValueError(
+                    f"Muon only optimises 2-D matrices, got a parameter of shape {tuple(p.shape)}; route "
+                    "embeddings, norms and biases to AdamW with xkernels.optim.MuonWithAuxAdamW("
+                    "muon_param_groups(model, ...))"
+                )
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One optimisation step over every group (Muon groups batched; AdamW groups for the hybrid)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_group_step(group)
+            else:
+                _adamw_group_step(self, group)
+        return loss
+
+    def _dist_mode(self, p: torch.Tensor) -> tuple[str, Any]:
+        """``("local", None)``, ``("ddp", group)`` or ``("fsdp", group)`` for one parameter."""
+        cls = _dtensor_cls()
+        if cls is not None and isinstance(p, cls):
+            from torch.distributed.tensor import Replicate, Shard
+
+            mesh, placements = p.device_mesh, tuple(p.placements)
+            if mesh.ndim != 1 or len(placements) != 1:
+                raise NotImplementedError(f"Muon supports DTensors on a 1-D mesh only, got placements {placements}")
+            if placements[0] == Shard(0):
+                return ("fsdp", mesh.get_group(0)) if mesh.size() > 1 else ("local", None)
+            if isinstance(placements[0], Replicate):
+                return ("ddp", mesh.get_group(0)) if mesh.size() > 1 else ("local", None)
+            raise NotImplementedError(f"Muon supports DTensors sharded on dim 0 (FSDP2) or replicated, got {placements}")
+        use = self.distributed
+        if use is None:
+            use = dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
+        return ("ddp", self.process_group) if use else ("local", None)
+
+    def _muon_group_step(self, group: dict[str, Any]) -> None:
+        lr = float(group["lr"])
+        wd = float(group["weight_decay"])
+        mu = float(group["momentum"])
+        coeffs, safety = _group_coefficients(group)
+        eps = float(group["eps"])
+        params, grads, bufs = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Muon does not support sparse gradients")
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(_local(p.grad))
+            bufs.append(_local(state["momentum_buffer"]))
+        if not params:
+            return
+        torch._foreach_lerp_(bufs, grads, 1.0 - mu)
+        updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+
+        buckets: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            mode, pg = self._dist_mode(p)
+            shape = tuple(p.shape)  # global shape for DTensors
+            key_shape = shape if mode == "fsdp" else (min(shape), max(shape))
+            buckets.setdefault((mode, id(pg), key_shape, updates[i].dtype, updates[i].device), []).append(i)
+
+        for (mode, _, _, _, device), idx in buckets.items():
+            pg = self._dist_mode(params[idx[0]])[1]
+            dtype = self.compute_dtype or default_compute_dtype(device)
+            ups = [updates[i] for i in idx]
+            if mode == "local":
+                outs = _orthogonalize_local(ups, coeffs, safety, eps, dtype, self.chunk_numel)
+            elif mode == "ddp":
+                outs = _orthogonalize_ddp(ups, coeffs, safety, eps, dtype, self.chunk_numel, pg)
+            else:
+                outs = _orthogonalize_fsdp(ups, tuple(params[idx[0]].shape), coeffs, safety, eps, dtype, self.chunk_numel, pg)
+            for i, o in zip(idx, outs):
+                p = params[i]
+                local_p = _local(p)
+                if wd != 0.0:
+                    local_p.mul_(1.0 - lr * wd)
+                local_p.add_(o, alpha=-adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+
+
+def _check_scalar(name: str, v: Any) -> None:
+    value = float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
+def _group_coefficients(group: dict[str, Any]):
+    spec = group["ns_coefficients"] if group["ns_coefficients"] is not None else group["coefficients"]
+    if group["ns_coefficients"] is not None and len(group["ns_coefficients"]) == 3 and all(
+        isinstance(v, (int, float)) for v in group["ns_coefficients"]
+    ):
+        spec = [tuple(group["ns_coefficients"])]  # torch.optim.Muon's single (a, b, c)
+    return resolve_coefficients(spec, group["ns_steps"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Orthogonalisation of a bucket: single device, DDP share + all-gather, FSDP2 owner gather/scatter
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _ns_stack(mats: Sequence[torch.Tensor], coeffs, safety, eps, dtype) -> torch.Tensor:
+    """Normalise and orthogonalise equal-orientation-shape matrices as one ``(b, k, N)`` batch (``k ≤ N``);
+    returns the batch in ``dtype``.  Tall matrices are transposed on stacking."""
+    X = torch.stack([m.mT if m.shape[0] > m.shape[1] else m for m in mats])
+    X, _ = _normalise(X, eps, safety, dtype)
+    return orthogonalize_batched(X, coeffs)
+
+
+def _unorient(o: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return o.mT if like.shape[0] > like.shape[1] else o
+
+
+def _orthogonalize_local(ups, coeffs, safety, eps, dtype, chunk_numel) -> list[torch.Tensor]:
+    per_call = max(1, chunk_numel // ups[0].numel())
+    outs: list[torch.Tensor] = []
+    for s in range(0, len(ups), per_call):
+        chunk = ups[s : s + per_call]
+        O = _ns_stack(chunk, coeffs, safety, eps, dtype)
+        outs.extend(_unorient(O[i], u) for i, u in enumerate(chunk))
+    return outs
+
+
+def _orthogonalize_ddp(ups, coeffs, safety, eps, dtype, chunk_numel, pg) -> list[torch.Tensor]:
+    """Rank r orthogonalises matrices ``[r·c, (r+1)·c)`` of each chunk, then one all-gather shares them."""
+    world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    k, n = min(ups[0].shape), max(ups[0].shape)
+    per_rank = max(1, chunk_numel // ups[0].numel())
+    outs: list[torch.Tensor] = []
+    for s in range(0, len(ups), per_rank * world):
+        chunk = ups[s : s + per_rank * world]
+        c = -(-len(chunk) // world)
+        mine = chunk[rank * c : (rank + 1) * c]
+        send = torch.zeros((c, k, n), dtype=dtype, device=ups[0].device)
+        if mine:
+            send[: len(mine)] = _ns_stack(mine, coeffs, safety, eps, dtype)
+        recv = torch.empty((world * c, k, n), dtype=dtype, device=send.device)
+        dist.all_gather_into_tensor(recv, send, group=pg)
+        outs.extend(_unorient(recv[i], u) for i, u in enumerate(chunk))
+    return outs
+
+
+def _orthogonalize_fsdp(ups, shape, coeffs, safety, eps, dtype, chunk_numel, pg) -> list[torch.Tensor]:
+    """``ups`` are the local dim-0 shards (torch.chunk layout: ``ceil(m/W)`` rows per rank, the last ranks
+    fewer or none) of matrices of global ``shape``.  Matrix ``j`` is owned by rank ``j % W`` (slot ``j // W``).
+    Returns this rank's shard of every orthogonalised matrix."""
+    world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    m, n = shape
+    rows = -(-m // world)
+    device, src_dtype = ups[0].device, ups[0].dtype
+    slots_per_chunk = max(1, chunk_numel // (m * n))
+
+    def gather(chunk):  # async all_to_all: every owner receives its matrices whole (padded rows)
+        slots = -(-len(chunk) // world)
+        send = torch.zeros((world, slots, rows, n), dtype=src_dtype, device=device)
+        for j, u in enumerate(chunk):
+            send[j % world, j // world, : u.shape[0]] = u
+        recv = torch.empty_like(send)
+        work = dist.all_to_all_single(recv, send, group=pg, async_op=True)
+        return chunk, slots, recv, work
+
+    starts = list(range(0, len(ups), slots_per_chunk * world))
+    pending = gather(ups[starts[0] : starts[0] + slots_per_chunk * world])
+    outs: list[torch.Tensor] = []
+    returns = []
+    for ci in range(len(starts)):
+        chunk, slots, recv, work = pending
+        work.wait()
+        if ci + 1 < len(starts):  # overlap the next chunk's gather with this chunk's Newton–Schulz
+            nxt = starts[ci + 1]
+            pending = gather(ups[nxt : nxt + slots_per_chunk * world])
+        owned = sum(1 for j in range(len(chunk)) if j % world == rank)
+        result = torch.zeros((slots, world * rows, n), dtype=dtype, device=device)
+        if owned:
+            full = recv[:, :owned].permute(1, 0, 2, 3).reshape(owned, world * rows, n)[:, :m]
+            O = _ns_stack(list(full), coeffs, safety, eps, dtype)
+            result[:owned, :m] = O.mT if m > n else O
+        send_back = result.reshape(slots, world, rows, n).permute(1, 0, 2, 3).contiguous()
+        back = torch.empty_like(send_back)
+        returns.append((chunk, back, dist.all_to_all_single(back, send_back, group=pg, async_op=True)))
+    for chunk, back, work in returns:
+        work.wait()
+        outs.extend(back[j % world, j // world, : u.shape[0]] for j, u in enumerate(chunk))
+    return outs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AdamW for the auxiliary groups (torch.optim.AdamW's update and state keys)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_adamw_group(group: dict[str, Any]) -> None:
+    b1, b2 = group["betas"]
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"betas must be in [0, 1), got {group['betas']}")
+    if group["eps"] < 0:
+        raise ValueError(f"AdamW eps must be >= 0, got {group['eps']}")
+
+
+def _adamw_group_step(opt: torch.optim.Optimizer, group: dict[str, Any]) -> None:
+    """AdamW exactly as ``torch.optim.AdamW`` (single-tensor path, no amsgrad): state ``exp_avg``,
+    ``exp_avg_sq`` and a float32 ``step`` tensor, so states move freely between the two optimizers."""
+    lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+    beta1, beta2 = group["betas"]
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError("AdamW groups do not support sparse gradients")
+        state = opt.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        param, grad = _local(p), _local(p.grad)
+        exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+        state["step"] += 1
+        step = float(state["step"])
+        param.mul_(1.0 - lr * wd)
+        exp_avg.lerp_(grad, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+class MuonWithAuxAdamW(Muon):
+    """One optimizer (one ``state_dict``, one ``param_groups`` list for LR schedulers) for a whole model:
+    groups with ``use_muon=True`` run :class:`Muon`, groups with ``use_muon=False`` run AdamW (identical to
+    ``torch.optim.AdamW``, state keys ``exp_avg``/``exp_avg_sq``/``step``; any shape allowed).
+
+    ``param_groups`` must be dicts with a ``use_muon`` key (build them with :func:`muon_param_groups`).
+    Keyword defaults are those of :class:`Muon` plus ``betas`` (0.9, 0.95) and ``adamw_eps`` (1e-8) for the
+    AdamW groups (an AdamW group's own ``eps``/``betas`` keys take precedence).
+    """
+
+    _allows_adamw_groups = True
+
+    def __init__(
+        self,
+        param_groups: Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        *,
+        betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        **muon_kwargs: Any,
+    ) -> None:
+        groups = list(param_groups)
+        for g in groups:
+            if not isinstance(g, dict) or "use_muon" not in g:
+                raise ValueError(
+                    "MuonWithAuxAdamW takes param-group dicts with a 'use_muon' key; build them with "
+                    "xkernels.optim.muon_param_groups(model, ...)"
+                )
+        super().__init__(
+            groups, lr=lr, weight_decay=weight_decay, adamw_betas=tuple(betas), adamw_eps=adamw_eps, **muon_kwargs
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routing helpers and the AdamW -> Muon switch
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _unique_named_parameters(model: torch.nn.Module) -> list[tuple[str, list[str], torch.nn.Parameter]]:
+    """``(first name, all names, param)`` once per Parameter object (tied weights appear once)."""
+    by_id: dict[int, tuple[str, list[str], torch.nn.Parameter]] = {}
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in by_id:
+            by_id[id(p)][1].append(name)
+        else:
+            by_id[id(p)] = (name, [name] + (["<nn.Embedding>"] if id(p) in embedding_ids else []), p)
+    return list(by_id.values())
+
+
+def is_hidden_matrix(names: Sequence[str] | str, p: torch.Tensor) -> bool:
+    """The routing rule: a 2-D parameter none of whose names (tied aliases included) mentions an embedding
+    or the LM head (``embed``, ``lm_head``, ``wte``, ``wpe``) and that is not an ``nn.Embedding`` weight."""
+    names = [names] if isinstance(names, str) else names
+    if p.ndim != 2:
+        return False
+    return not any(part in name or name == "<nn.Embedding>" for name in names for part in _EMBEDDING_NAME_PARTS)
+
+
+def muon_param_groups(
+    model: torch.nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.1,
+    adamw_lr: float | None = None,
+    embed_lr: float | None = None,
+    adamw_weight_decay: float | None = None,
+    is_muon: Callable[[Sequence[str], torch.Tensor], bool] = is_hidden_matrix,
+) -> list[dict[str, Any]]:
+    """Param groups for :class:`MuonWithAuxAdamW`; each trainable parameter appears exactly once.
+
+    * ``"muon"``: hidden 2-D matrices (``is_muon(names, p)``), lr ``lr``, weight decay ``weight_decay``.
+    * ``"embed"``: the other ≥2-D parameters (embeddings; the tied ``lm_head`` is the same object and is
+      counted once), AdamW, lr ``embed_lr`` (default ``adamw_lr``), weight decay ``adamw_weight_decay``
+      (default ``weight_decay``).
+    * ``"no_decay"``: 0-D/1-D parameters (norm weights, biases), AdamW, lr ``adamw_lr`` (default ``lr``), no
+      weight decay.
+
+    Empty groups are omitted.  Every group has a ``name`` key.
+    """
+    adamw_lr = lr if adamw_lr is None else adamw_lr
+    embed_lr = adamw_lr if embed_lr is None else embed_lr
+    adamw_wd = weight_decay if adamw_weight_decay is None else adamw_weight_decay
+    muon, embed, no_decay = [], [], []
+    for _, names, p in _unique_named_parameters(model):
+        if not p.requires_grad:
+            continue
+        if is_muon(names, p):
+            muon.append(p)
+        elif p.ndim >= 2:
+            embed.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        dict(name="muon", params=muon, use_muon=True, lr=lr, weight_decay=weight_decay),
+        dict(name="embed", params=embed, use_muon=False, lr=embed_lr, weight_decay=adamw_wd),
+        dict(name="no_decay", params=no_decay, use_muon=False, lr=adamw_lr, weight_decay=0.0),
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def switch_adamw_to_muon(
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    *,
+    momentum_init: str = "zero",
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    coefficients: str | Sequence[Sequence[float]] = "muon",
+    adjust_lr_fn: str | None = "match_rms_adamw",
+    eps: float = 1e-7,
+    is_muon: Callable[[Sequence[str], torch.Tensor], bool] = is_hidden_matrix,
+    **muon_kwargs: Any,
+) -> MuonWithAuxAdamW:
+    """Turn an AdamW-trained model over to Muon for its hidden matrices (Xmodel-2.5's decay phase).
+
+    ``optimizer`` is a ``torch.optim.AdamW`` (or a :class:`MuonWithAuxAdamW` with AdamW groups).  Each of its
+    groups is split in two: the parameters ``is_muon`` selects go to a Muon group that keeps the group's
+    ``lr``, ``weight_decay`` and ``initial_lr`` ("every other hyper-parameter unchanged"), the rest stay in an
+    AdamW group with all of the old group's settings and their AdamW state (``exp_avg``, ``exp_avg_sq``,
+    ``step``) taken over as is, so they continue exactly.
+
+    ``momentum_init``: ``"zero"`` starts each Muon momentum buffer at zero; ``"exp_avg"`` copies AdamW's
+    first moment (an EMA of gradients, the same units as Muon's EMA buffer).  Parameters AdamW never stepped
+    start at zero either way.  Returns a new optimizer; attach a new LR scheduler to it (the old one holds
+    the old optimizer).
+    """
+    if momentum_init not in ("zero", "exp_avg"):
+        raise ValueError(f"momentum_init must be 'zero' or 'exp_avg', got {momentum_init!r}")
+    names_of = {id(p): names for _, names, p in _unique_named_parameters(model)}
+    new_groups: list[dict[str, Any]] = []
+    for gi, group in enumerate(optimizer.param_groups):
+        if group.get("use_muon", False):
+            raise ValueError("optimizer already has a Muon group; switch_adamw_to_muon expects AdamW groups")
+        if group.get("amsgrad", False) or group.get("maximize", False):
+            raise ValueError("switch_adamw_to_muon supports plain AdamW groups (amsgrad=False, maximize=False)")
+        muon_ps, aux_ps = [], []
+        for p in group["params"]:
+            if id(p) not in names_of:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} in optimizer group {gi} is not in the model")
+            (muon_ps if is_muon(names_of[id(p)], p) else aux_ps).append(p)
+        base_name = group.get("name", f"group{gi}")
+        carried = {k: group[k] for k in ("lr", "initial_lr", "weight_decay") if k in group}
+        if muon_ps:
+            new_groups.append(dict(carried, name=f"{base_name}.muon", params=muon_ps, use_muon=True))
+        if aux_ps:
+            aux = {k: v for k, v in group.items() if k in ("lr", "initial_lr", "weight_decay", "betas", "eps", "name")}
+            new_groups.append(dict(aux, name=aux.get("name", base_name), params=aux_ps, use_muon=False))
+    new = MuonWithAuxAdamW(
+        new_groups,
+        momentum=momentum,
+        nesterov=nesterov,
+        ns_steps=ns_steps,
+        coefficients=coefficients,
+        adjust_lr_fn=adjust_lr_fn,
+        eps=eps,
+        **muon_kwargs,
+    )
+    for group in new.param_groups:
+        for p in group["params"]:
+            old = optimizer.state.get(p, {})
+            if not group["use_muon"]:
+                if old:
+                    new.state[p] = {k: old[k] for k in ("step", "exp_avg", "exp_avg_sq") if k in old}
+            elif momentum_init == "exp_avg" and "exp_avg" in old:
+                new.state[p] = {"momentum_buffer": old["exp_avg"].detach().clone()}
+    return new
