@@ -8,6 +8,7 @@ output dtype is ``x.dtype``; :class:`RMSNorm` casts its weight to the input dtyp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -187,6 +188,7 @@ if triton_available():
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 tl.store(dw_row + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=cols < n_cols)
+            tl.debug_barrier()  # the zeros are visible to every thread before the read-modify-writes
             for row in range(row_start, row_end):
                 rstd = tl.load(RSTD + row)
                 acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -241,14 +243,22 @@ def _launch_config(n_cols: int) -> _Launch:
     return _Launch(block, one_block, num_warps)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _bwd_programs(n_rows: int, device: torch.device) -> int:
-    """Programs in the backward: a few per SM so each accumulates dweight over many rows (the partial
-    buffer is ``programs x H`` fp32).  The interpreter runs programs one by one, so a handful suffices."""
+    """Programs in the backward.  Each accumulates dweight over its rows and writes one fp32 row of
+    partials, so more programs = more memory parallelism but more partial traffic (2 x 4 B x H per
+    program).  Up to 8 per SM and at least 8 rows each keeps that traffic under ~1/6 of the row traffic
+    (bf16: 3 x 2 B x H per row); not tuned on a GPU yet.  The interpreter runs programs one after
+    another, so a handful suffices there."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         target = 4
-    return max(1, min(n_rows, target))
+    return max(1, min(triton.cdiv(n_rows, 8), target))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
