@@ -1,0 +1,503 @@
+"""Train Xmodel-2.5: ``python -m xmodel.train [--config FILE|NAME] [--key value]...``
+
+With no arguments: builds the default corpus (stdlib source + pydoc topics), trains a 4096-token byte-level BPE,
+and trains the ``cpu-default`` model through the whole recipe -- warmup, stable, decay with the switch to Muon --
+in a few minutes on a CPU.  Under ``torchrun --nproc_per_node N`` the same command runs FSDP2 (or DDP).
+Every option: ``python -m xmodel.train --help``; the recipe's facts: ``xmodel/configs/*.yaml``.
+
+The recipe, step by step (see :func:`train_loop`): the lr follows the WSD schedule; at the decay start the hidden
+matrices move from AdamW to Muon; the forward runs under bf16 autocast on CUDA (fp32 master weights), fp32 on CPU,
+with the transformer linears in FP8 when ``--fp8`` is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from xmodel.training import checkpoint as ckpt
+from xmodel.training.config import TrainConfig, parse_args, resolve_lr
+from xmodel.training.data import MixtureSampler, SourceSpec, eval_batches, load_source
+from xmodel.training.distributed import DistInfo, init_distributed, shutdown, unwrap, wrap_model
+from xmodel.training.metrics import MetricsLogger, peak_flops, plot_metrics
+from xmodel.training.optim import TrainOptimizer, build_adamw
+from xmodel.training.schedule import WSDSchedule
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (non-finite steps, ...): the message says what happened and what is intact."""
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop finishes the step, checkpoints and exits 0.  A second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything :func:`train_loop` needs, built by :func:`setup`."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    device: torch.device
+    model: torch.nn.Module  # possibly wrapped (FSDP2 / DDP / compiled)
+    model_config: Any
+    optimizer: TrainOptimizer
+    schedule: WSDSchedule
+    sampler: MixtureSampler
+    val: list[torch.Tensor]
+    start_step: int
+    identity: dict[str, Any]
+    tokenizer_dir: Path
+    log: MetricsLogger | None = None
+    resumed_from: Path | None = None
+    autocast: Any = None
+    first_val: float | None = None
+    last_val: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Setup: everything that can fail on bad input happens here, before the run directory is touched.
+# ---------------------------------------------------------------------------------------------------------
+def _print(info: DistInfo, *args) -> None:
+    if info.is_main:
+        print(*args, flush=True)
+
+
+def build_model_config(cfg: TrainConfig):
+    from xmodel.config import XmodelConfig
+
+    try:
+        return XmodelConfig.from_preset(cfg.preset, **cfg.model)
+    except TypeError as exc:  # unknown field name
+        known = ", ".join(f.name for f in dataclasses.fields(XmodelConfig) if f.name != "extra")
+        raise ValueError(f"--model.*: {exc}; XmodelConfig fields: {known}") from None
+    except ValueError as exc:
+        flag = "--preset" if "preset" in str(exc) else "--model.*"
+        raise ValueError(f"{flag}: {exc}") from None
+
+
+def load_data(cfg: TrainConfig, info: DistInfo):
+    """Tokenizer, training sources and validation sources (rank 0 fills the caches first)."""
+    from xmodel.training.corpus import build_default_corpus
+    from xmodel.training.tokenizer import TextTokenizer, default_tokenizer
+
+    cache = cfg.cache_path
+    train_specs = [SourceSpec.parse(e, "data") for e in cfg.data]
+    val_specs = [SourceSpec.parse(e, "val-data") for e in cfg.val_data]
+    for spec in train_specs:
+        spec.files("data")  # fail fast on missing paths, on every rank
+    for spec in val_specs:
+        spec.files("val-data")
+
+    result = None
+    for turn in ("main", "others"):  # rank 0 builds caches, the others then read them
+        if (turn == "main") == info.is_main:
+            default_val = None
+            if not cfg.data or cfg.tokenizer is None:
+                t0 = time.perf_counter()
+                corpus_train, corpus_val = build_default_corpus(cache, cfg.corpus_max_mb)
+                if not cfg.data:
+                    train_specs = [SourceSpec(str(corpus_train))]
+                    default_val = SourceSpec(str(corpus_val))
+                tokenizer = (TextTokenizer.load(cfg.tokenizer) if cfg.tokenizer
+                             else default_tokenizer(corpus_train, cache, cfg.vocab_size))
+                _print(info, f"default corpus {corpus_train.parent} ready ({time.perf_counter() - t0:.1f} s)")
+            else:
+                tokenizer = TextTokenizer.load(cfg.tokenizer)
+            log = (lambda msg: _print(info, msg))
+            train = [load_source(s, tokenizer, cache, cfg.seq_len, "data", log) for s in train_specs]
+            if val_specs:
+                val = [load_source(s, tokenizer, cache, cfg.seq_len, "val-data", log) for s in val_specs]
+            elif default_val is not None:
+                val = [load_source(default_val, tokenizer, cache, cfg.seq_len, "data", log)]
+            else:
+                if cfg.val_fraction == 0:
+                    raise ValueError("--val-fraction: 0 leaves no validation data; give --val-data or a fraction > 0")
+                pairs = []
+                for s in train:
+                    if s.num_windows < 2:
+                        raise ValueError(f"--data: {s.name} has one sequence; too short to hold out validation data "
+                                         "(give --val-data)")
+                    pairs.append(s.split(cfg.val_fraction))
+                train, val = [p[0] for p in pairs], [p[1] for p in pairs]
+            result = (tokenizer, train, val, train_specs, val_specs)
+        info.barrier()
+    return result
+
+
+def _fp8_convert(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, info: DistInfo) -> None:
+    supported = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    if not supported and not cfg.fp8_emulate:
+        where = (f"{torch.cuda.get_device_name(device)} (compute capability "
+                 f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})" if device.type == "cuda" else "a CPU")
+        raise ValueError(
+            f"--fp8 {cfg.fp8}: FP8 training needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9, "
+            f"e.g. H100, L40S, RTX 4090); this run is on {where}. Drop --fp8, or add --fp8-emulate to run the "
+            "reference FP8 quantisation for experiments (slow, not a speed-up)"
+        )
+    from xkernels.fp8 import FP8Recipe
+    from xkernels.fp8.linear import convert_to_fp8
+
+    recipe = FP8Recipe.from_name(cfg.fp8, reduce_amax_group=True if info.active else None)
+    convert_to_fp8(model, recipe)
+    label = "EMULATED (reference quantisation, no FP8 hardware)" if not supported else "on FP8 tensor cores"
+    _print(info, f"fp8: transformer linears converted, recipe {recipe.scaling}/{recipe.format}, {label}")
+
+
+def run_identity(cfg: TrainConfig, model_config, tokenizer, train_specs, val_specs, info: DistInfo) -> dict:
+    """What must not change between a run and its resumption."""
+    return {
+        "model": model_config.to_dict(),
+        "seq_len": cfg.seq_len,
+        "global_batch": cfg.batch_size * cfg.grad_accum * info.world,
+        "tokenizer": tokenizer.fingerprint,
+        "data": [dataclasses.asdict(s) for s in train_specs],
+        "val_data": [dataclasses.asdict(s) for s in val_specs],
+        "seed": cfg.seed,
+    }
+
+
+def check_compatible(saved: dict, current: dict, path: Path) -> None:
+    diffs = [k for k in current if json.dumps(saved.get(k), sort_keys=True, default=str)
+             != json.dumps(current[k], sort_keys=True, default=str)]
+    if diffs:
+        lines = []
+        for k in diffs:
+            if k == "model" and isinstance(saved.get(k), dict):
+                sub = [f for f in current[k] if saved[k].get(f) != current[k][f]]
+                lines.append("model: " + ", ".join(f"{f} {saved[k].get(f)!r} -> {current[k][f]!r}" for f in sub))
+            else:
+                lines.append(f"{k}: {saved.get(k)!r} -> {current[k]!r}")
+        raise ValueError(
+            f"--resume: the checkpoint {path} is from an incompatible run:\n  " + "\n  ".join(lines)
+            + "\nrestore those settings, or start a new run with --name NEW (or --resume never in a new --out-dir)"
+        )
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    if cfg.resume == "never":
+        existing = ckpt.latest_checkpoint(cfg.run_dir)
+        if existing is not None:
+            raise ValueError(
+                f"--resume never: {cfg.run_dir} already holds checkpoints ({existing.name}); it will not be "
+                "overwritten. Choose another --name, or --resume auto to continue it"
+            )
+        return None
+    if cfg.resume == "auto":
+        return ckpt.latest_checkpoint(cfg.run_dir)
+    path = Path(cfg.resume)
+    if (path / "checkpoints").is_dir():  # a run directory
+        found = ckpt.latest_checkpoint(path)
+        if found is None:
+            raise ValueError(f"--resume: {path} holds no complete checkpoint")
+        return found
+    ckpt.read_meta(path)
+    return path
+
+
+def setup(cfg: TrainConfig) -> Run:
+    info, device = init_distributed(cfg.device)
+    model_config = build_model_config(cfg)
+    resume_from = resolve_resume(cfg)
+    tokenizer, train, val, train_specs, val_specs = load_data(cfg, info)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"--tokenizer: its vocabulary has {tokenizer.vocab_size} ids but the model has vocab_size "
+            f"{model_config.vocab_size}; set --model.vocab_size {tokenizer.vocab_size} (or larger)"
+        )
+    if cfg.seq_len > model_config.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                         f"{model_config.max_position_embeddings}")
+    identity = run_identity(cfg, model_config, tokenizer, train_specs, val_specs, info)
+    meta = None
+    if resume_from is not None:
+        meta = ckpt.read_meta(resume_from)
+        check_compatible(meta.get("identity", {}), identity, resume_from)
+
+    # Model: built on the meta device, materialised, initialised from the seed (identically on every rank).
+    from xmodel.model import Xmodel
+
+    torch.manual_seed(cfg.seed)
+    with torch.device("meta"):
+        model = Xmodel(model_config)
+    model.to_empty(device=device)
+    model.init_weights(scheme=cfg.init, generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    if cfg.fp8:
+        _fp8_convert(model, cfg, device, info)
+    model = wrap_model(model, cfg.parallel, device, info)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    lr = resolve_lr(cfg, model_config.mup_width_multiplier)
+    optimizer = TrainOptimizer(build_adamw(model, lr, cfg.lr_embed, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay))
+    schedule = WSDSchedule(cfg.warmup_steps, cfg.decay_start_step, cfg.decay_steps, cfg.min_lr_ratio, cfg.decay_shape)
+    sampler = MixtureSampler(train, cfg.seed)
+    val_batches = eval_batches(val, cfg.eval_batches, cfg.batch_size, info.rank, info.world)
+
+    start_step = 0
+    if meta is not None:
+        if meta["phase"] == "muon":
+            _switch(optimizer, cfg)
+        ckpt.load_checkpoint(resume_from, model, optimizer, info)
+        sampler.load_state_dict(meta["data"])
+        start_step = int(meta["step"])
+
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
+                else contextlib.nullcontext())
+    run = Run(cfg, info, device, model, model_config, optimizer, schedule, sampler, val_batches, start_step,
+              identity, tokenizer.path.parent, autocast=autocast, resumed_from=resume_from)
+    run.first_val = meta.get("first_val") if meta else None
+    return run
+
+
+def _switch(optimizer: TrainOptimizer, cfg: TrainConfig) -> list[str]:
+    return optimizer.switch_to_muon(cfg.muon_momentum, cfg.muon_nesterov, cfg.muon_ns_steps, cfg.muon_adjust_lr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------
+def micro_batch_loss(run: Run, batch: torch.Tensor) -> torch.Tensor:
+    batch = batch.to(run.device, non_blocking=True)
+    inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T): predict token t+1 from tokens <= t
+    with run.autocast:
+        return run.model(inputs, labels=targets).loss
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    run.model.eval()
+    total = count = 0.0
+    for batch in run.val:
+        loss = micro_batch_loss(run, batch)
+        total += float(loss) * batch.shape[0]
+        count += batch.shape[0]
+    run.model.train()
+    total, count = run.info.all_reduce_sum([total, count], run.device)
+    return total / count
+
+
+def save(run: Run, step: int) -> Path:
+    meta = {"phase": run.optimizer.phase, "data": run.sampler.state_dict(), "identity": run.identity,
+            "config": run.cfg.to_dict(), "first_val": run.first_val, "last_val": run.last_val}
+    return ckpt.save_checkpoint(run.cfg.run_dir, step, run.model, run.optimizer, meta, run.info, run.cfg.keep_last)
+
+
+def grad_norm(run: Run) -> float:
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    max_norm = run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def train_loop(run: Run) -> Path:
+    """Returns the final checkpoint.  The recipe is the first four lines inside the step loop."""
+    cfg, info, log, opt = run.cfg, run.info, run.log, run.optimizer
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * info.world * cfg.seq_len
+    nonfinite_in_a_row = 0
+    last_ckpt = ckpt.latest_checkpoint(cfg.run_dir)
+    step = run.start_step
+    if step == 0 and cfg.eval_every:
+        run.first_val = run.last_val = evaluate(run)
+        log.eval(0, run.last_val)
+    with StopSignal() as stop:
+        while step < cfg.steps:
+            if (cfg.decay_optimizer == "muon" and opt.phase == "adamw"
+                    and step >= run.schedule.decay_start and run.schedule.decay > 0):  # the AdamW -> Muon switch
+                moved = _switch(opt, cfg)
+                log.event(step, "switch_to_muon", params=len(moved))
+                log.message(f"step {step}: decay starts; {len(moved)} hidden matrices switch AdamW -> Muon "
+                            f"(embedding and norms stay on AdamW)")
+            opt.set_lr(run.schedule.factor(step))  # WSD schedule
+
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                sync = (contextlib.nullcontext() if micro == cfg.grad_accum - 1 or not hasattr(run.model, "no_sync")
+                        else run.model.no_sync())  # DDP: all-reduce on the last micro-batch only
+                with sync:
+                    loss = micro_batch_loss(run, run.sampler.next_batch(cfg.batch_size, info.rank, info.world))
+                    if step in cfg.inject_nonfinite_at:  # fault injection for tests
+                        loss = loss * float("nan")
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach())
+            norm = grad_norm(run)
+            loss_value = info.all_reduce_sum([loss_sum / cfg.grad_accum], run.device)[0] / info.world
+            finite = math.isfinite(loss_value) and math.isfinite(norm)
+            if finite:
+                opt.step()
+                nonfinite_in_a_row = 0
+            opt.zero_grad()
+            step += 1
+
+            groups = {g["name"]: g["lr"] for g in opt.param_groups}
+            log.train(step, loss_value, groups.get("matrix", 0.0), groups.get("embed", 0.0), norm,
+                      step * tokens_per_step, tokens_per_step, run.schedule.phase(step - 1) + f"/{opt.phase}",
+                      write=step % cfg.log_every == 0 or step == cfg.steps or not finite)
+            if not finite:
+                nonfinite_in_a_row += 1
+                log.event(step, "nonfinite", loss=loss_value, grad_norm=norm, in_a_row=nonfinite_in_a_row)
+                log.message(f"step {step}: non-finite loss/gradient (loss {loss_value}, grad norm {norm}); "
+                            f"step skipped ({nonfinite_in_a_row} in a row)")
+                if nonfinite_in_a_row >= cfg.max_nonfinite:
+                    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                    raise TrainingError(
+                        f"{nonfinite_in_a_row} non-finite steps in a row (steps {step - nonfinite_in_a_row + 1}-"
+                        f"{step}); stopping, {where}. Lower --lr/--lr-embed or check the data"
+                    )
+                continue
+
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                run.last_val = evaluate(run)
+                log.eval(step, run.last_val)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                last_ckpt = save(run, step)
+            log.reset_clock()
+            if info.any(stop.signum is not None, run.device):
+                last_ckpt = save(run, step)
+                name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+                log.event(step, "stop", signal=name, checkpoint=str(last_ckpt))
+                log.message(f"stopped by {name} after step {step}; checkpoint {last_ckpt}. "
+                            "Run the same command again to resume.")
+                return last_ckpt
+
+    run.last_val = evaluate(run)
+    log.eval(step, run.last_val)
+    if run.first_val is None:
+        run.first_val = run.last_val
+    return save(run, step)
+
+
+def describe(run: Run) -> str:
+    cfg, mc, s = run.cfg, run.model_config, run.schedule
+    lr = resolve_lr(cfg, mc.mup_width_multiplier)
+    precision = ("bf16 autocast, fp32 master weights" if not isinstance(run.autocast, contextlib.nullcontext)
+                 else "fp32") + (f", fp8 {cfg.fp8}{' (emulated)' if cfg.fp8_emulate else ''}" if cfg.fp8 else "")
+    parallel = f"{run.info.world} x {cfg.parallel}" if run.info.active else "1 process"
+    return "\n".join([
+        f"model    {cfg.preset} {cfg.model or ''}: {unwrap(run.model).num_parameters() / 1e6:.2f} M parameters, "
+        f"{mc.num_hidden_layers} layers x {mc.hidden_size}, vocab {mc.vocab_size}, init {cfg.init}",
+        f"data     {sum(src.num_windows for src in run.sampler.sources)} train sequences of {cfg.seq_len} "
+        f"({', '.join(Path(src.name).name for src in run.sampler.sources)}); global batch "
+        f"{cfg.batch_size * cfg.grad_accum * run.info.world} x {cfg.seq_len} tokens",
+        f"schedule {cfg.steps} steps: warmup {s.warmup}, stable to {s.decay_start}, {cfg.decay_shape} decay over "
+        f"{s.decay} to peak/{1 / cfg.min_lr_ratio:g} with {cfg.decay_optimizer.upper() if cfg.decay_optimizer == 'muon' else 'AdamW'}",
+        f"optim    AdamW lr {lr:g} (embedding {cfg.lr_embed:g}), betas ({cfg.beta1}, {cfg.beta2}), wd "
+        f"{cfg.weight_decay}, clip {cfg.grad_clip}",
+        f"device   {run.device}, {precision}, {parallel}",
+    ])
+
+
+def train(cfg: TrainConfig) -> int:
+    t_start = time.perf_counter()
+    run = setup(cfg)
+    info = run.info
+    run_dir = cfg.run_dir
+    if run.start_step >= cfg.steps:
+        _print(info, f"{run_dir} is already complete at step {run.start_step} (--steps {cfg.steps}); "
+                     "use --name NEW for a new run or raise --steps to continue")
+        return 0
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    info.barrier()
+    flops = run.model_config.flops_per_token(cfg.seq_len)
+    run.log = MetricsLogger(run_dir if info.is_main else None, cfg.steps, run.start_step, info.is_main,
+                            cfg.progress, flops, peak_flops(run.device, cfg.peak_flops))
+    try:
+        _print(info, describe(run))
+        resumed = run.resumed_from
+        if resumed is not None:
+            run.log.event(run.start_step, "resume", checkpoint=str(resumed), phase=run.optimizer.phase)
+            _print(info, f"resuming from {resumed} (step {run.start_step}, optimizer {run.optimizer.phase})")
+        else:
+            run.log.event(0, "start", config=cfg.to_dict())
+        _print(info, f"run directory {run_dir} (resolved config: {run_dir / 'config.yaml'})")
+        final = train_loop(run)
+        stopped = final.name != f"step_{cfg.steps:08d}"
+        hf_dir = None
+        if not stopped and cfg.export_hf:
+            hf_dir = ckpt.export_hf(run.model, run.model_config, run_dir / "hf", run.tokenizer_dir, info)
+        run.log.event(int(final.name.split("_")[1]), "end", wall_s=time.perf_counter() - t_start)
+    finally:
+        run.log.close()
+    if info.is_main and not stopped:
+        plot = plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        summary = {"steps": cfg.steps, "first_val_loss": run.first_val, "final_val_loss": run.last_val,
+                   "wall_s": round(time.perf_counter() - t_start, 1), "checkpoint": str(final),
+                   "hf": str(hf_dir) if hf_dir else None}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        print(
+            f"\ndone in {summary['wall_s']:.0f} s: val loss {run.first_val:.3f} -> {run.last_val:.3f}\n"
+            f"  run directory  {run_dir}\n"
+            f"  metrics        {run_dir / 'metrics.jsonl'}\n"
+            f"  plot           {plot}\n"
+            f"  checkpoint     {final}\n"
+            + (f"  HF model       {hf_dir}  (Xmodel.from_pretrained / python -m xmodel.generate)\n" if hf_dir else "")
+            + f"  tokenizer      {run.tokenizer_dir / 'tokenizer.json'}",
+            flush=True,
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 training failure, 2 bad input)."""
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        cfg = parse_args(argv)
+    except SystemExit as exc:  # --help
+        print(exc.code)
+        return 0
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return train(cfg)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted (second Ctrl-C): no checkpoint written for the current step", file=sys.stderr)
+        return 130
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

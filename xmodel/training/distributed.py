@@ -1,0 +1,108 @@
+"""torchrun integration: process group from the environment, FSDP2 (``fully_shard`` per layer) or DDP.
+
+One process (no ``WORLD_SIZE`` in the environment) needs no process group.  Under ``torchrun`` the backend is NCCL
+on CUDA and gloo on CPU; each rank uses ``cuda:LOCAL_RANK``.  Only rank 0 logs, writes metrics and plots.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Sum a few floats over ranks (identity with one process)."""
+        if not self.active:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank if it is true on any rank (for stop signals)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def init_distributed(device_flag: str) -> tuple[DistInfo, torch.device]:
+    """Read torchrun's environment, start the process group if there are several ranks, pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_flag == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_flag)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device_flag}: CUDA is not available on this machine")
+        torch.cuda.set_device(device)
+    info = DistInfo(rank=rank, world=world, local_rank=local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    return info, device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+    except ImportError:  # torch 2.4 / 2.5
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def wrap_model(model: nn.Module, parallel: str, device: torch.device, info: DistInfo) -> nn.Module:
+    """FSDP2: ``fully_shard`` on every decoder layer then on the root (the tied embedding/LM head and final norm
+    live in the root group); DDP: ``DistributedDataParallel``.  Identity with one process."""
+    if not info.active:
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fully_shard = _fully_shard()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying Xmodel (through DDP's ``module`` and torch.compile's ``_orig_mod``)."""
+    for attr in ("_orig_mod", "module", "_orig_mod"):
+        model = getattr(model, attr, model)
+    return model
