@@ -219,6 +219,16 @@ def test_inplace_under_no_grad(device):
     torch.testing.assert_close(k, expected[1])
 
 
+def test_inplace_is_seen_by_autograd(device):
+    """Overwriting a tensor that another op saved for backward must be detected, not silently used."""
+    w = torch.randn(1, 2, 2, 16, device=device, requires_grad=True)
+    q, k = make_qk(device, torch.float32, 1, 2, 2, 1, 16)
+    loss = (q * w).sum()  # saves q
+    apply_rotary(q, k, *rotary_cos_sin(2, 16, device=device), inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_backward_is_inverse_rotation(device):
     """The gradient of <rotate(x), g> w.r.t. x is g rotated by minus the angle."""
     cos, sin = rotary_cos_sin(6, 16, device=device)

@@ -158,7 +158,11 @@ def apply_rotary(
     if use_triton(q):
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
         if inplace and not needs_grad:
-            return _rotary(q, k, cos, sin, position_ids, inplace=True, backward=False)
+            _rotary(q, k, cos, sin, position_ids, inplace=True, backward=False)
+            if hasattr(torch.autograd.graph, "increment_version"):  # so autograd notices the overwrite
+                for t in (q, k):
+                    torch.autograd.graph.increment_version(t)
+            return q, k
         if inplace and (q._is_view() or k._is_view()):
             # Autograd cannot mark two views dirty in one Function: rotate q and k in two launches.
             q_out = _RotaryFunction.apply(q, None, cos, sin, position_ids, True)
