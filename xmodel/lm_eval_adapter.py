@@ -4,7 +4,7 @@ lm-eval is an optional extra (``pip install -e .[eval]``).  lm-eval has no plugi
 through this module, which registers the class and then hands over to lm-eval's own command line::
 
     python -m xmodel.lm_eval_adapter --model xmodel --model_args checkpoint=DIR,dtype=bfloat16 \
-        --tasks arc_challenge --num_fewshot 25 --batch_size 16
+        --tasks arc_challenge --num_fewshot 25 --batch_size 16 --device cuda
 
 or from Python: ``import xmodel.lm_eval_adapter`` and then ``lm_eval.simple_evaluate(model="xmodel", ...)``.
 The paper's 13 tasks and shot counts are ``PAPER_TASKS``.
@@ -102,7 +102,7 @@ def evaluate_perplexity(
 try:
     import lm_eval.models  # noqa: F401  (fills the lazy registry first, so registering ours keeps the others)
     from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import register_model
+    from lm_eval.api.registry import model_registry, register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     LM_EVAL_IMPORT_ERROR: ImportError | None = None
@@ -117,12 +117,11 @@ def _batched(items: list, size: int) -> Iterable[list]:
 
 if LM_EVAL_IMPORT_ERROR is None:
 
-    @register_model("xmodel")
     class XmodelLM(TemplateLM):
         """lm-eval model over an Xmodel checkpoint directory (weights + ``tokenizer.json``).
 
-        ``--model_args checkpoint=DIR[,device=cuda][,dtype=bfloat16][,max_length=4096][,add_bos_token=False]``;
-        ``--batch_size N`` (``auto`` means ``max_batch_size`` or 8).  Contexts are encoded without special tokens
+        ``--model_args checkpoint=DIR[,dtype=bfloat16][,max_length=4096][,add_bos_token=False]``, ``--device cuda``
+        (default: cuda when available), ``--batch_size N`` (``auto`` means ``max_batch_size`` or 8).  Contexts are encoded without special tokens
         (as lm-eval's HF model does for causal LMs) unless ``add_bos_token`` is set; an empty context is
         conditioned on BOS (EOS when the config has none).
         """
@@ -141,7 +140,9 @@ if LM_EVAL_IMPORT_ERROR is None:
             super().__init__()
             from tokenizers import Tokenizer
 
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+                # lm-eval's command line defaults to --device cuda, also on machines without one.
+                device = "cuda" if torch.cuda.is_available() else "cpu"
             if dtype is None:
                 torch_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
             elif dtype in _DTYPES:
@@ -197,6 +198,8 @@ if LM_EVAL_IMPORT_ERROR is None:
             for context, cont in pairs:
                 if not cont:
                     raise ValueError("empty continuation")
+                if len(cont) > self.max_length:
+                    raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={self.max_length}")
                 whole = (context + cont)[-(self.max_length + 1):]
                 rows.append((whole[:-1], whole[-len(cont):]))
             order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
@@ -288,6 +291,12 @@ if LM_EVAL_IMPORT_ERROR is None:
             return outputs  # type: ignore[return-value]
 
 
+    # Register once: running this file as __main__ defines a second XmodelLM class, and lm-eval refuses to
+    # register a different class under a taken name.
+    if model_registry.get("xmodel", None) is None:
+        register_model("xmodel")(XmodelLM)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m xmodel.lm_eval_adapter <lm_eval arguments>``: lm-eval's CLI with ``--model xmodel`` available."""
     if LM_EVAL_IMPORT_ERROR is not None:
@@ -300,4 +309,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from xmodel.lm_eval_adapter import main as _main  # the importable module registers the model class
+
+    _main()
