@@ -72,7 +72,7 @@ def assert_parity(got, ref, scales, dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 64), (3, 1000), (2, 3, 96), (2, 1, 2, 40)], ids=str)
+@pytest.mark.parametrize("shape", [(64,), (1, 64), (3, 1000), (2, 3, 96), (2, 1, 2, 40)], ids=str)
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "fused_add"])
 def test_parity_forward_backward(device, dtype, shape, with_residual):
     got, ref, scales = run_case(device, dtype, shape, with_residual)
