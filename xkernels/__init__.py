@@ -10,6 +10,7 @@ from xkernels.dispatch import force_backend, use_triton
 from xkernels.rmsnorm import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_bwd_ref, rms_norm_ref
 from xkernels.rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin
 from xkernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from xkernels.patching import PatchReport, patch
 from xkernels.swiglu import swiglu, swiglu_fused, swiglu_fused_ref, swiglu_ref
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "rotary_cos_sin",
     "linear_cross_entropy",
     "linear_cross_entropy_ref",
+    "PatchReport",
+    "patch",
     "swiglu",
     "swiglu_fused",
     "swiglu_fused_ref",

@@ -1,0 +1,261 @@
+"""xkernels.patch on tiny randomly initialised Hugging Face models: logits, loss and every gradient match
+the unpatched twin (fp32), and each patched op really runs."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers", reason="transformers (the 'hf' extra) is not installed")
+
+import xkernels  # noqa: E402
+from xkernels import patching  # noqa: E402
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    # non-default multipliers so the patched loss must apply 1 / logits_scaling
+    "granite": (
+        "GraniteConfig",
+        "GraniteForCausalLM",
+        {"logits_scaling": 4.0, "embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2},
+    ),
+}
+
+
+def _tiny(arch: str, **overrides) -> nn.Module:
+    config_name, model_name, extra = ARCHS[arch]
+    config = getattr(transformers, config_name)(**{**TINY, **extra, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config).float()
+    with torch.no_grad():  # HF inits norms to ones: perturb them so the norm weight gradient matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.train()
+
+
+def _batch(batch=2, seq=11, vocab=128):
+    ids = torch.randint(0, vocab, (batch, seq))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt that is not trained on
+    return ids, labels
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Count calls of the ops the patched model should route through."""
+    counts = {"rms_norm": 0, "rotary": 0, "swiglu": 0, "cross_entropy": 0}
+
+    def spy(module, name, key):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    spy(importlib.import_module("xkernels.rmsnorm"), "rms_norm", "rms_norm")
+    spy(patching, "_xkernels_rotary", "rotary")
+    spy(importlib.import_module("xkernels.swiglu"), "swiglu", "swiglu")
+    spy(importlib.import_module("xkernels.cross_entropy"), "linear_cross_entropy", "cross_entropy")
+    return counts
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    """The patching wiring is checked on the PyTorch references (the kernels have their own parity tests and
+    are slow under the interpreter); the first parity case re-enables the kernels (interpreted on CPU)."""
+    with xkernels.force_backend("torch"):
+        yield
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "arch, backend",
+    [("llama", "auto"), ("llama", "torch"), ("qwen2", "torch"), ("qwen3", "torch"), ("mistral", "torch"), ("granite", "torch")],
+)
+def test_patched_model_matches_original(arch, backend, spies):
+    with xkernels.force_backend(backend):
+        _check_parity(arch, spies)
+
+
+def _check_parity(arch, spies):
+    ref = _tiny(arch)
+    model = copy.deepcopy(ref)
+    report = xkernels.patch(model)
+    assert set(report.patched) == {"rms_norm", "rotary", "swiglu", "cross_entropy"}, str(report)
+    assert not any(type(m).__name__.endswith("RMSNorm") and type(m) is not xkernels.RMSNorm for m in model.modules())
+
+    ids, labels = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=2e-5, rtol=1e-5)
+    assert spies["rms_norm"] > 0 and spies["rotary"] == 2 and spies["swiglu"] == 2
+
+    out, out_ref = model(ids, labels=labels), ref(ids, labels=labels)
+    assert out.logits is None and spies["cross_entropy"] == 1  # training + labels: logits never formed
+    torch.testing.assert_close(out.loss, out_ref.loss, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    out_ref.loss.backward()
+    grads, grads_ref = _grads(model), _grads(ref)
+    assert grads.keys() == grads_ref.keys() and len(grads) == len(list(ref.parameters()))
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=2e-6, rtol=2e-4, msg=name)
+
+
+def test_bf16_model_close_to_original():
+    """bf16: our ops round once where HF rounds twice (silu, rotary), so compare loosely by norms."""
+    ref = _tiny("qwen3").to(torch.bfloat16)
+    model = copy.deepcopy(ref)
+    xkernels.patch(model)
+    ids, labels = _batch()
+    with torch.no_grad():
+        logits, logits_ref = model(ids).logits.float(), ref(ids).logits.float()
+    assert logits.dtype == torch.float32 and (logits - logits_ref).norm() / logits_ref.norm() < 2e-2
+    loss, loss_ref = model(ids, labels=labels).loss, ref(ids, labels=labels).loss
+    torch.testing.assert_close(loss.float(), loss_ref.float(), atol=3e-2, rtol=1e-2)
+    loss.backward()
+    loss_ref.backward()
+    grads, grads_ref = _grads(model), _grads(ref)
+    for name, g_ref in grads_ref.items():
+        assert grads[name].dtype == torch.bfloat16
+        rel = (grads[name].float() - g_ref.float()).norm() / g_ref.float().norm()
+        assert rel < 4e-2, f"{name}: relative gradient difference {rel:.3g}"
+
+
+def test_num_items_in_batch_shift_labels_and_batched_positions():
+    """HF's ``sum / num_items_in_batch`` reduction, explicit ``shift_labels`` and per-sample position_ids
+    (cos/sin with a batch dim: the rotary table is gathered per token)."""
+    ref = _tiny("llama")
+    model = copy.deepcopy(ref)
+    xkernels.patch(model)
+    ids, labels = _batch(batch=3, seq=8)
+    pos = torch.stack([torch.arange(8), torch.arange(8) + 5, torch.arange(8) + 2])
+    n_items = torch.tensor(13)
+    kw = dict(position_ids=pos, labels=labels, num_items_in_batch=n_items)
+    loss, loss_ref = model(ids, **kw).loss, ref(ids, **kw).loss
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    loss_ref.backward()
+    torch.testing.assert_close(_grads(model), _grads(ref), atol=2e-6, rtol=2e-4)
+
+    shift = torch.randint(0, 128, (3, 8))
+    shift[:, -1] = -100
+    a, b = model(ids, labels=labels, shift_labels=shift).loss, ref(ids, labels=labels, shift_labels=shift).loss
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_mode_returns_logits_and_hf_loss(spies):
+    model = _tiny("qwen2")
+    xkernels.patch(model)
+    model.eval()
+    ids, labels = _batch()
+    out = model(ids, labels=labels)
+    assert out.logits is not None and out.logits.shape == (2, 11, 128) and torch.isfinite(out.loss)
+    assert spies["cross_entropy"] == 0
+
+
+def test_all_ignored_labels_give_zero_loss():
+    model = _tiny("llama")
+    xkernels.patch(model)
+    ids, _ = _batch()
+    loss = model(ids, labels=torch.full_like(ids, -100)).loss
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters() if p.grad is not None)
+
+
+def test_gradient_checkpointing(spies):
+    ref = _tiny("mistral")
+    model = copy.deepcopy(ref)
+    xkernels.patch(model)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    ids, labels = _batch()
+    model(ids, labels=labels).loss.backward()
+    ref(ids, labels=labels).loss.backward()
+    assert spies["rotary"] == 4  # two layers, each run again in the backward
+    torch.testing.assert_close(_grads(model), _grads(ref), atol=2e-6, rtol=2e-4)
+
+
+def test_rotary_patch_is_per_model(spies):
+    """The module-global rotary dispatcher routes only patched models' attention to xkernels."""
+    patched, plain = _tiny("llama"), _tiny("llama")
+    xkernels.patch(patched)
+    ids, _ = _batch()
+    with torch.no_grad():
+        plain(ids)
+    assert spies["rotary"] == 0
+    with torch.no_grad():
+        patched(ids)
+    assert spies["rotary"] == 2
+
+
+def test_selective_and_idempotent_patching():
+    model = _tiny("qwen3")
+    report = xkernels.patch(model, rotary=False, cross_entropy=False)
+    assert "rotary" in report.skipped and "cross_entropy" in report.skipped
+    assert "9 Qwen3RMSNorm" in report.patched["rms_norm"]  # per layer: 2 + q_norm + k_norm; + the final norm
+    weights = [id(p) for p in model.parameters()]
+    again = xkernels.patch(model)
+    assert "rms_norm" in again.skipped  # nothing left to replace
+    assert [id(p) for p in model.parameters()] == weights  # parameters untouched (optimizer state survives)
+    assert "cross_entropy" in again.patched and "already" not in again.patched["cross_entropy"]
+    assert "already patched" in xkernels.patch(model).patched["cross_entropy"]
+    assert "rms_norm" in str(again)
+
+
+def test_non_silu_activation_skips_swiglu():
+    model = _tiny("llama", hidden_act="gelu")
+    report = xkernels.patch(model)
+    assert "swiglu" in report.skipped and "silu" in report.skipped["swiglu"]
+
+
+def test_backbone_without_head_skips_loss():
+    model = transformers.LlamaModel(transformers.LlamaConfig(**TINY))
+    report = xkernels.patch(model)
+    assert "cross_entropy" in report.skipped and "rms_norm" in report.patched
+
+
+def test_xmodel_is_already_native():
+    xmodel_model = pytest.importorskip("xmodel.model", reason="xmodel.model is not importable")
+    from xmodel.config import XmodelConfig
+
+    cfg = XmodelConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = xmodel_model.Xmodel(cfg)
+    report = xkernels.patch(model)
+    assert all("already native" in report.patched[op] for op in ("rms_norm", "rotary", "swiglu", "cross_entropy"))
+
+
+def test_unsupported_architecture():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match=r"does not support GPT2LMHeadModel.*llama, qwen2, qwen3, mistral, granite"):
+        xkernels.patch(gpt2)
+    with pytest.raises(ValueError, match="model_type=None"):
+        xkernels.patch(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        xkernels.patch("llama")
+    with pytest.raises(TypeError, match="fp8 must be None"):
+        xkernels.patch(_tiny("llama"), fp8="e4m3")

@@ -1,0 +1,359 @@
+"""Drop-in patching of Hugging Face ``transformers`` causal LMs with the xkernels ops.
+
+``report = xkernels.patch(model)`` works on a built model instance (Llama, Qwen2, Qwen3, Mistral, Granite;
+our :class:`xmodel.model.Xmodel` is reported as already native) and changes only that instance:
+
+* ``rms_norm``: every ``<Arch>RMSNorm`` module is replaced by :class:`xkernels.RMSNorm` holding the very
+  same weight ``Parameter`` (optimizer state, ``state_dict`` keys and tying are unchanged).
+* ``rotary``: the attention modules' ``apply_rotary_pos_emb(q, k, cos, sin)`` runs
+  :func:`xkernels.apply_rotary`.  HF calls that function by its module-global name, so the modeling
+  module's global is wrapped once by a dispatcher that uses ours only while an attention module of a
+  patched model is running (forward hooks on those modules) and HF's function otherwise -- other models
+  of the same architecture in the process are unaffected.
+* ``swiglu``: each ``<Arch>MLP`` with ``hidden_act`` silu computes ``down(swiglu(gate(x), up(x)))``.
+* ``cross_entropy``: the ``*ForCausalLM`` forward, when training (``model.training``) with ``labels``,
+  computes the loss with :func:`xkernels.linear_cross_entropy` from the final hidden states -- the
+  ``(tokens, vocab)`` logits are never formed and ``logits`` is returned as ``None`` (Liger's convention).
+  The HF loss semantics are kept: labels shifted by one (or ``shift_labels``), mean over non-ignored
+  tokens, or ``sum / num_items_in_batch`` when that is given; Granite's ``1 / logits_scaling``
+  becomes ``logit_scale``.  One difference: a batch whose labels are all ignored gives loss 0, not NaN.
+  In eval mode, or without labels, the original forward runs unchanged.
+* ``fp8``: ``None``/``False`` leaves the linears alone; ``True`` (default recipe) or an
+  ``xkernels.fp8.FP8Recipe`` converts them with ``xkernels.fp8.convert_to_fp8``.
+
+Numerics: in fp32 the patched model matches the original to rounding.  With an fp32 norm weight and
+bf16 activations HF's RMSNorm returns fp32 (type promotion) while ours returns bf16 (the weight is cast
+to the activation dtype); in a model of one dtype the two agree.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+SUPPORTED = {  # config.model_type -> class-name prefix of its modules
+    "llama": "Llama",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "mistral": "Mistral",
+    "granite": "Granite",
+}
+OPS = ("rms_norm", "rotary", "swiglu", "cross_entropy", "fp8")
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` did.  ``patched[op]`` describes the change, ``skipped[op]`` says why not."""
+
+    architecture: str
+    patched: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"xkernels.patch({self.architecture}):"]
+        lines += [f"  patched  {op:<13} {what}" for op, what in self.patched.items()]
+        lines += [f"  skipped  {op:<13} {why}" for op, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def supported_architectures() -> list[str]:
+    """``model_type`` values :func:`patch` accepts (plus our own ``xmodel``)."""
+    return [*SUPPORTED, "xmodel"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# RMSNorm
+# ----------------------------------------------------------------------------------------------------
+
+
+def _patch_rms_norm(model: nn.Module, prefix: str) -> str | None:
+    from xkernels.rmsnorm import RMSNorm
+
+    cls_name = f"{prefix}RMSNorm"
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child).__name__ == cls_name
+    ]
+    for parent, name, old in targets:
+        eps = getattr(old, "variance_epsilon", getattr(old, "eps", None))
+        if eps is None or not isinstance(getattr(old, "weight", None), nn.Parameter) or old.weight.dim() != 1:
+            raise ValueError(f"{cls_name} module {name!r} has no 1-D weight / variance_epsilon; cannot patch it")
+        new = RMSNorm(old.weight.shape[0], eps=float(eps), device="meta")
+        new.weight = old.weight  # the same Parameter: optimizer state, tying and state_dict keys survive
+        setattr(parent, name, new)
+    return f"{len(targets)} {cls_name} -> xkernels.RMSNorm" if targets else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rotary
+# ----------------------------------------------------------------------------------------------------
+
+_rotary_state = threading.local()  # .depth: > 0 while an attention module of a patched model runs
+
+
+def _rotary_active() -> bool:
+    return getattr(_rotary_state, "depth", 0) > 0
+
+
+def _enter_attention(module, args, kwargs=None):
+    _rotary_state.depth = getattr(_rotary_state, "depth", 0) + 1
+
+
+def _leave_attention(module, args, output):
+    _rotary_state.depth = max(0, getattr(_rotary_state, "depth", 0) - 1)
+
+
+def _xkernels_rotary(q, k, cos, sin):
+    """HF layout: q, k ``(B, heads, S, D)``; cos, sin ``(B or 1, S, D)`` already gathered per position
+    (and multiplied by HF's ``attention_scaling``).  The per-token rows become the rotary table."""
+    from xkernels.rotary import apply_rotary
+
+    batch, _, seq, dim = q.shape
+    if cos.shape[0] == 1:
+        cos_t, sin_t, pos = cos[0].float(), sin[0].float(), None  # (S, D) rows in order: no position sync
+    else:
+        cos_t, sin_t = cos.reshape(-1, dim).float(), sin.reshape(-1, dim).float()
+        pos = torch.arange(batch * seq, device=q.device).view(batch, seq)
+    q_out, k_out = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos_t, sin_t, pos)
+    return q_out.transpose(1, 2), k_out.transpose(1, 2)
+
+
+def _make_rotary_dispatcher(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        unsqueeze_dim = kwargs.get("unsqueeze_dim", 1)
+        standard = (
+            _rotary_active()
+            and not args
+            and set(kwargs) <= {"unsqueeze_dim"}
+            and unsqueeze_dim == 1
+            and q.dim() == 4
+            and k.dim() == 4
+            and cos.dim() == 3
+            and cos.shape == sin.shape
+            and cos.shape[0] in (1, q.shape[0])
+            and cos.shape[1:] == (q.shape[2], q.shape[3])
+        )
+        if not standard:
+            return original(q, k, cos, sin, *args, **kwargs)
+        return _xkernels_rotary(q, k, cos, sin)
+
+    apply_rotary_pos_emb._xkernels_original = original
+    apply_rotary_pos_emb.__doc__ = "xkernels dispatcher around HF's apply_rotary_pos_emb (see xkernels.patching)."
+    return apply_rotary_pos_emb
+
+
+def _patch_rotary(model: nn.Module, prefix: str) -> str | None:
+    attn_cls = f"{prefix}Attention"
+    attns = [m for m in model.modules() if type(m).__name__ == attn_cls]
+    if not attns:
+        return None
+    module = sys.modules[type(attns[0]).__module__]
+    fn = getattr(module, "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise ValueError(f"{module.__name__} has no apply_rotary_pos_emb; this transformers version is not supported")
+    if not hasattr(fn, "_xkernels_original"):
+        module.apply_rotary_pos_emb = _make_rotary_dispatcher(fn)
+    count = 0
+    for attn in attns:
+        if getattr(attn, "_xkernels_rotary_hooks", None):
+            continue
+        pre = attn.register_forward_pre_hook(_enter_attention)
+        post = attn.register_forward_hook(_leave_attention, always_call=True)
+        attn._xkernels_rotary_hooks = (pre, post)
+        count += 1
+    return f"{len(attns)} {attn_cls} use xkernels.apply_rotary ({count} newly hooked)"
+
+
+# ----------------------------------------------------------------------------------------------------
+# SwiGLU
+# ----------------------------------------------------------------------------------------------------
+
+
+def _swiglu_mlp_forward(self, x):
+    from xkernels.swiglu import swiglu
+
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _patch_swiglu(model: nn.Module, prefix: str) -> tuple[str | None, str | None]:
+    act = getattr(getattr(model, "config", None), "hidden_act", None)
+    if act not in ("silu", "swish"):
+        return None, f"hidden_act={act!r} is not silu: SwiGLU does not apply"
+    mlp_cls = f"{prefix}MLP"
+    mlps = [m for m in model.modules() if type(m).__name__ == mlp_cls]
+    for mlp in mlps:
+        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            raise ValueError(f"{mlp_cls} has no gate_proj/up_proj/down_proj; cannot patch it")
+        mlp.forward = types.MethodType(_swiglu_mlp_forward, mlp)
+    return (f"{len(mlps)} {mlp_cls} -> down(xkernels.swiglu(gate, up))" if mlps else None), None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------------
+
+_LOSS_ONLY_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+
+
+def _make_causal_lm_forward(model: nn.Module, logit_scale: float):
+    original = model.forward  # bound method of the class
+    signature = inspect.signature(original)
+    var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    def forward(self, *args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        named = {k: v for k, v in bound.arguments.items() if k != var_kw}
+        named.update(bound.arguments.get(var_kw, {}) if var_kw else {})
+        labels = named.pop("labels", None)
+        logits_to_keep = named.pop("logits_to_keep", named.pop("num_logits_to_keep", 0))
+        if labels is None or not self.training or not isinstance(logits_to_keep, int) or logits_to_keep != 0:
+            return original(*args, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        from xkernels.cross_entropy import linear_cross_entropy
+
+        num_items = named.pop("num_items_in_batch", None)
+        shift_labels = named.pop("shift_labels", None)
+        ignore_index = named.pop("ignore_index", -100)
+        return_dict = named.pop("return_dict", None)
+        outputs = self.model(**named)
+        hidden = outputs[0]  # (B, T, H) after the final norm
+        if shift_labels is None:
+            shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = shift_labels.to(hidden.device)
+        weight = self.lm_head.weight
+        if weight.dtype != hidden.dtype:
+            weight = weight.to(hidden.dtype)
+        if num_items is None:
+            loss = linear_cross_entropy(hidden, weight, shift_labels, logit_scale, ignore_index, "mean")
+        else:
+            loss = linear_cross_entropy(hidden, weight, shift_labels, logit_scale, ignore_index, "sum")
+            loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+        fields = CausalLMOutputWithPast.__dataclass_fields__
+        extra = {
+            name: getattr(outputs, name, None)
+            for name in ("past_key_values", "cache", "hidden_states", "attentions")
+            if name in fields
+        }
+        out = CausalLMOutputWithPast(loss=loss, logits=None, **extra)
+        return out.to_tuple() if return_dict is False else out
+
+    forward._xkernels_patched = True
+    return forward
+
+
+def _patch_cross_entropy(model: nn.Module, model_type: str) -> tuple[str | None, str | None]:
+    if getattr(model.forward, "_xkernels_patched", False):
+        return f"{type(model).__name__}.forward already patched", None
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Linear) or not isinstance(getattr(model, "model", None), nn.Module):
+        return None, f"{type(model).__name__} has no lm_head Linear over a .model backbone (not a *ForCausalLM)"
+    if head.bias is not None:
+        return None, "lm_head has a bias, which linear_cross_entropy does not take"
+    logit_scale = 1.0
+    if model_type == "granite":
+        logit_scale = 1.0 / float(model.config.logits_scaling)
+    fn = _make_causal_lm_forward(model, logit_scale)
+    model.forward = types.MethodType(fn, model)
+    scale = f", logit_scale={logit_scale:g}" if logit_scale != 1.0 else ""
+    return f"{type(model).__name__}.forward: training loss via xkernels.linear_cross_entropy{scale}", None
+
+
+# ----------------------------------------------------------------------------------------------------
+# FP8
+# ----------------------------------------------------------------------------------------------------
+
+
+def _patch_fp8(model: nn.Module, fp8) -> str:
+    try:
+        from xkernels.fp8 import convert_to_fp8
+    except ImportError as err:
+        raise NotImplementedError(
+            "fp8 patching needs xkernels.fp8.convert_to_fp8, which this build does not provide; pass fp8=None"
+        ) from err
+    recipe = None if fp8 is True else fp8
+    before = sum(isinstance(m, nn.Linear) for m in model.modules())
+    convert_to_fp8(model, recipe) if recipe is not None else convert_to_fp8(model)
+    after = sum(isinstance(m, nn.Linear) for m in model.modules())
+    return f"{before - after} nn.Linear -> FP8Linear"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------
+
+
+def _is_xmodel(model: nn.Module) -> bool:
+    return type(model).__module__.split(".")[0] == "xmodel"
+
+
+def patch(
+    model: nn.Module,
+    rms_norm: bool = True,
+    rotary: bool = True,
+    swiglu: bool = True,
+    cross_entropy: bool = True,
+    fp8=None,
+) -> PatchReport:
+    """Swap the xkernels ops into ``model`` in place (see the module docstring); returns a :class:`PatchReport`.
+
+    Raises ``ValueError`` for an architecture outside :func:`supported_architectures` (the message lists
+    them).  Calling it twice is harmless (the second report says what was already in place).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if fp8 is not None and not isinstance(fp8, bool) and not hasattr(fp8, "__dataclass_fields__"):
+        raise TypeError(f"fp8 must be None, a bool or an xkernels.fp8.FP8Recipe, got {type(fp8).__name__}")
+    wanted = {"rms_norm": rms_norm, "rotary": rotary, "swiglu": swiglu, "cross_entropy": cross_entropy}
+
+    if _is_xmodel(model):
+        report = PatchReport(type(model).__name__)
+        for op, on in wanted.items():
+            (report.patched if on else report.skipped)[op] = "already native (xmodel uses xkernels)" if on else "not requested"
+        if fp8:
+            report.patched["fp8"] = _patch_fp8(model, fp8)
+        return report
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED:
+        raise ValueError(
+            f"xkernels.patch does not support {type(model).__name__} (model_type={model_type!r}); supported: "
+            f"Hugging Face transformers {', '.join(SUPPORTED)} models and xmodel.Xmodel"
+        )
+    prefix = SUPPORTED[model_type]
+    report = PatchReport(f"{type(model).__name__} ({model_type})")
+
+    def record(op, done, reason=None):
+        if done:
+            report.patched[op] = done
+        else:
+            report.skipped[op] = reason or f"no {prefix} module of this kind found"
+
+    if rms_norm:
+        record("rms_norm", _patch_rms_norm(model, prefix))
+    else:
+        report.skipped["rms_norm"] = "not requested"
+    if rotary:
+        record("rotary", _patch_rotary(model, prefix))
+    else:
+        report.skipped["rotary"] = "not requested"
+    if swiglu:
+        record("swiglu", *_patch_swiglu(model, prefix))
+    else:
+        report.skipped["swiglu"] = "not requested"
+    if cross_entropy:
+        record("cross_entropy", *_patch_cross_entropy(model, model_type))
+    else:
+        report.skipped["cross_entropy"] = "not requested"
+    if fp8:
+        report.patched["fp8"] = _patch_fp8(model, fp8)
+    return report
