@@ -364,3 +364,26 @@ def test_bad_table_args(args, match):
 def test_public_names():
     for name in ("apply_rotary", "apply_rotary_ref", "rotary_cos_sin"):
         assert name in xkernels.__all__ and hasattr(xkernels, name)
+
+
+def test_position_range_checked_once_per_tensor(device, monkeypatch):
+    """Layers of one forward share position_ids: the host sync happens once, and again after a change."""
+    cos, sin = rotary_cos_sin(8, 16, device=device)
+    q, k = make_qk(device, torch.float32, 1, 3, 2, 1, 16)
+    pos = torch.tensor([[0, 1, 2]], device=device)
+    syncs = []
+    original_max = torch.Tensor.max
+
+    def counting_max(self, *args, **kwargs):
+        if self is pos:
+            syncs.append(1)
+        return original_max(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "max", counting_max)
+    for _ in range(3):
+        apply_rotary(q, k, cos, sin, pos)
+    assert len(syncs) == 1
+    pos[0, 2] = 8  # in-place change: checked again, and now out of range
+    with pytest.raises(ValueError, match="position_ids must lie in"):
+        apply_rotary(q, k, cos, sin, pos)
+    assert len(syncs) == 2

@@ -7,6 +7,8 @@ tables in rotate-half layout (the ``head_dim / 2`` frequencies repeated twice), 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor
@@ -116,10 +118,11 @@ def _validate(q, k, cos, sin, position_ids, inplace):
         if position_ids.shape not in ((batch, seq), (1, seq)):
             raise ValueError(f"position_ids must have shape ({batch}, {seq}) or (1, {seq}), got {tuple(position_ids.shape)}")
         check_same_device("position_ids", position_ids, "q", q)
-        # Host-side range check: one device->host sync.  Skipped while torch.compile traces (it would break
-        # the graph); an out-of-range position there indexes out of bounds.
+        # Host-side range check: one device->host sync, remembered for the last position_ids tensor so the
+        # layers of one forward pay it once.  Skipped while torch.compile traces (it would break the
+        # graph); an out-of-range position there indexes out of bounds.
         if not compiling():
-            lo, hi = int(position_ids.min()), int(position_ids.max())
+            lo, hi = _position_range(position_ids)
             if lo < 0 or hi >= n_pos:
                 raise ValueError(
                     f"position_ids must lie in [0, {n_pos}) (the rows of cos/sin), got values in [{lo}, {hi}]"
@@ -130,6 +133,20 @@ def _validate(q, k, cos, sin, position_ids, inplace):
                 raise ValueError(f"inplace=True needs {name} with a contiguous last dim, got strides {t.stride()}")
             if t.is_leaf and t.requires_grad and torch.is_grad_enabled():
                 raise ValueError(f"inplace=True cannot overwrite {name}: it is a leaf tensor that requires grad")
+
+
+_last_positions: tuple = (None, -1, 0, 0)  # (weakref to position_ids, its _version, min, max)
+
+
+def _position_range(position_ids: torch.Tensor) -> tuple[int, int]:
+    """``(min, max)`` of ``position_ids``; syncs unless it is the tensor (unchanged) seen last time."""
+    global _last_positions
+    ref, version, lo, hi = _last_positions
+    if ref is not None and ref() is position_ids and version == position_ids._version:
+        return lo, hi
+    lo, hi = int(position_ids.min()), int(position_ids.max())
+    _last_positions = (weakref.ref(position_ids), position_ids._version, lo, hi)
+    return lo, hi
 
 
 def apply_rotary(
