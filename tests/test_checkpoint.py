@@ -183,3 +183,50 @@ def test_parse_size():
     assert parse_size(1234) == 1234
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size("lots")
+
+
+def _granite(cfg: XmodelConfig):
+    """HF Granite computes the Xmodel forward when both residual scales are equal: embeddings x
+    embedding_multiplier, each branch x residual_multiplier, softmax scale attention_multiplier, logits /
+    logits_scaling, Llama RMSNorm / RoPE / SwiGLU / GQA."""
+    transformers = pytest.importorskip("transformers")
+    kwargs = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, hidden_act="silu", rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+        embedding_multiplier=cfg.embedding_multiplier, residual_multiplier=cfg.attention_residual_multiplier,
+        attention_multiplier=cfg.attention_softmax_scale, logits_scaling=1.0 / cfg.logit_multiplier,
+    )
+    params = __import__("inspect").signature(transformers.GraniteConfig.__init__).parameters
+    if "rope_parameters" in params:
+        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    else:
+        kwargs["rope_theta"] = cfg.rope_theta
+    hf_config = transformers.GraniteConfig(**kwargs)
+    hf_config._attn_implementation = "eager"
+    return transformers.GraniteForCausalLM(hf_config).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_mup", [True, False])
+def test_saved_checkpoint_runs_identically_in_hf_granite(tmp_path, use_mup):
+    """An independent implementation (transformers) reading our safetensors gives our logits."""
+    cfg = tiny_config(use_mup=use_mup, mup_input_scale=3.0, mup_output_scale=2.5,
+                      mup_attention_residual_scale=1.7, mup_ffn_residual_scale=1.7, rope_theta=10000.0)
+    model = Xmodel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    hf = _granite(cfg)
+    state = load_state_dict(tmp_path)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        want = hf(ids).logits.float()
+        got = model(ids).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
