@@ -249,6 +249,21 @@ def test_xmodel_is_already_native():
     assert all("already native" in report.patched[op] for op in ("rms_norm", "rotary", "swiglu", "cross_entropy"))
 
 
+def test_fp8_converts_the_transformer_linears():
+    fp8 = pytest.importorskip("xkernels.fp8", reason="xkernels.fp8 is not importable")
+    if not hasattr(fp8, "convert_to_fp8"):
+        pytest.skip("xkernels.fp8.convert_to_fp8 is not available in this build")
+    ref = _tiny("llama")
+    model = copy.deepcopy(ref)
+    report = xkernels.patch(model, fp8=True)
+    assert report.patched["fp8"].startswith("14 nn.Linear")  # 2 layers x (q, k, v, o, gate, up, down)
+    assert not isinstance(model.lm_head, fp8.FP8Linear)
+    ids, _ = _batch()
+    with torch.no_grad():
+        logits, logits_ref = model(ids).logits, ref(ids).logits
+    assert (logits - logits_ref).norm() / logits_ref.norm() < 0.1  # fp8 quantisation noise, not a wiring error
+
+
 def test_unsupported_architecture():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match=r"does not support GPT2LMHeadModel.*llama, qwen2, qwen3, mistral, granite"):
