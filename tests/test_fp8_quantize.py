@@ -11,7 +11,7 @@ import torch
 
 from xkernels.dispatch import force_backend
 from xkernels.fp8 import E4M3, E5M2, GRANULARITIES, cast_transpose, dequantize, fp8_max, quantize, scale_shape
-from xkernels.fp8.quantize import amax_ref, cast_transpose_ref, quantize_ref
+from xkernels.fp8.quant import amax_ref, cast_transpose_ref, quantize_ref
 
 FP8 = [E4M3, E5M2]
 SHAPES = [(64, 96), (130, 272), (1, 16)]

@@ -43,7 +43,7 @@ import triton.language as tl
 from xkernels._checks import check_nonempty, check_same_device, check_tensor
 from xkernels.dispatch import interpreting, use_triton
 from xkernels.fp8.formats import BLOCK, FP8_DTYPES, cdiv
-from xkernels.fp8.quantize import dequantize
+from xkernels.fp8.quant import dequantize
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "triton", "scaled_mm", "torch")

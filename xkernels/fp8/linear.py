@@ -31,7 +31,7 @@ from torch import nn
 from xkernels._checks import check_float
 from xkernels.fp8.formats import fp8_max
 from xkernels.fp8.gemm import fp8_gemm
-from xkernels.fp8.quantize import quantize_for_gemm
+from xkernels.fp8.quant import quantize_for_gemm
 from xkernels.fp8.recipe import ROLES, FP8Recipe, push_amax, reduce_amax
 
 log = logging.getLogger("xkernels.fp8")
