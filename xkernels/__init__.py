@@ -11,6 +11,7 @@ from xkernels.rmsnorm import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, 
 from xkernels.rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin
 from xkernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from xkernels.patching import PatchReport, patch
+from xkernels.newton_schulz import newton_schulz, newton_schulz_ref
 from xkernels.swiglu import swiglu, swiglu_fused, swiglu_fused_ref, swiglu_ref
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "linear_cross_entropy_ref",
     "PatchReport",
     "patch",
+    "newton_schulz",
+    "newton_schulz_ref",
     "swiglu",
     "swiglu_fused",
     "swiglu_fused_ref",

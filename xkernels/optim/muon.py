@@ -533,6 +533,12 @@ def muon_param_groups(
     return [g for g in groups if g["params"]]
 
 
+_ADAMW_ONLY_KEYS = frozenset(
+    {"params", "betas", "eps", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+     "decoupled_weight_decay", "use_muon"}
+)
+
+
 def switch_adamw_to_muon(
     optimizer: torch.optim.Optimizer,
     model: torch.nn.Module,
@@ -550,10 +556,11 @@ def switch_adamw_to_muon(
     """Turn an AdamW-trained model over to Muon for its hidden matrices (Xmodel-2.5's decay phase).
 
     ``optimizer`` is a ``torch.optim.AdamW`` (or a :class:`MuonWithAuxAdamW` with AdamW groups).  Each of its
-    groups is split in two: the parameters ``is_muon`` selects go to a Muon group that keeps the group's
-    ``lr``, ``weight_decay`` and ``initial_lr`` ("every other hyper-parameter unchanged"), the rest stay in an
-    AdamW group with all of the old group's settings and their AdamW state (``exp_avg``, ``exp_avg_sq``,
-    ``step``) taken over as is, so they continue exactly.
+    groups is split in two: the parameters ``is_muon`` selects go to a Muon group named ``"<name>.muon"`` that
+    keeps the group's ``lr``, ``weight_decay``, ``initial_lr`` and any other user key ("every other
+    hyper-parameter unchanged"), the rest stay in an AdamW group (same name, ``betas`` and ``eps`` too) whose
+    AdamW state (``exp_avg``, ``exp_avg_sq``, ``step``) is taken over as is, so they continue exactly.
+    A group without a ``name`` is called ``"group<i>"``.
 
     ``momentum_init``: ``"zero"`` starts each Muon momentum buffer at zero; ``"exp_avg"`` copies AdamW's
     first moment (an EMA of gradients, the same units as Muon's EMA buffer).  Parameters AdamW never stepped
@@ -574,13 +581,14 @@ def switch_adamw_to_muon(
             if id(p) not in names_of:
                 raise ValueError(f"a parameter of shape {tuple(p.shape)} in optimizer group {gi} is not in the model")
             (muon_ps if is_muon(names_of[id(p)], p) else aux_ps).append(p)
+        # carry every user key (name, initial_lr, a trainer's own tags...) but not torch.optim.AdamW's flags
+        carried = {k: v for k, v in group.items() if k not in _ADAMW_ONLY_KEYS}
         base_name = group.get("name", f"group{gi}")
-        carried = {k: group[k] for k in ("lr", "initial_lr", "weight_decay") if k in group}
         if muon_ps:
             new_groups.append(dict(carried, name=f"{base_name}.muon", params=muon_ps, use_muon=True))
         if aux_ps:
-            aux = {k: v for k, v in group.items() if k in ("lr", "initial_lr", "weight_decay", "betas", "eps", "name")}
-            new_groups.append(dict(aux, name=aux.get("name", base_name), params=aux_ps, use_muon=False))
+            aux = dict(carried, betas=group.get("betas", (0.9, 0.999)), eps=group.get("eps", 1e-8))
+            new_groups.append(dict(aux, name=base_name, params=aux_ps, use_muon=False))
     new = MuonWithAuxAdamW(
         new_groups,
         momentum=momentum,
