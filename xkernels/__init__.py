@@ -13,6 +13,7 @@ from xkernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_re
 from xkernels.patching import PatchReport, patch
 from xkernels.newton_schulz import newton_schulz, newton_schulz_ref
 from xkernels.swiglu import swiglu, swiglu_fused, swiglu_fused_ref, swiglu_ref
+from xkernels import fp8  # subpackage: from xkernels.fp8 import FP8Linear, convert_to_fp8, quantize, fp8_gemm, FP8Recipe
 
 __all__ = [
     "force_backend",
@@ -36,5 +37,6 @@ __all__ = [
     "swiglu_fused",
     "swiglu_fused_ref",
     "swiglu_ref",
+    "fp8",
 ]
 __version__ = "0.1.0"
