@@ -332,6 +332,20 @@ def test_bf16_forward_close_to_fp32():
 
 
 @pytest.mark.usefixtures("torch_ops")
+def test_autocast_bf16_training_step():
+    """fp32 weights under bf16 autocast: the residual stream stays fp32, branches are cast before each add."""
+    model = Xmodel(tiny_config(num_key_value_heads=2))
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        ref = model(ids, labels=ids.roll(-1, 1)).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids.roll(-1, 1))
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and abs(out.loss.item() - ref.item()) < 5e-2 * ref.item()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.usefixtures("torch_ops")
 def test_bad_inputs():
     model = Xmodel(tiny_config())
     ids = torch.randint(0, 97, (2, 5))

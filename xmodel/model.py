@@ -24,6 +24,7 @@ State-dict keys are the released names (``model.embed_tokens.weight``, ``model.l
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,12 +192,14 @@ class XmodelDecoderLayer(nn.Module):
         Returns ``(h, pending)`` with this layer's attention branch added and its MLP branch pending, so each
         residual add is fused with the RMSNorm that follows it.
         """
+        # Under autocast the branches come out in the autocast dtype while the residual stream keeps its own
+        # (e.g. fp32): the branch is cast to the stream's dtype before the fused add (a no-op otherwise).
         if pending is None:
             normed = self.input_layernorm(h)
         else:
-            normed, h = self.input_layernorm(pending, h)
+            normed, h = self.input_layernorm(pending.to(h.dtype), h)
         attn = self.self_attn(normed, cos, sin, position_ids, mask, cache) * self.attn_mult
-        normed, h = self.post_attention_layernorm(attn, h)
+        normed, h = self.post_attention_layernorm(attn.to(h.dtype), h)
         return h, self.mlp(normed) * self.ffn_mult
 
 
@@ -332,7 +335,7 @@ class Xmodel(nn.Module):
                 h, pending = checkpoint(layer, h, pending, cos, sin, position_ids, mask, use_reentrant=False)
             else:
                 h, pending = layer(h, pending, cos, sin, position_ids, mask, cache)
-        h, _ = self.model.norm(pending, h)
+        h, _ = self.model.norm(pending.to(h.dtype), h)
         if cache is not None:
             cache.advance(seq)
         return h
@@ -382,11 +385,19 @@ class Xmodel(nn.Module):
             if labels is not None:
                 loss = cross_entropy_sum(logits, labels, ignore_index) / num_tokens.clamp(min=1)
         elif labels is not None:
-            # Chunked lm_head + cross entropy: the (B, T, vocab) logits are never materialised.
-            weight = self.lm_head.weight if self.lm_head.weight.dtype == h.dtype else self.lm_head.weight.to(h.dtype)
-            loss = xkernels.linear_cross_entropy(
-                h, weight, labels, logit_scale=cfg.logit_multiplier, ignore_index=ignore_index, reduction="mean"
-            )
+            # Chunked lm_head + cross entropy: the (B, T, vocab) logits are never materialised.  Under autocast the
+            # op gets explicit autocast-dtype inputs and runs with autocast off (it manages its own precisions).
+            hidden, weight, device_type = h, self.lm_head.weight, h.device.type
+            autocast = torch.is_autocast_enabled(device_type)
+            if autocast:
+                hidden = hidden.to(torch.get_autocast_dtype(device_type))
+            if weight.dtype != hidden.dtype:
+                weight = weight.to(hidden.dtype)
+            with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+                loss = xkernels.linear_cross_entropy(
+                    hidden, weight, labels, logit_scale=cfg.logit_multiplier, ignore_index=ignore_index,
+                    reduction="mean",
+                )
         return XmodelOutput(loss=loss, logits=logits, num_tokens=num_tokens)
 
     # ------------------------------------------------------------------------------------ checkpoints
