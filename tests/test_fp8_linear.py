@@ -251,6 +251,19 @@ def test_convert_skips_tied_weights_and_custom_patterns(caplog):
     convert_to_fp8(model, skip=lambda name, mod: "no attention" if "attn" in name else False)
 
 
+def test_meta_device_build_then_to_empty_resets_fp8_state():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 16))
+    convert_to_fp8(model)
+    model.to_empty(device="cpu")
+    for mod in model:
+        nn.init.normal_(mod.weight, std=0.1)
+        nn.init.zeros_(mod.bias)
+        assert mod.fp8_num_updates.sum() == 0 and (mod.fp8_scale == 1).all() and (mod.fp8_amax_history == 0).all()
+    model(torch.randn(4, 32)).sum().backward()
+    assert model[0].fp8_num_updates.tolist() == [1, 1, 1]
+
+
 def test_to_linear_and_from_linear_round_trip():
     lin = nn.Linear(32, 48)
     fp8 = FP8Linear.from_linear(lin, FP8Recipe.from_name("row"))

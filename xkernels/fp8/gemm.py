@@ -320,9 +320,12 @@ def _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode):
         sa, sb = a_scale.reshape(()), b_scale.reshape(())
     else:
         sa, sb = a_scale.reshape(m, 1).contiguous(), b_scale.reshape(1, n).contiguous()
-    out = torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    # cuBLASLt's row-wise scaling only writes bf16: compute in bf16 and cast for other out dtypes.
+    mm_dtype = torch.bfloat16 if mode == 1 else out_dtype
+    out = torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=sa, scale_b=sb, out_dtype=mm_dtype)
     if isinstance(out, tuple):  # torch < 2.5 also returned amax
         out = out[0]
+    out = out.to(out_dtype)
     if bias is not None:  # added outside: cuBLASLt rejects bias with some out dtypes / row scales
         out = (out.float() + bias.float()).to(out_dtype)
     return out

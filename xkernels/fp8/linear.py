@@ -171,13 +171,16 @@ class FP8Linear(nn.Linear):
             self.reset_fp8_state()
 
     def _apply(self, fn, *args, **kwargs):
-        # Keep the scaling state in fp32 through model.to(bfloat16) and friends.
+        was_meta = getattr(self, "fp8_scale", None) is not None and self.fp8_scale.is_meta
         super()._apply(fn, *args, **kwargs)
+        # Keep the scaling state in fp32 through model.to(bfloat16) and friends.
         for name in ("fp8_amax_history", "fp8_scale"):
             buf = getattr(self, name, None)
             if buf is not None and buf.dtype != torch.float32:
                 setattr(self, name, buf.float())
         self._w_cache = None
+        if was_meta and not self.fp8_scale.is_meta:  # to_empty() from the meta device: state is uninitialised
+            self.reset_fp8_state()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -6,7 +6,10 @@ Recipes (``scaling``):
   ``DelayedScaling``; Xmodel-2.5 used history 128, algorithm ``max``). The scale used at step ``t`` comes from
   the amaxes of steps ``< t``; the amax of step ``t`` is pushed after it is quantised. On the very first step
   of a tensor (empty history) the scale is computed from its current amax, so step 0 never saturates
-  (torchao does the same; TE would start from scale 1).
+  (torchao does the same; TE would start from scale 1). A history entry is pushed per forward (input), per
+  backward (grad_output) and per change of the weight (weight; its FP8 copy is reused until the optimizer steps),
+  so with gradient accumulation every micro-batch adds an input/grad entry. Under activation checkpointing the
+  recomputed forward adds a second input entry (harmless with ``max``).
 * ``current``  -- tensorwise scales from the tensor's own amax, computed on the fly.
 * ``row``      -- one scale per row of every GEMM operand (per token for activations, per output/input channel
   for weights, along the contraction dim of each GEMM).
