@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from xkernels import force_backend, swiglu, swiglu_fused
+from xkernels import use_triton as xkernels_use_triton
 from xkernels.swiglu import swiglu_bwd_ref, swiglu_fused_ref, swiglu_ref
 
 # (atol, rtol) per dtype, against the float64 reference; bf16/fp16 outputs are rounded once (and the
@@ -99,3 +100,31 @@ def test_bad_input():
         swiglu(torch.randn(0, 4), torch.randn(0, 4))
     with pytest.raises(ValueError, match="even"):
         swiglu_fused(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_traces_under_torch_compile_fullgraph(backend, device):
+    """swiglu and swiglu_fused compile into one graph; on the kernel path as opaque custom ops."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def f(gate, up, x):
+        return (swiglu(gate, up) ** 2).sum() + (swiglu_fused(x) ** 2).sum()
+
+    gate, up = _inputs((5, 24), torch.float32, device)
+    x = torch.randn(3, 48, device=device, requires_grad=True)
+    torch._dynamo.reset()
+    with force_backend(backend):
+        out = torch.compile(f, fullgraph=True, backend=recording_backend)(gate, up, x)
+        kernels = xkernels_use_triton(gate)
+    grads = torch.autograd.grad(out, (gate, up, x))
+    expected = (swiglu_ref(gate, up) ** 2).sum() + (swiglu_fused_ref(x) ** 2).sum()
+    expected_grads = torch.autograd.grad(expected, (gate, up, x))
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grads, expected_grads)
+    assert len(graphs) == 1
+    for op in ("swiglu_fwd", "swiglu_fused_fwd"):
+        assert (f"xkernels.{op}" in graphs[0]) == kernels, op

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor
-from xkernels.dispatch import triton_available, use_triton
+from xkernels.dispatch import compiling, triton_available, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 # vocab rows per slab when a half-precision dW product is added into the fp32 accumulator: big enough
@@ -244,45 +244,131 @@ def _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, nee
     return loss, dh, dw
 
 
+def _step(use_kernel: bool):
+    return _ce_chunk_triton if use_kernel else _ce_chunk_torch
+
+
+def _lce_forward(h2, weight, t1, logit_scale, ignore_index, reduction, z_loss, chunk, need_dh, need_dw, use_kernel):
+    """``(loss, dh, dw)``: the reduced fp32 loss (per-token for "none") and, for the scalar reductions,
+    the gradients for ``grad_output = 1`` (``dh`` in the hidden dtype, ``dw`` in the weight dtype; None
+    when not needed).  For "none" no gradient is formed here (see :func:`_lce_backward_none`)."""
+    step = _step(use_kernel)
+    if reduction == "none":
+        loss, _, _ = _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, False, False)
+        return loss, None, None
+    loss, dh, dw = _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, need_dh, need_dw)
+    total = loss.sum()
+    if reduction == "mean":
+        # exact count of non-ignored targets, kept on the device (no sync); 0 targets -> loss 0, grads 0
+        inv_n = 1.0 / (t1 != ignore_index).sum().clamp_min(1).to(torch.float32)
+        total = total * inv_n
+        dh = dh.mul_(inv_n.to(dh.dtype)) if dh is not None else None
+        dw = dw.mul_(inv_n) if dw is not None else None
+    return total, dh, (dw.to(weight.dtype) if dw is not None else None)
+
+
+def _lce_backward_none(h2, weight, t1, grad, logit_scale, ignore_index, z_loss, chunk, need_dh, need_dw, use_kernel):
+    """Gradients for reduction "none": the chunks are recomputed with the per-token ``grad`` folded into ``dl``."""
+    _, dh, dw = _chunked(
+        h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, _step(use_kernel), need_dh, need_dw, grad.contiguous()
+    )
+    return dh, (dw.to(weight.dtype) if dw is not None else None)
+
+
+def _scale_saved(dh, dw, grad_out):
+    """Stored scalar-reduction gradients times ``grad_output`` (new tensors: the graph may be run again)."""
+    return (dh * grad_out.to(dh.dtype) if dh is not None else None, dw * grad_out.to(dw.dtype) if dw is not None else None)
+
+
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     """Over 2-D ``hidden (N, H)`` and 1-D ``targets (N,)``; returns the reduced fp32 loss."""
 
     @staticmethod
     def forward(ctx, h2, weight, t1, logit_scale, ignore_index, reduction, z_loss, chunk, use_kernel):
-        step = _ce_chunk_triton if use_kernel else _ce_chunk_torch
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        args = (logit_scale, ignore_index, reduction, z_loss, chunk, need_dh, need_dw, use_kernel)
+        loss, dh, dw = _lce_forward(h2, weight, t1, *args)
         ctx.reduction = reduction
-        if reduction == "none":
-            # per-token incoming gradients are only known in backward: recompute there
-            loss, _, _ = _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, False, False)
+        ctx.args = args
+        if reduction == "none":  # per-token incoming gradients are only known in backward: recompute there
             ctx.save_for_backward(h2, weight, t1)
-            ctx.args = (logit_scale, ignore_index, z_loss, chunk, step)
-            return loss
-        loss, dh, dw = _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, need_dh, need_dw)
-        total = loss.sum()
-        if reduction == "mean":
-            # exact count of non-ignored targets, kept on the device (no sync); 0 targets -> loss 0, grads 0
-            inv_n = 1.0 / (t1 != ignore_index).sum().clamp_min(1).to(torch.float32)
-            total = total * inv_n
-            dh = dh.mul_(inv_n.to(dh.dtype)) if dh is not None else None
-            dw = dw.mul_(inv_n) if dw is not None else None
-        ctx.save_for_backward(dh, dw.to(weight.dtype) if dw is not None else None)
-        return total
+        else:
+            ctx.save_for_backward(dh, dw)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
+        logit_scale, ignore_index, _, z_loss, chunk, need_dh, need_dw, use_kernel = ctx.args
         if ctx.reduction == "none":
             h2, weight, t1 = ctx.saved_tensors
-            logit_scale, ignore_index, z_loss, chunk, step = ctx.args
-            need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            _, dh, dw = _chunked(
-                h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, need_dh, need_dw, grad_out.contiguous()
+            dh, dw = _lce_backward_none(
+                h2, weight, t1, grad_out, logit_scale, ignore_index, z_loss, chunk, need_dh, need_dw, use_kernel
             )
-            return dh, (dw.to(weight.dtype) if dw is not None else None), None, None, None, None, None, None, None
-        dh, dw = ctx.saved_tensors
-        dh = dh * grad_out.to(dh.dtype) if dh is not None else None
-        dw = dw * grad_out.to(dw.dtype) if dw is not None else None
+        else:
+            dh, dw = _scale_saved(*ctx.saved_tensors, grad_out)
         return dh, dw, None, None, None, None, None, None, None
+
+
+# torch.compile: the same computation as opaque custom ops (traced through shape-only fake impls), so the
+# chunk loop, its in-place updates and the Triton launches never reach dynamo.  Eager calls keep the
+# autograd.Function above.  Absent gradients travel as empty tensors (custom-op outputs cannot be None).
+_CUSTOM_OPS = hasattr(torch.library, "custom_op")
+if _CUSTOM_OPS:
+
+    def _none_if_empty(t):
+        return None if t.numel() == 0 else t
+
+    @torch.library.custom_op(
+        "xkernels::linear_cross_entropy_fwd",
+        mutates_args=(),
+        schema="(Tensor h2, Tensor weight, Tensor t1, float logit_scale, int ignore_index, str reduction, "
+        "float z_loss, int chunk, bool need_dh, bool need_dw, bool use_kernel) -> (Tensor, Tensor, Tensor)",
+    )
+    def _lce_fwd_op(h2, weight, t1, logit_scale, ignore_index, reduction, z_loss, chunk, need_dh, need_dw, use_kernel):
+        loss, dh, dw = _lce_forward(
+            h2, weight, t1, logit_scale, ignore_index, reduction, z_loss, chunk, need_dh, need_dw, use_kernel
+        )
+        return loss, (dh if dh is not None else h2.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
+
+    @_lce_fwd_op.register_fake
+    def _(h2, weight, t1, logit_scale, ignore_index, reduction, z_loss, chunk, need_dh, need_dw, use_kernel):
+        loss = h2.new_empty(h2.shape[0] if reduction == "none" else (), dtype=torch.float32)
+        grads = reduction != "none"
+        dh = h2.new_empty(h2.shape if grads and need_dh else (0,))
+        dw = weight.new_empty(weight.shape if grads and need_dw else (0,))
+        return loss, dh, dw
+
+    @torch.library.custom_op(
+        "xkernels::linear_cross_entropy_bwd_none",
+        mutates_args=(),
+        schema="(Tensor h2, Tensor weight, Tensor t1, Tensor grad, float logit_scale, int ignore_index, "
+        "float z_loss, int chunk, bool need_dh, bool need_dw, bool use_kernel) -> (Tensor, Tensor)",
+    )
+    def _lce_bwd_none_op(h2, weight, t1, grad, logit_scale, ignore_index, z_loss, chunk, need_dh, need_dw, use_kernel):
+        dh, dw = _lce_backward_none(
+            h2, weight, t1, grad, logit_scale, ignore_index, z_loss, chunk, need_dh, need_dw, use_kernel
+        )
+        return (dh if dh is not None else h2.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
+
+    @_lce_bwd_none_op.register_fake
+    def _(h2, weight, t1, grad, logit_scale, ignore_index, z_loss, chunk, need_dh, need_dw, use_kernel):
+        return h2.new_empty(h2.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,))
+
+    def _lce_setup_context(ctx, inputs, output):
+        h2, weight, t1, logit_scale, ignore_index, reduction, z_loss, chunk, need_dh, need_dw, use_kernel = inputs
+        _, dh, dw = output
+        ctx.reduction = reduction
+        ctx.args = (logit_scale, ignore_index, z_loss, chunk, need_dh, need_dw, use_kernel)
+        ctx.save_for_backward(*((h2, weight, t1) if reduction == "none" else (dh, dw)))
+
+    def _lce_op_backward(ctx, grad_out, _ddh, _ddw):
+        if ctx.reduction == "none":
+            dh, dw = _lce_bwd_none_op(*ctx.saved_tensors, grad_out, *ctx.args)
+        else:
+            dh, dw = _scale_saved(*ctx.saved_tensors, grad_out)
+        return _none_if_empty(dh), _none_if_empty(dw), None, None, None, None, None, None, None, None, None
+
+    _lce_fwd_op.register_autograd(_lce_op_backward, setup_context=_lce_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -328,11 +414,6 @@ def measure_peak_memory(fn, device: torch.device | str = "cpu") -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
-
-
 def _validate(hidden, weight, targets, logit_scale, ignore_index, reduction, z_loss, chunk_size):
     check_float("hidden", hidden)
     check_float("weight", weight)
@@ -374,7 +455,7 @@ def _validate(hidden, weight, targets, logit_scale, ignore_index, reduction, z_l
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     # Host-side range check of the targets (one device->host sync); skipped while torch.compile traces.
     # An out-of-range target there gives an undefined loss instead of an error.
-    if not _compiling():
+    if not compiling():
         valid = targets != ignore_index
         lo = torch.where(valid, targets, 0).min()
         hi = torch.where(valid, targets, 0).max()
@@ -413,17 +494,14 @@ def linear_cross_entropy(
     n, vocab = h2.shape[0], weight.shape[0]
     chunk = chunk_size if chunk_size is not None else default_chunk_size(n, vocab, h2.shape[1])
     use_kernel = use_triton(hidden)
-    args = (float(logit_scale), int(ignore_index), reduction, float(z_loss), min(chunk, n), use_kernel)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        loss = _LinearCrossEntropyFunction.apply(h2, weight, t1, *args)
+    args = (float(logit_scale), int(ignore_index), reduction, float(z_loss), min(chunk, n))
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if _CUSTOM_OPS and compiling():
+        need = (grad and hidden.requires_grad, grad and weight.requires_grad)
+        loss, _, _ = _lce_fwd_op(h2, weight, t1, *args, *need, use_kernel)
+    elif grad:
+        loss = _LinearCrossEntropyFunction.apply(h2, weight, t1, *args, use_kernel)
     else:
         with torch.no_grad():
-            step = _ce_chunk_triton if use_kernel else _ce_chunk_torch
-            per_token, _, _ = _chunked(h2, weight, t1, args[0], args[1], args[3], args[4], step, False, False)
-            if reduction == "none":
-                loss = per_token
-            elif reduction == "sum":
-                loss = per_token.sum()
-            else:
-                loss = per_token.sum() / (t1 != ignore_index).sum().clamp_min(1).to(torch.float32)
+            loss, _, _ = _lce_forward(h2, weight, t1, *args, False, False, use_kernel)
     return loss.reshape(targets.shape) if reduction == "none" else loss

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from xkernels._checks import check_float, check_nonempty, check_same_device
-from xkernels.dispatch import triton_available, use_triton
+from xkernels.dispatch import compiling, triton_available, use_triton
 
 # ----------------------------------------------------------------------------------------------------
 # PyTorch reference (CPU path, tests, benchmarks)
@@ -179,6 +179,65 @@ class _SwiGLUFusedFunction(torch.autograd.Function):
         return dx
 
 
+# torch.compile: the launchers as opaque custom ops traced through shape-only fakes; eager calls keep the
+# autograd.Functions above.
+_CUSTOM_OPS = triton_available() and hasattr(torch.library, "custom_op")
+if _CUSTOM_OPS:
+
+    @torch.library.custom_op("xkernels::swiglu_fwd", mutates_args=(), schema="(Tensor g2, Tensor u2) -> Tensor")
+    def _swiglu_fwd_op(g2, u2):
+        return _swiglu_fwd(g2, u2)
+
+    @_swiglu_fwd_op.register_fake
+    def _(g2, u2):
+        return g2.new_empty(g2.shape)
+
+    @torch.library.custom_op(
+        "xkernels::swiglu_bwd", mutates_args=(), schema="(Tensor dy, Tensor g2, Tensor u2) -> (Tensor, Tensor)"
+    )
+    def _swiglu_bwd_op(dy, g2, u2):
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        dg = torch.empty(g2.shape, dtype=g2.dtype, device=g2.device)
+        du = torch.empty(u2.shape, dtype=u2.dtype, device=u2.device)
+        _swiglu_bwd(dy, g2, u2, dg, du, g2.shape[1])
+        return dg, du
+
+    @_swiglu_bwd_op.register_fake
+    def _(dy, g2, u2):
+        return g2.new_empty(g2.shape), u2.new_empty(u2.shape)
+
+    @torch.library.custom_op("xkernels::swiglu_fused_fwd", mutates_args=(), schema="(Tensor x2) -> Tensor")
+    def _swiglu_fused_fwd_op(x2):
+        f = x2.shape[1] // 2
+        return _swiglu_fwd(x2[:, :f], x2[:, f:])
+
+    @_swiglu_fused_fwd_op.register_fake
+    def _(x2):
+        return x2.new_empty(x2.shape[0], x2.shape[1] // 2)
+
+    @torch.library.custom_op("xkernels::swiglu_fused_bwd", mutates_args=(), schema="(Tensor dy, Tensor x2) -> Tensor")
+    def _swiglu_fused_bwd_op(dy, x2):
+        f = x2.shape[1] // 2
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+        _swiglu_bwd(dy, x2[:, :f], x2[:, f:], dx, dx[:, f:], 2 * f)
+        return dx
+
+    @_swiglu_fused_bwd_op.register_fake
+    def _(dy, x2):
+        return x2.new_empty(x2.shape)
+
+    def _save_inputs(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    _swiglu_fwd_op.register_autograd(
+        lambda ctx, dy: _swiglu_bwd_op(dy, *ctx.saved_tensors), setup_context=_save_inputs
+    )
+    _swiglu_fused_fwd_op.register_autograd(
+        lambda ctx, dy: _swiglu_fused_bwd_op(dy, *ctx.saved_tensors), setup_context=_save_inputs
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------
@@ -201,7 +260,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     check_same_device("up", up, "gate", gate)
     check_nonempty("gate", gate)
     if use_triton(gate):
-        return _SwiGLUFunction.apply(_rows(gate), _rows(up)).view(gate.shape)
+        fn = _swiglu_fwd_op if _CUSTOM_OPS and compiling() else _SwiGLUFunction.apply
+        return fn(_rows(gate), _rows(up)).view(gate.shape)
     return swiglu_ref(gate, up)
 
 
@@ -217,5 +277,6 @@ def swiglu_fused(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the last dim of x must be even (gate and up halves), got {x.shape[-1]}")
     if use_triton(x):
         out_shape = (*x.shape[:-1], x.shape[-1] // 2)
-        return _SwiGLUFusedFunction.apply(_rows(x)).view(out_shape)
+        fn = _swiglu_fused_fwd_op if _CUSTOM_OPS and compiling() else _SwiGLUFusedFunction.apply
+        return fn(_rows(x)).view(out_shape)
     return swiglu_fused_ref(x)
