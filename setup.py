@@ -33,6 +33,12 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "build": ["ninja"],
     },
-    entry_points={"console_scripts": ["xmodel-train=xmodel.train:main", "xmodel-generate=xmodel.generate:main"]},
+    entry_points={
+        "console_scripts": [
+            "xmodel-train=xmodel.train:main",
+            "xmodel-generate=xmodel.generate:main",
+            "xmodel-eval=xmodel.lm_eval_adapter:main",
+        ]
+    },
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )
