@@ -1,5 +1,10 @@
 """Scaled FP8 GEMM vs the dequantised fp32 product of the same fp8 inputs (relative error < 1e-3)."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -140,3 +145,54 @@ def test_bad_inputs_raise_clear_errors(device):
             fp8_gemm(a.cuda(), b.cpu(), sa.cuda(), sb.cuda())
         with pytest.raises(ValueError, match="a_scale is on cpu but a is on cuda"):
             fp8_gemm(a.cuda(), b.cuda(), sa.cpu(), sb.cuda())
+
+
+_LOWERING_SCRIPT = textwrap.dedent(
+    """
+    import inspect, triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from xkernels.fp8 import gemm, quant
+
+    def build(kernel, ptrs, consts, cc):
+        names = list(inspect.signature(kernel.fn).parameters)
+        sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
+        # What a real launch specialises: 16-byte aligned pointers and leading strides.
+        aligned = [n for n in names if n in ptrs or n in ("stride_am", "stride_bn", "stride_cm", "K")]
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=8, num_stages=3))
+
+    gemm_ptrs = {"a_ptr": "*fp8e5", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "bias_ptr": "*fp32",
+                 "sa_ptr": "*fp32", "sb_ptr": "*fp32"}
+    for cc, tma, mode in ((90, True, 2), (90, False, 0), (89, False, 1)):
+        consts = dict(stride_ak=1, stride_bk=1, stride_cn=1, SCALE_MODE=mode, SB_ROWS=128, HAS_BIAS=True,
+                      USE_TMA=tma, BM=128, BN=128, BK=128, GROUP_M=8)
+        k = build(gemm._fp8_gemm_kernel, gemm_ptrs, consts, cc)
+        assert ("wgmma" in k.asm["ptx"]) == (cc == 90), cc
+        assert k.metadata.shared >= 2 * 2 * 128 * 128, "K loop not software-pipelined (single-buffered)"
+    cast_ptrs = {"x_ptr": "*bf16", "y_ptr": "*fp8e4nv", "yt_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                 "st_ptr": "*fp32", "amax_ptr": "*fp32"}
+    for mode, t_mode in ((0, 1), (1, 3), (2, 2)):
+        consts = dict(stride_xk=1, FP8_DTYPE=tl.float8e4nv, FP8_MAX=448.0, MBITS=3, EMIN=-6, EPS=1e-12,
+                      MODE=mode, T_MODE=t_mode, S_ROWS=1, ST_ROWS=1, WRITE_AMAX=True, EXACT_ROUND=False,
+                      BM=128, BK=128)
+        ptx = build(quant._cast_kernel, cast_ptrs, consts, 90).asm["ptx"]
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx
+    print("lowered")
+    """
+)
+
+
+@pytest.mark.slow
+def test_kernels_lower_for_hopper_and_ada():
+    """Compile (no GPU needed) the GEMM for sm_90 (TMA + wgmma, pipelined) and sm_89, and the cast kernel
+    (hardware RNE saturating cvt, IEEE division): catches GPU-only lowering errors the interpreter cannot see."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"this Triton has no ASTSource/GPUTarget to compile ahead of time: {err}")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", _LOWERING_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "lowered" in proc.stdout, proc.stderr[-3000:]
