@@ -2,6 +2,8 @@
 
 import logging
 import math
+import os
+import tempfile
 
 import pytest
 import torch
@@ -348,3 +350,30 @@ def test_transformer_engine_backend_matches_ours():
     y_ref = ref(x).float()
     assert sqnr_db(te_lin(x).float(), y_ref) >= 25
     assert sqnr_db(ours(x).float(), y_ref) >= 25
+
+
+def _amax_reduce_worker(rank: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'init')}", rank=rank, world_size=2)
+    try:
+        with force_backend("torch"):
+            torch.manual_seed(0)
+            shared = FP8Linear(32, 16, recipe=FP8Recipe.from_name("delayed", reduce_amax_group=True))
+            local = FP8Linear(32, 16, recipe=FP8Recipe.from_name("delayed"))
+            for mod in (shared, local):
+                x = _with_amax(2.0 * (rank + 1)).requires_grad_()
+                mod(x).backward(torch.full((16, 16), float(rank + 1)))
+        assert shared.fp8_amax_history[:, 0].tolist() == [4.0, shared.fp8_amax_history[1, 0].item(), 2.0]
+        assert local.fp8_amax_history[:, 0].tolist()[::2] == [2.0 * (rank + 1), float(rank + 1)]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_amax_is_reduced_across_the_process_group():
+    """Two gloo ranks with different amaxes: with reduce_amax_group both histories hold the max of the two."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_amax_reduce_worker, args=(tmp,), nprocs=2, join=True)
