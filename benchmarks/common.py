@@ -41,7 +41,7 @@ MIN_ROUNDS = 2 if SMOKE else (10 if ON_CUDA else 3)
 MAX_ROUNDS = 5 if SMOKE else (200 if ON_CUDA else 40)
 WARMUP_CALLS = 1 if SMOKE else 3
 
-ROLES = {"xkernels": "ours", "eager": "baseline"}  # anything else is a "peer"
+BASELINES = ("eager", "bf16")  # plain PyTorch; "xkernels*" are ours; anything else is a peer
 
 
 def pick(cuda: Any, cpu: Any) -> Any:
@@ -88,7 +88,9 @@ def compile_fn(fn: Callable) -> Callable:
 
 
 def role(impl: str) -> str:
-    return ROLES.get(impl, "peer")
+    if impl.startswith("xkernels"):
+        return "ours"
+    return "baseline" if impl in BASELINES else "peer"
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -142,7 +144,7 @@ def _leaves(args: Sequence[Any]) -> list[torch.Tensor]:
     return [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad and a.is_leaf]
 
 
-def _backward(out: Any, grads: Any) -> None:
+def backward(out: Any, grads: Any) -> None:
     outs = out if isinstance(out, (tuple, list)) else (out,)
     gs = grads if isinstance(grads, (tuple, list)) else (grads,)
     pairs = [(o, g) for o, g in zip(outs, gs) if isinstance(o, torch.Tensor) and o.requires_grad]
@@ -166,6 +168,7 @@ def run(
     pool: int | None = None,
     extra: dict | None = None,
     after_round: Callable[[], None] | None = None,
+    warmup: int | None = None,
 ) -> None:
     """Benchmark ``fn`` on inputs from ``make_inputs() -> (args, grad_outputs)`` in one ``mode``:
 
@@ -224,11 +227,11 @@ def run(
     elif mode == "fwdbwd":
 
         def target(args, grads):
-            _backward(fn(*args), grads)
+            backward(fn(*args), grads)
     elif mode == "bwd":
 
         def target(out, grads):
-            _backward(out, grads)
+            backward(out, grads)
     else:
 
         def target(args, grads):
@@ -241,7 +244,7 @@ def run(
         return
 
     elapsed = 0.0
-    for _ in range(WARMUP_CALLS):  # compile, autotune, allocator warm-up
+    for _ in range(WARMUP_CALLS if warmup is None else max(1, warmup)):  # compile, autotune, allocator warm-up
         a, k = setup()
         sync()
         t0 = time.perf_counter()

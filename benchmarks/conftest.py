@@ -21,8 +21,8 @@ def pytest_collect_file(file_path, parent):
     if file_path.suffix != ".py" or not fnmatch.fnmatch(name, "bench_*.py"):
         return None
     patterns = parent.config.getini("python_files") or []
-    if any(fnmatch.fnmatch(name, p) for p in patterns):
-        return None  # the default collector already takes it
+    if parent.session.isinitpath(file_path) or any(fnmatch.fnmatch(name, p) for p in patterns):
+        return None  # pytest's own collector takes files named on the command line or matching python_files
     return pytest.Module.from_parent(parent, path=file_path)
 
 
