@@ -217,7 +217,8 @@ def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
 def _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, need_dh, need_dw, row_grad=None):
     """Run all chunks.  Returns (per-token fp32 loss (N,), dh (N, H) or None, dW fp32 (V, H) or None).
 
-    When neither gradient is needed only the losses are computed (the logits chunk is not modified).
+    When neither gradient is needed only the losses are computed.  ``row_grad`` (N,) multiplies each
+    token's ``dl`` (reduction "none").
     """
     n = h2.shape[0]
     compute_grad = need_dh or need_dw
