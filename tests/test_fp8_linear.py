@@ -266,6 +266,19 @@ def test_meta_device_build_then_to_empty_resets_fp8_state():
     assert model[0].fp8_num_updates.tolist() == [1, 1, 1]
 
 
+def test_runs_inside_torch_compile():
+    """FP8Linear runs eagerly inside a compiled model (graph break) and keeps updating its history."""
+    model = convert_to_fp8(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16)))
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(8, 32)
+    with force_backend("torch"):
+        for _ in range(2):
+            compiled(x).sum().backward()
+        assert model[0].fp8_num_updates.tolist() == [2, 1, 2]
+        model.eval()  # eval: no history updates, so both calls use the same scales
+        torch.testing.assert_close(compiled(x), model(x))
+
+
 def test_to_linear_and_from_linear_round_trip():
     lin = nn.Linear(32, 48)
     fp8 = FP8Linear.from_linear(lin, FP8Recipe.from_name("row"))

@@ -234,6 +234,9 @@ class FP8Linear(nn.Linear):
 
     # --- forward ------------------------------------------------------------------------------------------------
 
+    # Under torch.compile this layer runs eagerly (a graph break around it): its amax history and weight cache are
+    # Python-side state Dynamo cannot trace, and its work is already in fused Triton kernels.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._te is not None:
             return _te_forward(self, x)
