@@ -264,6 +264,9 @@ if triton_available():
         tl.store(OUT + batch * stride_ob + rows[:, None] * stride_or + cols[None, :] * stride_oc, out.to(OUT.dtype.element_ty), mask=mask)
 
 
+_MAX_GRID_Y = 65535
+
+
 @functools.cache
 def _tile_table(n_tiles: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Row/column tile indices of the lower triangle (i ≥ j), row-major: the gram kernel's program map.
@@ -324,6 +327,8 @@ def newton_schulz_triton_batched(X: torch.Tensor, coeffs: Sequence[tuple[float, 
     nb, k, n = X.shape
     if k * n >= 2**31:
         raise ValueError(f"each matrix must have fewer than 2**31 elements, got {k}×{n}")
+    if nb > _MAX_GRID_Y:  # the batch is grid axis 1, limited to 65535 programs on CUDA
+        return torch.cat([newton_schulz_triton_batched(X[s : s + _MAX_GRID_Y], coeffs) for s in range(0, nb, _MAX_GRID_Y)])
     A = torch.empty((nb, k, k), dtype=X.dtype, device=X.device)
     B = torch.empty_like(A)
     cur, nxt = X, torch.empty_like(X)
