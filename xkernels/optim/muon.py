@@ -404,10 +404,12 @@ def _check_adamw_group(group: dict[str, Any]) -> None:
 
 
 def _adamw_group_step(opt: torch.optim.Optimizer, group: dict[str, Any]) -> None:
-    """AdamW exactly as ``torch.optim.AdamW`` (single-tensor path, no amsgrad): state ``exp_avg``,
-    ``exp_avg_sq`` and a float32 ``step`` tensor, so states move freely between the two optimizers."""
+    """AdamW exactly as ``torch.optim.AdamW`` (no amsgrad), with ``torch._foreach`` ops over the parameters that
+    share device, dtype and step count.  State keys ``exp_avg``, ``exp_avg_sq`` and a CPU float32 ``step``
+    tensor, so states move freely between this and ``torch.optim.AdamW``."""
     lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
     beta1, beta2 = group["betas"]
+    buckets: dict[tuple, list[list[torch.Tensor]]] = {}
     for p in group["params"]:
         if p.grad is None:
             continue
@@ -418,17 +420,24 @@ def _adamw_group_step(opt: torch.optim.Optimizer, group: dict[str, Any]) -> None
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        param, grad = _local(p), _local(p.grad)
-        exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
         state["step"] += 1
         step = float(state["step"])
-        param.mul_(1.0 - lr * wd)
-        exp_avg.lerp_(grad, 1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        param = _local(p)
+        lists = buckets.setdefault((param.device, param.dtype, step), [[], [], [], []])
+        for lst, t in zip(lists, (param, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]))):
+            lst.append(t)
+    for (_, _, step), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
         bias_correction1 = 1.0 - beta1**step
         bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        if wd != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / bias_correction1)
 
 
 class MuonWithAuxAdamW(Muon):
@@ -559,7 +568,8 @@ def switch_adamw_to_muon(
     groups is split in two: the parameters ``is_muon`` selects go to a Muon group named ``"<name>.muon"`` that
     keeps the group's ``lr``, ``weight_decay``, ``initial_lr`` and any other user key ("every other
     hyper-parameter unchanged"), the rest stay in an AdamW group (same name, ``betas`` and ``eps`` too) whose
-    AdamW state (``exp_avg``, ``exp_avg_sq``, ``step``) is taken over as is, so they continue exactly.
+    AdamW state is taken over (``exp_avg``/``exp_avg_sq`` tensors as is, ``step`` as a CPU copy), so they continue
+    exactly.
     A group without a ``name`` is called ``"group<i>"``.
 
     ``momentum_init``: ``"zero"`` starts each Muon momentum buffer at zero; ``"exp_avg"`` copies AdamW's
@@ -604,7 +614,9 @@ def switch_adamw_to_muon(
             old = optimizer.state.get(p, {})
             if not group["use_muon"]:
                 if old:
-                    new.state[p] = {k: old[k] for k in ("step", "exp_avg", "exp_avg_sq") if k in old}
+                    new.state[p] = {k: old[k] for k in ("exp_avg", "exp_avg_sq") if k in old}
+                    # fused/capturable AdamW keeps step on the GPU: a CPU scalar avoids a sync per parameter
+                    new.state[p]["step"] = old["step"].detach().to("cpu", torch.float32).clone()
             elif momentum_init == "exp_avg" and "exp_avg" in old:
                 new.state[p] = {"momentum_buffer": old["exp_avg"].detach().clone()}
     return new
