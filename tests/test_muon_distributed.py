@@ -3,8 +3,8 @@
 Each worker trains a small tied-embedding model three steps with the hybrid optimizer three ways -- single
 process on the full batch (the reference), DDP and FSDP2 (``fully_shard``, DTensors sharded on dim 0) on
 half the batch each -- and checks that the distributed parameters equal the reference.  The FSDP2 run also
-saves every rank's optimizer state after step 2, restores it into a fresh optimizer and checks step 3
-continues identically.  Shapes are odd on purpose (5 and 23 rows: uneven shards, one tall matrix).
+saves every rank's optimizer state after step 2 (per-rank ``torch.save``, and ``torch.distributed.checkpoint``
+as the trainer does), restores it into a fresh optimizer and checks step 3 continues identically.  Shapes are odd on purpose (5 and 23 rows: uneven shards, one tall matrix).
 """
 
 from __future__ import annotations
@@ -169,12 +169,60 @@ def _check_fsdp2(rank, state_dir):
             torch.testing.assert_close(p.full_tensor(), full[n], atol=0, rtol=0, msg=lambda m: f"resume {n}: {m}")
 
 
+def _check_fsdp2_dcp(rank, tmp):
+    """The trainer's path: torch.distributed.checkpoint with get/set_optimizer_state_dict (whose zero-lr
+    initialising step the optimizer must survive) resumes exactly."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+
+    def build():
+        torch.manual_seed(0)
+        model = _Toy()
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, _make_optimizer(model, torch.float32, distributed=None)
+
+    batches = [b[rank * 2 : rank * 2 + 2] for b in _batches()]
+    model, opt = build()
+    for tokens in batches[:2]:
+        opt.zero_grad()
+        model(tokens).backward()
+        opt.step()
+    ckpt = os.path.join(tmp, "dcp")
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
+    opt.zero_grad()
+    model(batches[2]).backward()
+    opt.step()
+
+    model2, opt2 = build()
+    sd = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(model2, sd["model"])
+    set_optimizer_state_dict(model2, opt2, sd["optim"])
+    opt2.zero_grad()
+    model2(batches[2]).backward()
+    opt2.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
+        torch.testing.assert_close(q.full_tensor(), p.full_tensor(), atol=0, rtol=0, msg=lambda m: f"DCP resume {n}: {m}")
+
+
 def _worker(rank, tmp):
     _setup_worker()
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'init')}", rank=rank, world_size=WORLD)
     try:
         _check_ddp(rank)
         _check_fsdp2(rank, tmp)
+        _check_fsdp2_dcp(rank, tmp)
     finally:
         dist.destroy_process_group()
 
