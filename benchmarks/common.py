@@ -36,7 +36,7 @@ SMOKE = os.environ.get("XK_BENCH_SMOKE") == "1"  # tiny round counts (report --c
 CPU_COMPILE = os.environ.get("XK_BENCH_CPU_COMPILE") == "1"
 
 # Wall time aimed at per case for the timed rounds, and bounds on the round count.
-TARGET_S = 0.02 if SMOKE else (0.25 if ON_CUDA else 0.4)
+TARGET_S = 0.02 if SMOKE else (0.15 if ON_CUDA else 0.4)
 MIN_ROUNDS = 2 if SMOKE else (10 if ON_CUDA else 3)
 MAX_ROUNDS = 5 if SMOKE else (200 if ON_CUDA else 40)
 WARMUP_CALLS = 1 if SMOKE else 3
@@ -243,8 +243,26 @@ def run(
         benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=1)
         return
 
+    try:
+        elapsed = _warm_up(setup, target, teardown, warmup)
+    except Exception as exc:
+        if role(impl) != "peer":
+            raise
+        # A third-party contender that breaks on this install (API drift, unsupported GPU) is reported, not fatal.
+        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        pytest.skip(f"peer {impl} failed on this install: {type(exc).__name__}: {msg}")
+    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(TARGET_S / max(elapsed, 1e-6))))
+    if ON_CUDA and hasattr(benchmark, "_timer"):
+        benchmark._timer = CudaEventTimer()
+    benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds)
+    sync()
+    _derive(benchmark, info, ceiling)
+
+
+def _warm_up(setup, target, teardown, warmup: int | None) -> float:
+    """Untimed calls before timing (compilation, autotuning, allocator); returns the last call's seconds."""
     elapsed = 0.0
-    for _ in range(WARMUP_CALLS if warmup is None else max(1, warmup)):  # compile, autotune, allocator warm-up
+    for i in range(WARMUP_CALLS if warmup is None else max(1, warmup)):
         a, k = setup()
         sync()
         t0 = time.perf_counter()
@@ -253,12 +271,9 @@ def run(
         elapsed = time.perf_counter() - t0
         if teardown is not None:
             teardown()
-    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(TARGET_S / max(elapsed, 1e-6))))
-    if ON_CUDA and hasattr(benchmark, "_timer"):
-        benchmark._timer = CudaEventTimer()
-    benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds)
-    sync()
-    _derive(benchmark, info, ceiling)
+        if i >= 1 and elapsed > TARGET_S:  # slow case: the first call held any compilation; enough warming
+            break
+    return elapsed
 
 
 def _derive(benchmark, info: dict, ceiling: str | None) -> None:

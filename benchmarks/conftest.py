@@ -4,12 +4,16 @@
 * Nothing here sets ``TRITON_INTERPRET``: on CPU the ops take their default (auto) path, the PyTorch reference.
 * The ceilings (:mod:`benchmarks.ceilings`) are measured once per session when timing is on, and written into
   the ``--benchmark-json`` output under ``"xkernels"`` together with the versions of torch/triton/CUDA and peers.
+* With ``XK_BENCH_JSONL=path`` every finished case is appended to that file at once (the report command's source:
+  a family that runs out of time keeps the cases it finished).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import importlib.metadata
+import json
+import os
 import platform
 
 import pytest
@@ -78,3 +82,24 @@ def _ceilings(request):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _record(request):
+    """Append the finished case to ``$XK_BENCH_JSONL`` (one JSON object per line)."""
+    yield
+    path = os.environ.get("XK_BENCH_JSONL")
+    bench = getattr(request.node, "funcargs", {}).get("benchmark")
+    stats = getattr(getattr(bench, "stats", None), "stats", None)
+    if not path or stats is None:
+        return
+    record = {
+        "name": request.node.name,
+        "fullname": request.node.nodeid,
+        "group": bench.group,
+        "param": bench.param,
+        "stats": {k: getattr(stats, k) for k in ("min", "max", "mean", "median", "stddev", "rounds")},
+        "extra_info": bench.extra_info,
+    }
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")

@@ -90,12 +90,12 @@ def run_tests(env: dict, timeout: float) -> dict:
             "summary": _summary_line(out), "tail": out.strip().splitlines()[-25:]}
 
 
-def run_module(module: str, json_path: Path, env: dict, timeout: float, selection: str | None) -> dict:
+def run_module(module: str, jsonl: Path, env: dict, timeout: float, selection: str | None) -> dict:
     cmd = [sys.executable, "-m", "pytest", f"benchmarks/{module}.py", "-q", "-p", "no:cacheprovider",
-           "--benchmark-only", f"--benchmark-json={json_path}", "--benchmark-columns=median,rounds"]
+           "--benchmark-only", "--benchmark-columns=median,rounds"]
     if selection:
         cmd += ["-k", selection]
-    rc, out, secs = _run(cmd, timeout, env)
+    rc, out, secs = _run(cmd, timeout, {**env, "XK_BENCH_JSONL": str(jsonl)})
     status = "timeout" if rc is None else ("ok" if rc == 0 else f"failed (exit {rc})")
     return {"status": status, "seconds": round(secs, 1), "summary": _summary_line(out), "skips": _skips(out),
             "tail": [] if rc == 0 else out.strip().splitlines()[-25:]}
@@ -106,29 +106,36 @@ def _impl_key(impl: str) -> tuple[int, str]:
     return (IMPL_ORDER.index(impl) if impl in IMPL_ORDER else len(IMPL_ORDER), impl)
 
 
-def collect(raw_files: list[Path]) -> tuple[list[dict], dict]:
-    """Group every benchmark of the raw pytest-benchmark files; returns ``(groups, xkernels-section)``."""
-    groups: dict[str, dict] = {}
-    meta: dict = {}
-    for path in raw_files:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):  # module crashed or timed out before writing
+def read_records(paths: list[Path]) -> list[dict]:
+    """The cases recorded (one JSON per line) by ``benchmarks/conftest.py``; a torn last line is dropped."""
+    records = []
+    for path in paths:
+        if not path.exists():
             continue
-        meta = data.get("xkernels", meta)
-        for bench in data.get("benchmarks", []):
-            info = dict(bench.get("extra_info", {}))
-            stats = bench.get("stats", {})
-            row = {"impl": info.pop("impl", bench.get("param")), "role": info.pop("role", "peer"), "test": bench["name"],
-                   "median_s": stats.get("median"), "min_s": stats.get("min"), "rounds": stats.get("rounds")}
-            for key in ("gbps", "tflops", "pct_of_ceiling", "ceiling", "ceiling_value", "peak_mem_bytes", "tokens_per_s",
-                        "bytes", "flops", "timer"):
-                if key in info:
-                    row[key] = info[key]
-            name = bench.get("group") or bench["name"]
-            group = groups.setdefault(name, {"group": name, "family": info.get("family"), "pass": info.get("pass"),
-                                             "shape": info.get("shape"), "dtype": info.get("dtype"), "rows": []})
-            group["rows"].append(row)
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def collect(records: list[dict]) -> list[dict]:
+    """Group the recorded cases by pytest-benchmark group, with ratios; ordered by family."""
+    groups: dict[str, dict] = {}
+    for bench in records:
+        info = dict(bench.get("extra_info", {}))
+        stats = bench.get("stats", {})
+        row = {"impl": info.pop("impl", bench.get("param")), "role": info.pop("role", "peer"), "test": bench["name"],
+               "median_s": stats.get("median"), "min_s": stats.get("min"), "rounds": stats.get("rounds")}
+        for key in ("gbps", "tflops", "pct_of_ceiling", "ceiling", "ceiling_value", "peak_mem_bytes", "tokens_per_s",
+                    "bytes", "flops", "timer"):
+            if key in info:
+                row[key] = info[key]
+        name = bench.get("group") or bench["name"]
+        group = groups.setdefault(name, {"group": name, "family": info.get("family"), "pass": info.get("pass"),
+                                         "shape": info.get("shape"), "dtype": info.get("dtype"), "rows": []})
+        group["rows"].append(row)
     out = []
     for group in groups.values():
         rows = sorted(group["rows"], key=lambda r: _impl_key(r["impl"]))
@@ -151,7 +158,7 @@ def collect(raw_files: list[Path]) -> tuple[list[dict], dict]:
         group["rows"] = rows
         out.append(group)
     out.sort(key=lambda g: (list(FAMILY_TITLES).index(g["family"]) if g["family"] in FAMILY_TITLES else 99, g["group"]))
-    return out, meta
+    return out
 
 
 def strip_absolute(results: dict) -> None:
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=470.0, help="wall-time budget for the whole report")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny subset, minimal rounds (tests this command on CPU)")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the CUDA parity tests")
-    parser.add_argument("--tests-budget-s", type=float, default=150.0, help="time limit for the parity tests")
+    parser.add_argument("--tests-budget-s", type=float, default=110.0, help="time limit for the parity tests")
     parser.add_argument("--modules", nargs="*", default=None, help=f"subset of {MODULES}")
     parser.add_argument("--update-readme", action="store_true", help="regenerate README's table from --out afterwards")
     args = parser.parse_args(argv)
@@ -281,14 +288,14 @@ def main(argv: list[str] | None = None) -> int:
             left = deadline - time.monotonic()
             reserve = 20.0 * (len(modules) - i - 1)  # leave the later families a minimum
             timeout = max(20.0, left - reserve) if i == len(modules) - 1 else max(20.0, min(left - reserve, left * 0.45))
-            path = tmp / f"{module}.json"
+            path = tmp / f"{module}.jsonl"
             print(f"[report] {module} (limit {timeout:.0f} s) ...", flush=True)
             status[module] = run_module(module, path, env, timeout, SMOKE_SELECTION.get(module) if args.cpu_smoke else None)
             print(f"[report]   {status[module]['status']}: {status[module]['summary']} ({status[module]['seconds']} s)", flush=True)
             raw_files.append(path)
-        groups, meta = collect(raw_files)
+        groups = collect(read_records(raw_files))
 
-    vers = meta.get("versions") or versions()
+    vers = versions()
     date = dt.datetime.now(dt.timezone.utc)
     machine = ceil["device"]
     results = {
