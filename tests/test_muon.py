@@ -186,7 +186,15 @@ def test_spectral_step_and_weight_decay_use_unadjusted_lr():
     p0 = p.detach().clone()
     g = torch.randn(30, 12)
     p.grad = g.clone()
-    Muon([p], lr=0.03, weight_decay=0.2, momentum=0.5, nesterov=False, adjust_lr_fn="spectral", compute_dtype=torch.float32).step()
+    Muon(
+        [p],
+        lr=0.03,
+        weight_decay=0.2,
+        momentum=0.5,
+        nesterov=False,
+        adjust_lr_fn="spectral",
+        compute_dtype=torch.float32,
+    ).step()
     # the momentum buffer after one step is (1 − μ)·g, whose scale the normalisation removes (up to eps)
     update = newton_schulz_ref(0.5 * g, dtype=torch.float32)
     torch.testing.assert_close(p, p0 * (1 - 0.03 * 0.2) - 0.03 * math.sqrt(30 / 12) * update, atol=1e-6, rtol=1e-6)
@@ -210,7 +218,9 @@ def test_toy_least_squares_converges():
     assert losses[-1] < 0.03 * losses[0]
 
 
-@pytest.mark.skipif(not interpreting() and not torch.cuda.is_available(), reason="kernels need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.skipif(
+    not interpreting() and not torch.cuda.is_available(), reason="kernels need CUDA or TRITON_INTERPRET=1"
+)
 def test_kernel_backend_step_matches_reference_backend():
     a = _params([(16, 24), (24, 16), (16, 24)])
     b = _clone(a)
@@ -351,7 +361,12 @@ def test_switch_adamw_to_muon_carries_state_and_hyper_parameters():
         assert set(by_name) == {"matrix.muon", "embed", "no_decay"}
         mg = by_name["matrix.muon"]
         assert mg["use_muon"] and mg["lr"] == 0.01 and mg["weight_decay"] == 0.1 and mg["initial_lr"] == 0.01
-        assert mg["momentum"] == 0.95 and mg["nesterov"] and mg["ns_steps"] == 5 and mg["adjust_lr_fn"] == "match_rms_adamw"
+        assert (
+            mg["momentum"] == 0.95
+            and mg["nesterov"]
+            and mg["ns_steps"] == 5
+            and mg["adjust_lr_fn"] == "match_rms_adamw"
+        )
         assert by_name["embed"]["betas"] == (0.9, 0.95) and by_name["embed"]["eps"] == 1e-8
         assert len(mg["params"]) == 14
         for p in mg["params"]:
@@ -400,7 +415,11 @@ def test_switch_adamw_to_muon_carries_state_and_hyper_parameters():
         (lambda: Muon([{"params": _params(), "use_muon": False}]), ValueError, "MuonWithAuxAdamW"),
         (lambda: MuonWithAuxAdamW(_params()), ValueError, "muon_param_groups"),
         (lambda: switch_adamw_to_muon(torch.optim.AdamW(_params()), _LM()), ValueError, "not in the model"),
-        (lambda: switch_adamw_to_muon(torch.optim.AdamW(_LM().parameters()), _LM(), momentum_init="m"), ValueError, "momentum_init"),
+        (
+            lambda: switch_adamw_to_muon(torch.optim.AdamW(_LM().parameters()), _LM(), momentum_init="m"),
+            ValueError,
+            "momentum_init",
+        ),
     ],
 )
 def test_bad_input(build, exc, match):

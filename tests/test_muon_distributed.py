@@ -4,7 +4,8 @@ Each worker trains a small tied-embedding model three steps with the hybrid opti
 process on the full batch (the reference), DDP and FSDP2 (``fully_shard``, DTensors sharded on dim 0) on
 half the batch each -- and checks that the distributed parameters equal the reference.  The FSDP2 run also
 saves every rank's optimizer state after step 2 (per-rank ``torch.save``, and ``torch.distributed.checkpoint``
-as the trainer does), restores it into a fresh optimizer and checks step 3 continues identically.  Shapes are odd on purpose (5 and 23 rows: uneven shards, one tall matrix).
+as the trainer does), restores it into a fresh optimizer and checks step 3 continues identically.  Shapes are
+odd on purpose (5 and 23 rows: uneven shards, one tall matrix).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def _make_optimizer(model, compute_dtype, distributed):
     from xkernels.optim import MuonWithAuxAdamW, muon_param_groups
 
     groups = muon_param_groups(model, lr=0.02, embed_lr=0.01, adamw_lr=0.005, weight_decay=0.1)
-    return MuonWithAuxAdamW(groups, adjust_lr_fn="match_rms_adamw", compute_dtype=compute_dtype, distributed=distributed)
+    return MuonWithAuxAdamW(
+        groups, adjust_lr_fn="match_rms_adamw", compute_dtype=compute_dtype, distributed=distributed
+    )
 
 
 def _batches():
@@ -213,7 +216,9 @@ def _check_fsdp2_dcp(rank, tmp):
     model2(batches[2]).backward()
     opt2.step()
     for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
-        torch.testing.assert_close(q.full_tensor(), p.full_tensor(), atol=0, rtol=0, msg=lambda m: f"DCP resume {n}: {m}")
+        torch.testing.assert_close(
+            q.full_tensor(), p.full_tensor(), atol=0, rtol=0, msg=lambda m: f"DCP resume {n}: {m}"
+        )
 
 
 def _worker(rank, tmp):

@@ -57,7 +57,10 @@ def test_kernel_matches_reference(device, shape, dtype):
 def test_kernel_matches_reference_multi_tile_257x129(device):
     """Three 64-row tiles under the interpreter (six lower-triangle programs, three of them mirrored)."""
     G = torch.randn(257, 129, device=device)
-    assert _rel(_kernel(G, torch.float32, steps=2), newton_schulz_ref(G, steps=2, dtype=torch.float32)) < TOL[torch.float32]
+    assert (
+        _rel(_kernel(G, torch.float32, steps=2), newton_schulz_ref(G, steps=2, dtype=torch.float32))
+        < TOL[torch.float32]
+    )
 
 
 @needs_kernels
@@ -79,7 +82,9 @@ def test_kernel_reads_strided_input(device):
     base = torch.randn(4, 30, 2 * 21, device=device)
     G = base[:, :, ::2]  # non-contiguous last dim
     with force_backend("triton"):
-        torch.testing.assert_close(newton_schulz(G, dtype=torch.float32), newton_schulz(G.contiguous(), dtype=torch.float32))
+        torch.testing.assert_close(
+            newton_schulz(G, dtype=torch.float32), newton_schulz(G.contiguous(), dtype=torch.float32)
+        )
         # a transposed view takes the tall path
         torch.testing.assert_close(newton_schulz(G.mT, dtype=torch.float32), newton_schulz(G, dtype=torch.float32).mT)
 

@@ -61,7 +61,9 @@ _NORM_SAFETY = {"muon": 1.0, "polar_express": 1.02}
 _COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
-def resolve_coefficients(coefficients: Coefficients, steps: int) -> tuple[tuple[tuple[float, float, float], ...], float]:
+def resolve_coefficients(
+    coefficients: Coefficients, steps: int
+) -> tuple[tuple[tuple[float, float, float], ...], float]:
     """``(per-step (a, b, c) list of length steps, normaliser safety factor)`` for a named set or a list.
 
     Raises ``ValueError`` for ``steps < 1``, an unknown name, a triple that is not three numbers or a
@@ -73,7 +75,9 @@ def resolve_coefficients(coefficients: Coefficients, steps: int) -> tuple[tuple[
         raise ValueError(f"steps must be >= 1, got {steps}")
     if isinstance(coefficients, str):
         if coefficients not in COEFFICIENT_SETS:
-            raise ValueError(f"coefficients must be one of {sorted(COEFFICIENT_SETS)} or a list of (a, b, c), got {coefficients!r}")
+            raise ValueError(
+                f"coefficients must be one of {sorted(COEFFICIENT_SETS)} or a list of (a, b, c), got {coefficients!r}"
+            )
         table = COEFFICIENT_SETS[coefficients]
         return tuple(table[min(i, len(table) - 1)] for i in range(steps)), _NORM_SAFETY[coefficients]
     try:
@@ -85,7 +89,9 @@ def resolve_coefficients(coefficients: Coefficients, steps: int) -> tuple[tuple[
     if len(triples) == 1:  # one triple: used at every step (torch.optim.Muon's ns_coefficients)
         return triples * steps, 1.0
     if len(triples) != steps:
-        raise ValueError(f"got {len(triples)} coefficient triples for steps={steps}; give one triple or exactly one per step")
+        raise ValueError(
+            f"got {len(triples)} coefficient triples for steps={steps}; give one triple or exactly one per step"
+        )
     return triples, 1.0
 
 
@@ -176,9 +182,15 @@ if triton_available():
         TILE_J,  # (n_tiles,) int32 column-tile index
         K,
         N,
-        stride_yb, stride_yr, stride_yc,  # fmt: skip
-        stride_cb, stride_cr, stride_cc,  # fmt: skip
-        stride_ob, stride_or, stride_oc,  # fmt: skip
+        stride_yb,  # Y strides in elements: batch, row, column
+        stride_yr,
+        stride_yc,
+        stride_cb,  # C strides in elements: batch, row, column
+        stride_cr,
+        stride_cc,
+        stride_ob,  # OUT strides in elements: batch, row, column
+        stride_or,
+        stride_oc,
         alpha,
         beta,
         HAS_C: tl.constexpr,
@@ -202,9 +214,13 @@ if triton_available():
         for k0 in range(0, N, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mc = cols < N
-            yi = tl.load(y + ri[:, None] * stride_yr + cols[None, :] * stride_yc, mask=mi[:, None] & mc[None, :], other=0.0)
+            yi = tl.load(
+                y + ri[:, None] * stride_yr + cols[None, :] * stride_yc, mask=mi[:, None] & mc[None, :], other=0.0
+            )
             # Y_jᵀ loaded directly as a (BLOCK_K, BLOCK) tile through the strides
-            yjt = tl.load(y + rj[None, :] * stride_yr + cols[:, None] * stride_yc, mask=mc[:, None] & mj[None, :], other=0.0)
+            yjt = tl.load(
+                y + rj[None, :] * stride_yr + cols[:, None] * stride_yc, mask=mc[:, None] & mj[None, :], other=0.0
+            )
             if UPCAST:
                 yi = yi.to(tl.float32)
                 yjt = yjt.to(tl.float32)
@@ -228,9 +244,15 @@ if triton_available():
         OUT,  # (batch, K, N) next iterate; must not alias X
         K,
         N,
-        stride_bb, stride_br, stride_bc,  # fmt: skip
-        stride_xb, stride_xr, stride_xc,  # fmt: skip
-        stride_ob, stride_or, stride_oc,  # fmt: skip
+        stride_bb,  # B strides in elements: batch, row, column
+        stride_br,
+        stride_bc,
+        stride_xb,  # X strides in elements: batch, row, column
+        stride_xr,
+        stride_xc,
+        stride_ob,  # OUT strides in elements: batch, row, column
+        stride_or,
+        stride_oc,
         a,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -252,8 +274,12 @@ if triton_available():
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             mk = ks < K
-            bt = tl.load(b_ptr + rows[:, None] * stride_br + ks[None, :] * stride_bc, mask=mr[:, None] & mk[None, :], other=0.0)
-            xt = tl.load(x_ptr + ks[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mk[:, None] & mc[None, :], other=0.0)
+            bt = tl.load(
+                b_ptr + rows[:, None] * stride_br + ks[None, :] * stride_bc, mask=mr[:, None] & mk[None, :], other=0.0
+            )
+            xt = tl.load(
+                x_ptr + ks[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mk[:, None] & mc[None, :], other=0.0
+            )
             if UPCAST:
                 bt = bt.to(tl.float32)
                 xt = xt.to(tl.float32)
@@ -261,7 +287,11 @@ if triton_available():
         mask = mr[:, None] & mc[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0)
         out = acc + a * x.to(tl.float32)
-        tl.store(OUT + batch * stride_ob + rows[:, None] * stride_or + cols[None, :] * stride_oc, out.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(
+            OUT + batch * stride_ob + rows[:, None] * stride_or + cols[None, :] * stride_oc,
+            out.to(OUT.dtype.element_ty),
+            mask=mask,
+        )
 
 
 _MAX_GRID_Y = 65535
@@ -328,7 +358,9 @@ def newton_schulz_triton_batched(X: torch.Tensor, coeffs: Sequence[tuple[float, 
     if k * n >= 2**31:
         raise ValueError(f"each matrix must have fewer than 2**31 elements, got {k}×{n}")
     if nb > _MAX_GRID_Y:  # the batch is grid axis 1, limited to 65535 programs on CUDA
-        return torch.cat([newton_schulz_triton_batched(X[s : s + _MAX_GRID_Y], coeffs) for s in range(0, nb, _MAX_GRID_Y)])
+        return torch.cat(
+            [newton_schulz_triton_batched(X[s : s + _MAX_GRID_Y], coeffs) for s in range(0, nb, _MAX_GRID_Y)]
+        )
     A = torch.empty((nb, k, k), dtype=X.dtype, device=X.device)
     B = torch.empty_like(A)
     cur, nxt = X, torch.empty_like(X)

@@ -231,7 +231,9 @@ class Muon(torch.optim.Optimizer):
                 return ("fsdp", mesh.get_group(0)) if mesh.size() > 1 else ("local", None)
             if isinstance(placements[0], Replicate):
                 return ("ddp", mesh.get_group(0)) if mesh.size() > 1 else ("local", None)
-            raise NotImplementedError(f"Muon supports DTensors sharded on dim 0 (FSDP2) or replicated, got {placements}")
+            raise NotImplementedError(
+                f"Muon supports DTensors sharded on dim 0 (FSDP2) or replicated, got {placements}"
+            )
         use = self.distributed
         if use is None:
             use = dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
@@ -276,7 +278,9 @@ class Muon(torch.optim.Optimizer):
             elif mode == "ddp":
                 outs = _orthogonalize_ddp(ups, coeffs, safety, eps, dtype, self.chunk_numel, pg)
             else:
-                outs = _orthogonalize_fsdp(ups, tuple(params[idx[0]].shape), coeffs, safety, eps, dtype, self.chunk_numel, pg)
+                outs = _orthogonalize_fsdp(
+                    ups, tuple(params[idx[0]].shape), coeffs, safety, eps, dtype, self.chunk_numel, pg
+                )
             for i, o in zip(idx, outs):
                 p = params[i]
                 local_p = _local(p)
@@ -293,8 +297,10 @@ def _check_scalar(name: str, v: Any) -> None:
 
 def _group_coefficients(group: dict[str, Any]):
     spec = group["ns_coefficients"] if group["ns_coefficients"] is not None else group["coefficients"]
-    if group["ns_coefficients"] is not None and len(group["ns_coefficients"]) == 3 and all(
-        isinstance(v, (int, float)) for v in group["ns_coefficients"]
+    if (
+        group["ns_coefficients"] is not None
+        and len(group["ns_coefficients"]) == 3
+        and all(isinstance(v, (int, float)) for v in group["ns_coefficients"])
     ):
         spec = [tuple(group["ns_coefficients"])]  # torch.optim.Muon's single (a, b, c)
     return resolve_coefficients(spec, group["ns_steps"])
@@ -543,8 +549,19 @@ def muon_param_groups(
 
 
 _ADAMW_ONLY_KEYS = frozenset(
-    {"params", "betas", "eps", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
-     "decoupled_weight_decay", "use_muon"}
+    {
+        "params",
+        "betas",
+        "eps",
+        "amsgrad",
+        "maximize",
+        "foreach",
+        "capturable",
+        "differentiable",
+        "fused",
+        "decoupled_weight_decay",
+        "use_muon",
+    }
 )
 
 
