@@ -48,7 +48,7 @@ Public API (used by the trainer, ``xmodel.training``)::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -260,33 +260,41 @@ class Muon(torch.optim.Optimizer):
         if not params:
             return
         torch._foreach_lerp_(bufs, grads, 1.0 - mu)
-        updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
 
         buckets: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             mode, pg = self._dist_mode(p)
             shape = tuple(p.shape)  # global shape for DTensors
             key_shape = shape if mode == "fsdp" else (min(shape), max(shape))
-            buckets.setdefault((mode, id(pg), key_shape, updates[i].dtype, updates[i].device), []).append(i)
+            buckets.setdefault((mode, id(pg), key_shape, bufs[i].dtype, bufs[i].device), []).append(i)
 
         for (mode, _, _, _, device), idx in buckets.items():
             pg = self._dist_mode(params[idx[0]])[1]
             dtype = self.compute_dtype or default_compute_dtype(device)
-            ups = [updates[i] for i in idx]
+            ups = _Updates([grads[i] for i in idx], [bufs[i] for i in idx], mu, group["nesterov"])
             if mode == "local":
-                outs = _orthogonalize_local(ups, coeffs, safety, eps, dtype, self.chunk_numel)
+                chunks = _orthogonalize_local(ups, coeffs, safety, eps, dtype, self.chunk_numel)
             elif mode == "ddp":
-                outs = _orthogonalize_ddp(ups, coeffs, safety, eps, dtype, self.chunk_numel, pg)
+                chunks = _orthogonalize_ddp(ups, coeffs, safety, eps, dtype, self.chunk_numel, pg)
             else:
-                outs = _orthogonalize_fsdp(
-                    ups, tuple(params[idx[0]].shape), coeffs, safety, eps, dtype, self.chunk_numel, pg
-                )
-            for i, o in zip(idx, outs):
-                p = params[i]
-                local_p = _local(p)
-                if wd != 0.0:
-                    local_p.mul_(1.0 - lr * wd)
-                local_p.add_(o, alpha=-adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+                shape = tuple(params[idx[0]].shape)
+                chunks = _orthogonalize_fsdp(ups, shape, coeffs, safety, eps, dtype, self.chunk_numel, pg)
+            for members, outs in chunks:  # applied chunk by chunk: the orthogonalised copies never pile up
+                _apply(group, [params[idx[j]] for j in members], outs, lr, wd)
+
+
+def _apply(group: dict[str, Any], params: list[torch.Tensor], outs: list[torch.Tensor], lr: float, wd: float) -> None:
+    """``W ← W(1 − γλ) − γ'·O`` with foreach ops, one ``add`` per distinct adjusted lr (orientation)."""
+    local = [_local(p) for p in params]
+    if wd != 0.0:
+        torch._foreach_mul_(local, 1.0 - lr * wd)
+    by_lr: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for p, lp, o in zip(params, local, outs):
+        ps, os_ = by_lr.setdefault(adjust_lr(lr, group["adjust_lr_fn"], p.shape), ([], []))
+        ps.append(lp)
+        os_.append(o)  # bf16 into fp32 weights: the add casts on the fly
+    for adjusted, (ps, os_) in by_lr.items():
+        torch._foreach_add_(ps, os_, alpha=-adjusted)
 
 
 def _check_scalar(name: str, v: Any) -> None:
@@ -311,89 +319,109 @@ def _group_coefficients(group: dict[str, Any]):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _ns_stack(mats: Sequence[torch.Tensor], coeffs, safety, eps, dtype) -> torch.Tensor:
-    """Normalise and orthogonalise equal-orientation-shape matrices as one ``(b, k, N)`` batch (``k ≤ N``);
-    returns the batch in ``dtype``.  Tall matrices are transposed on stacking."""
+class _Updates:
+    """The matrices of one bucket to orthogonalise, built a chunk at a time so the extra memory stays bounded:
+    the Nesterov combination ``g.lerp(m, μ)`` of gradient and momentum, or the momentum itself."""
+
+    def __init__(self, grads: list[torch.Tensor], bufs: list[torch.Tensor], mu: float, nesterov: bool):
+        self.grads, self.bufs, self.mu, self.nesterov = grads, bufs, mu, nesterov
+        self.device, self.dtype = bufs[0].device, bufs[0].dtype
+
+    def __len__(self) -> int:
+        return len(self.bufs)
+
+    def shape(self, i: int) -> torch.Size:
+        return self.bufs[i].shape
+
+    def get(self, i: int) -> torch.Tensor:
+        return self.grads[i].lerp(self.bufs[i], self.mu) if self.nesterov else self.bufs[i]
+
+
+def _ns_stack(ups: _Updates, indices: Sequence[int], coeffs, safety, eps, dtype) -> torch.Tensor:
+    """Normalise and orthogonalise matrices of one orientated shape as a ``(b, k, N)`` batch (``k ≤ N``; tall
+    ones transposed on stacking); returns the batch in ``dtype``."""
+    return _ns_mats([ups.get(i) for i in indices], coeffs, safety, eps, dtype)
+
+
+def _ns_mats(mats: Sequence[torch.Tensor], coeffs, safety, eps, dtype) -> torch.Tensor:
     X = torch.stack([m.mT if m.shape[0] > m.shape[1] else m for m in mats])
     X, _ = _normalise(X, eps, safety, dtype)
     return orthogonalize_batched(X, coeffs)
 
 
-def _unorient(o: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return o.mT if like.shape[0] > like.shape[1] else o
+def _unorient(o: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    return o.mT if shape[0] > shape[1] else o
 
 
-def _orthogonalize_local(ups, coeffs, safety, eps, dtype, chunk_numel) -> list[torch.Tensor]:
-    per_call = max(1, chunk_numel // ups[0].numel())
-    outs: list[torch.Tensor] = []
+# Each of the three yields ``(bucket indices, orthogonalised matrices or local shards)`` one chunk at a time.
+Chunks = Iterator[tuple[range, list[torch.Tensor]]]
+
+
+def _orthogonalize_local(ups: _Updates, coeffs, safety, eps, dtype, chunk_numel) -> Chunks:
+    per_call = max(1, chunk_numel // ups.shape(0).numel())
     for s in range(0, len(ups), per_call):
-        chunk = ups[s : s + per_call]
-        O = _ns_stack(chunk, coeffs, safety, eps, dtype)
-        outs.extend(_unorient(O[i], u) for i, u in enumerate(chunk))
-    return outs
+        chunk = range(s, min(s + per_call, len(ups)))
+        O = _ns_stack(ups, chunk, coeffs, safety, eps, dtype)
+        yield chunk, [_unorient(O[j], ups.shape(i)) for j, i in enumerate(chunk)]
 
 
-def _orthogonalize_ddp(ups, coeffs, safety, eps, dtype, chunk_numel, pg) -> list[torch.Tensor]:
+def _orthogonalize_ddp(ups: _Updates, coeffs, safety, eps, dtype, chunk_numel, pg) -> Chunks:
     """Rank r orthogonalises matrices ``[r·c, (r+1)·c)`` of each chunk, then one all-gather shares them."""
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
-    k, n = min(ups[0].shape), max(ups[0].shape)
-    per_rank = max(1, chunk_numel // ups[0].numel())
-    outs: list[torch.Tensor] = []
+    k, n = min(ups.shape(0)), max(ups.shape(0))
+    per_rank = max(1, chunk_numel // (k * n))
     for s in range(0, len(ups), per_rank * world):
-        chunk = ups[s : s + per_rank * world]
+        chunk = range(s, min(s + per_rank * world, len(ups)))
         c = -(-len(chunk) // world)
         mine = chunk[rank * c : (rank + 1) * c]
-        send = torch.zeros((c, k, n), dtype=dtype, device=ups[0].device)
-        if mine:
-            send[: len(mine)] = _ns_stack(mine, coeffs, safety, eps, dtype)
+        send = torch.zeros((c, k, n), dtype=dtype, device=ups.device)
+        if len(mine):
+            send[: len(mine)] = _ns_stack(ups, mine, coeffs, safety, eps, dtype)
         recv = torch.empty((world * c, k, n), dtype=dtype, device=send.device)
         dist.all_gather_into_tensor(recv, send, group=pg)
-        outs.extend(_unorient(recv[i], u) for i, u in enumerate(chunk))
-    return outs
+        yield chunk, [_unorient(recv[j], ups.shape(i)) for j, i in enumerate(chunk)]
 
 
-def _orthogonalize_fsdp(ups, shape, coeffs, safety, eps, dtype, chunk_numel, pg) -> list[torch.Tensor]:
+def _orthogonalize_fsdp(ups: _Updates, shape, coeffs, safety, eps, dtype, chunk_numel, pg) -> Chunks:
     """``ups`` are the local dim-0 shards (torch.chunk layout: ``ceil(m/W)`` rows per rank, the last ranks
     fewer or none) of matrices of global ``shape``.  Matrix ``j`` is owned by rank ``j % W`` (slot ``j // W``).
     Returns this rank's shard of every orthogonalised matrix."""
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     m, n = shape
     rows = -(-m // world)
-    device, src_dtype = ups[0].device, ups[0].dtype
     slots_per_chunk = max(1, chunk_numel // (m * n))
 
-    def gather(chunk):  # async all_to_all: every owner receives its matrices whole (padded rows)
+    def gather(chunk: range):  # async all_to_all: every owner receives its matrices whole (padded rows)
         slots = -(-len(chunk) // world)
-        send = torch.zeros((world, slots, rows, n), dtype=src_dtype, device=device)
-        for j, u in enumerate(chunk):
-            send[j % world, j // world, : u.shape[0]] = u
+        send = torch.zeros((world, slots, rows, n), dtype=ups.dtype, device=ups.device)
+        for j, i in enumerate(chunk):
+            send[j % world, j // world, : ups.shape(i)[0]] = ups.get(i)
         recv = torch.empty_like(send)
         work = dist.all_to_all_single(recv, send, group=pg, async_op=True)
         return chunk, slots, recv, work
 
-    starts = list(range(0, len(ups), slots_per_chunk * world))
-    pending = gather(ups[starts[0] : starts[0] + slots_per_chunk * world])
-    outs: list[torch.Tensor] = []
+    per_chunk = slots_per_chunk * world
+    starts = list(range(0, len(ups), per_chunk))
+    pending = gather(range(0, min(per_chunk, len(ups))))
     returns = []
     for ci in range(len(starts)):
         chunk, slots, recv, work = pending
         work.wait()
         if ci + 1 < len(starts):  # overlap the next chunk's gather with this chunk's Newton–Schulz
             nxt = starts[ci + 1]
-            pending = gather(ups[nxt : nxt + slots_per_chunk * world])
+            pending = gather(range(nxt, min(nxt + per_chunk, len(ups))))
         owned = sum(1 for j in range(len(chunk)) if j % world == rank)
-        result = torch.zeros((slots, world * rows, n), dtype=dtype, device=device)
+        result = torch.zeros((slots, world * rows, n), dtype=dtype, device=ups.device)
         if owned:
             full = recv[:, :owned].permute(1, 0, 2, 3).reshape(owned, world * rows, n)[:, :m]
-            O = _ns_stack(list(full), coeffs, safety, eps, dtype)
+            O = _ns_mats(list(full), coeffs, safety, eps, dtype)
             result[:owned, :m] = O.mT if m > n else O
         send_back = result.reshape(slots, world, rows, n).permute(1, 0, 2, 3).contiguous()
         back = torch.empty_like(send_back)
         returns.append((chunk, back, dist.all_to_all_single(back, send_back, group=pg, async_op=True)))
     for chunk, back, work in returns:
         work.wait()
-        outs.extend(back[j % world, j // world, : u.shape[0]] for j, u in enumerate(chunk))
-    return outs
+        yield chunk, [back[j % world, j // world, : ups.shape(i)[0]] for j, i in enumerate(chunk)]
 
 
 # ---------------------------------------------------------------------------------------------------------
