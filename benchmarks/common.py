@@ -11,8 +11,8 @@ Timing rules (every module goes through :func:`run`):
   ``torch.cuda._sleep``) so the launch latency of the first kernel is hidden, as in a training step. CPU:
   ``time.perf_counter``; CPU numbers are meaningful as ratios between contenders only.
 * ``extra_info`` of every case: the implementation and its role (``ours``/``baseline``/``peer``), the work
-  (``bytes`` or ``flops``), the derived ``gbps``/``tflops`` from the median, and ``pct_of_ceiling`` against the
-  ceilings of :mod:`benchmarks.ceilings` (measured once per run).
+  (``bytes`` or ``flops``), the derived ``gbps``/``tflops`` (from the median round on CUDA, the fastest round on
+  CPU), and ``pct_of_ceiling`` against the ceilings of :mod:`benchmarks.ceilings` (measured once per run).
 
 Under ``--benchmark-disable`` (CI) every case runs its setup and call once, untimed.
 """
@@ -179,13 +179,15 @@ def run(
     * ``"call"``   -- ``fn(*args)`` as is (optimizer and train steps: ``fn`` does all the work).
 
     ``pool`` input sets are built up front and rotated (default 2 on CUDA, 3 on CPU, 1 when disabled).
-    ``ceiling`` is a key of the ceilings (default ``copy_gbps`` when ``bytes_moved`` is given, else the bf16
-    matmul rate). ``after_round`` runs untimed after each round (e.g. to reset optimizer state).
+    ``ceiling`` is a key of the ceilings (default ``copy_gbps`` when ``bytes_moved`` is given, else the matmul
+    rate of ``dtype``). ``after_round`` runs untimed after each round (e.g. to reset optimizer state).
     """
     if mode not in ("fwd", "fwdbwd", "bwd", "call"):
         raise ValueError(f"mode must be fwd, fwdbwd, bwd or call, got {mode!r}")
     benchmark.group = group
     dname = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    if ceiling is None and flops is not None and isinstance(dtype, torch.dtype):
+        ceiling = ceilings_mod.matmul_key(dtype)
     info = {
         "family": family,
         "impl": impl,
@@ -277,18 +279,19 @@ def _warm_up(setup, target, teardown, warmup: int | None) -> float:
 
 
 def _derive(benchmark, info: dict, ceiling: str | None) -> None:
-    """Add gbps / tflops / pct_of_ceiling from the median time to ``extra_info``."""
+    """Add gbps / tflops / pct_of_ceiling (and tokens/s) from the measured time to ``extra_info``."""
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
     if stats is None:
         return
-    median = float(stats.median)
-    derived: dict[str, Any] = {"median_s": median}
+    # CUDA: the median round.  CPU: the fastest round, the one least disturbed by other load on a shared machine.
+    t = float(stats.median if ON_CUDA else stats.min)
+    derived: dict[str, Any] = {"median_s": float(stats.median), "derived_from": "median" if ON_CUDA else "min"}
     ceil = ceilings_mod.get()
     if "bytes" in info:
-        derived["gbps"] = info["bytes"] / median / 1e9
+        derived["gbps"] = info["bytes"] / t / 1e9
         key, value = ceiling or "copy_gbps", derived["gbps"]
     elif "flops" in info:
-        derived["tflops"] = info["flops"] / median / 1e12
+        derived["tflops"] = info["flops"] / t / 1e12
         key, value = ceiling or "matmul_bf16_tflops", derived["tflops"]
     else:
         key = value = None
@@ -297,7 +300,7 @@ def _derive(benchmark, info: dict, ceiling: str | None) -> None:
         derived["ceiling_value"] = ceil[key]
         derived["pct_of_ceiling"] = 100.0 * value / ceil[key]
     if "tokens" in info:
-        derived["tokens_per_s"] = info["tokens"] / median
+        derived["tokens_per_s"] = info["tokens"] / t
     benchmark.extra_info.update(derived)
 
 

@@ -120,8 +120,9 @@ def read_records(paths: list[Path]) -> list[dict]:
     return records
 
 
-def collect(records: list[dict]) -> list[dict]:
-    """Group the recorded cases by pytest-benchmark group, with ratios; ordered by family."""
+def collect(records: list[dict], stat: str = "median_s") -> list[dict]:
+    """Group the recorded cases by pytest-benchmark group, with ratios computed on ``stat`` (``median_s`` on
+    CUDA; ``min_s`` on a CPU, the round least disturbed by other load); ordered by family."""
     groups: dict[str, dict] = {}
     for bench in records:
         info = dict(bench.get("extra_info", {}))
@@ -139,19 +140,19 @@ def collect(records: list[dict]) -> list[dict]:
     out = []
     for group in groups.values():
         rows = sorted(group["rows"], key=lambda r: _impl_key(r["impl"]))
-        fastest = min(r["median_s"] for r in rows)
+        fastest = min(r[stat] for r in rows)
         for r in rows:
-            r["rel_time"] = r["median_s"] / fastest  # 1.00 = fastest in the group
+            r["rel_time"] = r[stat] / fastest  # 1.00 = fastest in the group
         ours = [r for r in rows if r["role"] == "ours"]
         others = [r for r in rows if r["role"] != "ours"]
         if ours and others:
-            best_other = min(others, key=lambda r: r["median_s"])
+            best_other = min(others, key=lambda r: r[stat])
             for r in ours:
-                r["speedup_vs_best_other"] = best_other["median_s"] / r["median_s"]
-            primary = next((r for r in ours if r["impl"] == "xkernels"), min(ours, key=lambda r: r["median_s"]))
+                r["speedup_vs_best_other"] = best_other[stat] / r[stat]
+            primary = next((r for r in ours if r["impl"] == "xkernels"), min(ours, key=lambda r: r[stat]))
             group["ours"] = primary["impl"]
             group["best_other"] = best_other["impl"]
-            group["speedup"] = best_other["median_s"] / primary["median_s"]
+            group["speedup"] = best_other[stat] / primary[stat]
         mem = {r["impl"]: r.get("peak_mem_bytes") for r in rows if r.get("peak_mem_bytes") is not None}
         if "xkernels" in mem and mem.get("eager"):
             group["peak_mem_vs_eager"] = mem["xkernels"] / mem["eager"]
@@ -202,8 +203,9 @@ def markdown(results: dict) -> str:
     ]
     if ratio_only:
         lines += ["**CPU run: ratios only.** Cells are time relative to the fastest contender of the row (1.00× = "
-                  "fastest) and, in brackets, the share of the CPU's measured ceiling; absolute numbers from a shared "
-                  "CPU are not published.", ""]
+                  "fastest; each case's fastest round, the one least disturbed by other load) and, in brackets, the "
+                  "share of the CPU's measured ceiling; absolute numbers from a shared CPU are not published. On a "
+                  "CPU shared with other jobs even the ratios are indicative only.", ""]
     else:
         c = results["ceilings"]
         lines += ["Ceilings (measured this run): " + ", ".join(
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             status[module] = run_module(module, path, env, timeout, SMOKE_SELECTION.get(module) if args.cpu_smoke else None)
             print(f"[report]   {status[module]['status']}: {status[module]['summary']} ({status[module]['seconds']} s)", flush=True)
             raw_files.append(path)
-        groups = collect(read_records(raw_files))
+        groups = collect(read_records(raw_files), stat="median_s" if on_cuda else "min_s")
 
     vers = versions()
     date = dt.datetime.now(dt.timezone.utc)
