@@ -15,12 +15,14 @@ The two parametrisations compared everywhere:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +39,26 @@ DEFAULT_OUT = Path("runs") / "experiments"
 # --------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------
-def width_config(width: int, param: str, preset: str = "cpu-default", head_dim: int = 64, **overrides: Any) -> XmodelConfig:
-    """``preset`` at hidden size ``width`` (heads = width / head_dim, kv = heads / 2, FFN 2.5 x width).
-
-    ``param`` is ``"mup"`` or ``"sp"``; ``overrides`` are further :class:`XmodelConfig` fields.
-    """
+def width_overrides(width: int, param: str, head_dim: int = 64) -> dict[str, Any]:
+    """:class:`XmodelConfig` fields for hidden size ``width`` (heads = width / head_dim, kv = heads / 2,
+    FFN 2.5 x width) in parametrisation ``param`` (``"mup"`` or ``"sp"``)."""
     if param not in PARAMETRISATIONS:
         raise ValueError(f"param must be one of {PARAMETRISATIONS}, got {param!r}")
     if width % head_dim:
         raise ValueError(f"width must be a multiple of head_dim={head_dim}, got {width}")
     heads = width // head_dim
-    shape = dict(
+    return dict(
         hidden_size=width,
         num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 2),
         intermediate_size=(5 * width) // 2,
         use_mup=param == "mup",
     )
-    return XmodelConfig.from_preset(preset, **{**shape, **overrides})
+
+
+def width_config(width: int, param: str, preset: str = "cpu-default", head_dim: int = 64, **overrides: Any) -> XmodelConfig:
+    """``preset`` with :func:`width_overrides` and further :class:`XmodelConfig` field ``overrides``."""
+    return XmodelConfig.from_preset(preset, **{**width_overrides(width, param, head_dim), **overrides})
 
 
 def build_model(config: XmodelConfig, seed: int, init: str = "hf") -> Xmodel:
@@ -74,6 +78,52 @@ def learning_rates(config: XmodelConfig, lr: float) -> tuple[float, float]:
     if config.use_mup:
         return lr / config.mup_width_multiplier, lr
     return lr, lr
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training runs through the real trainer (xmodel.train)
+# --------------------------------------------------------------------------------------------------------
+class Diverged(RuntimeError):
+    """A training run stopped on non-finite losses."""
+
+
+def train_run(out_dir: Path, name: str, **fields: Any) -> dict[str, Any]:
+    """Run :func:`xmodel.train.train` with ``TrainConfig`` ``fields`` in ``<out_dir>/runs/<name>`` (a fresh run).
+
+    The trainer's output goes to ``<out_dir>/runs/<name>.log``; its checkpoints are deleted afterwards.  Returns
+    ``{"final_val_loss", "train": [(step, loss)...], "val": [(step, val_loss)...], "wall_s", "events"}``.
+    Raises :class:`Diverged` when the trainer stops on non-finite steps.
+    """
+    import shutil
+
+    from xmodel.train import TrainingError, train
+    from xmodel.training.config import TrainConfig
+    from xmodel.training.metrics import read_metrics
+
+    runs = out_dir / "runs"
+    run_dir = runs / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    runs.mkdir(parents=True, exist_ok=True)
+    settings = dict(save_every=0, keep_last=1, export_hf=False, progress=False, resume="never")
+    cfg = TrainConfig(name=name, out_dir=str(runs), **{**settings, **fields})
+    log_path = runs / f"{name}.log"
+    start = time.perf_counter()
+    try:
+        with open(log_path, "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+            train(cfg)
+    except TrainingError as exc:
+        raise Diverged(str(exc)) from None
+    finally:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    wall = time.perf_counter() - start
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train_curve = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    val_curve = [(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"]
+    events = [{k: v for k, v in r.items() if k not in ("kind", "config", "params")} for r in records
+              if r["kind"] == "event" and r["event"] not in ("start", "end")]
+    return {"final_val_loss": val_curve[-1][1], "train": train_curve, "val": val_curve, "wall_s": round(wall, 1),
+            "events": events}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -161,9 +211,47 @@ def make_parser(name: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def apply_threads(threads: int | None) -> None:
+def add_training_options(parser: argparse.ArgumentParser, steps: int, batch: int = 8, seq: int = 128) -> None:
+    """Options of experiments that train with :mod:`xmodel.train` (the run shape and the default corpus)."""
+    g = parser.add_argument_group("training runs (xmodel.train)")
+    g.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
+    g.add_argument("--batch", type=int, default=batch, help="sequences per step")
+    g.add_argument("--seq", type=int, default=seq, help="tokens per sequence")
+    g.add_argument("--warmup", type=float, default=0.1, help="warmup: fraction of --steps")
+    g.add_argument("--decay", type=float, default=0.2, help="decay: fraction of --steps (WSD, exponential, to peak/16)")
+    g.add_argument("--eval-batches", type=int, default=8, help="validation micro-batches at the end of each run")
+    g.add_argument("--preset", default="cpu-default", help="XmodelConfig preset")
+    g.add_argument("--vocab", type=int, default=4096, help="default BPE vocabulary (= the model's vocab_size)")
+    g.add_argument("--corpus-mb", type=float, default=6.0, help="size cap of the default corpus (MB)")
+    g.add_argument("--cache-dir", default=None, help="corpus/tokenizer/shard cache (default: the trainer's)")
+
+
+def train_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """``TrainConfig`` fields from :func:`add_training_options`; ``--quick`` shrinks them to a seconds-long run."""
+    model: dict[str, Any] = {"vocab_size": args.vocab}
+    if args.quick:  # a small corpus and tokenizer, a 2-layer width-64 model, a tiny batch, three steps
+        args.steps, args.batch, args.seq, args.eval_batches = 3, 2, 32, 1
+        args.vocab, args.corpus_mb = 512, 0.2
+        model = {"vocab_size": args.vocab, "num_hidden_layers": 2, **width_overrides(64, "mup")}
+    return dict(
+        preset=args.preset, model=model, seed=args.seed, steps=args.steps,
+        batch_size=args.batch, seq_len=args.seq, warmup=float(args.warmup), decay=float(args.decay),
+        eval_batches=args.eval_batches, eval_every=0, vocab_size=args.vocab, corpus_max_mb=args.corpus_mb,
+        cache_dir=args.cache_dir,
+    )
+
+
+@contextlib.contextmanager
+def torch_threads(args: argparse.Namespace) -> Iterator[None]:
+    """Run with ``--threads`` CPU threads (``--quick``: 1, as tiny ops only pay thread synchronisation); restore after."""
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class Timer:

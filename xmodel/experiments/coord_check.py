@@ -29,13 +29,13 @@ from xmodel.experiments.common import (
     LABELS,
     PARAMETRISATIONS,
     Timer,
-    apply_threads,
     build_model,
     learning_rates,
     make_parser,
     pyplot,
     report,
     save_figure,
+    torch_threads,
     stdlib_bytes,
     width_config,
     write_json,
@@ -185,18 +185,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", default="cpu-default")
     parser.add_argument("--layers", type=int, default=2, help="depth (the preset's when 0)")
     args = parser.parse_args(argv)
-    apply_threads(args.threads)
     args.layers = args.layers or None
     if args.quick:
         args.widths, args.steps, args.batch, args.seq, args.layers = [64, 256], 2, 2, 32, 2
     if len(args.widths) < 2:
         parser.error("--widths needs at least two widths")
-    with Timer() as timer:
+    with torch_threads(args), Timer() as timer:
         result = run(sorted(args.widths), args.steps, args.batch, args.seq, args.lr, args.seed, args.init,
                      args.preset, args.layers)
-    result["total_seconds"] = round(timer.seconds, 1)
-    result["quick"] = args.quick
-    paths = [write_json(args.out, NAME, result, argv), plot(result, args.out)]
+        result["total_seconds"] = round(timer.seconds, 1)
+        result["quick"] = args.quick
+        paths = [write_json(args.out, NAME, result, argv), plot(result, args.out)]
     report(NAME, paths)
     return result
 

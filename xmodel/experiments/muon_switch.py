@@ -1,0 +1,141 @@
+"""The Muon switch: the same WSD run with AdamW throughout vs AdamW then Muon from the decay start.
+
+Both arms are runs of the real trainer (:func:`xmodel.train.train`) with identical config, seed, init and data
+order; only ``decay_optimizer`` differs (``"adamw"`` / ``"muon"``).  In the Muon arm the hidden matrices (q/k/v/o,
+gate/up/down) move to :class:`xkernels.optim.Muon` at the decay start (momentum 0.95, Nesterov, 5 Newton–Schulz
+steps, lr matched to AdamW's RMS, same schedule and weight decay); embedding and norms stay on AdamW.  The recipe's
+μP model (``cpu-default``, megatron init, embedding lr 0.01, hidden lr 0.01 / width_mult) on the default corpus.
+
+Reported per seed: final validation loss of each arm and their difference (Muon - AdamW; negative = Muon better),
+with the mean and standard deviation over seeds.
+
+    python -m xmodel.experiments.muon_switch --out runs/experiments/muon_switch
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from xmodel.experiments.common import (
+    add_training_options,
+    make_parser,
+    pyplot,
+    report,
+    save_figure,
+    torch_threads,
+    train_fields,
+    train_run,
+    write_json,
+)
+
+NAME = "muon_switch"
+ARMS = {"adamw": "AdamW throughout", "muon": "AdamW → Muon at decay start"}
+
+
+def _ema(values: list[float], beta: float = 0.9) -> list[float]:
+    out, m = [], None
+    for v in values:
+        m = v if m is None else beta * m + (1 - beta) * v
+        out.append(m)
+    return out
+
+
+def run(out: Path, seeds: list[int], fields: dict, lr_embed: float, argv: list[str] | None, quick: bool) -> dict:
+    start = time.perf_counter()
+    per_seed: dict[str, dict] = {}
+    curves: dict[str, dict] = {}
+    payload: dict = {}
+    for seed in seeds:
+        per_seed[str(seed)], curves[str(seed)] = {}, {}
+        for arm in ARMS:
+            result = train_run(out, f"{arm}_seed{seed}", **{**fields, "seed": seed, "init": "megatron",
+                                                            "lr_embed": lr_embed, "decay_optimizer": arm})
+            per_seed[str(seed)][arm] = result["final_val_loss"]
+            curves[str(seed)][arm] = {"train": result["train"], "val": result["val"], "events": result["events"]}
+            print(f"[{NAME}] seed {seed} {ARMS[arm]:<28}: final val loss {result['final_val_loss']:.4f} "
+                  f"({result['wall_s']:.0f}s)", flush=True)
+        per_seed[str(seed)]["diff"] = per_seed[str(seed)]["muon"] - per_seed[str(seed)]["adamw"]
+        diffs = [v["diff"] for v in per_seed.values()]
+        steps = fields["steps"]
+        decay_steps = int(round(fields["decay"] * steps))
+        payload = {
+            "setup": {"seeds": seeds, "lr_embed": lr_embed, "init": "megatron", "train": fields,
+                      "decay_start_step": steps - decay_steps,
+                      "arms": ARMS},
+            "final_val_loss": per_seed,
+            "summary": {
+                "mean_adamw": statistics.fmean(v["adamw"] for v in per_seed.values()),
+                "mean_muon": statistics.fmean(v["muon"] for v in per_seed.values()),
+                "mean_diff": statistics.fmean(diffs),
+                "std_diff": statistics.stdev(diffs) if len(diffs) > 1 else None,
+                "muon_better_in": sum(d < 0 for d in diffs),
+                "num_seeds": len(diffs),
+            },
+            "curves": curves,
+            "total_seconds": round(time.perf_counter() - start, 1),
+            "quick": quick,
+        }
+        write_json(out, NAME, payload, argv)  # after every seed: partial results survive
+    return payload
+
+
+def plot(payload: dict, out: Path) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = {"adamw": "tab:blue", "muon": "tab:red"}
+    decay_start = payload["setup"]["decay_start_step"]
+    for i, (seed, arms) in enumerate(payload["curves"].items()):
+        for arm, c in arms.items():
+            steps, losses = zip(*c["train"])
+            label = ARMS[arm] if i == 0 else None
+            smooth = _ema(list(losses))
+            for ax in axes:
+                ax.plot(steps, smooth, color=colors[arm], alpha=0.8 if i == 0 else 0.35, lw=1.2, label=label)
+    for ax in axes:
+        ax.axvline(decay_start, color="gray", ls="--", lw=1)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("training loss (EMA 0.9)")
+    axes[0].set_title("whole run (dashed: decay start / optimizer switch)")
+    axes[0].legend()
+    # zoom on the decay phase
+    lo_step = max(decay_start - payload["setup"]["train"]["steps"] // 10, 0)
+    zoom = [l for arms in payload["curves"].values() for c in arms.values() for s, l in
+            zip([s for s, _ in c["train"]], _ema([l for _, l in c["train"]])) if s >= lo_step]
+    axes[1].set_xlim(lo_step, payload["setup"]["train"]["steps"] + 1)
+    if zoom:
+        pad = 0.05 * (max(zoom) - min(zoom)) + 1e-3
+        axes[1].set_ylim(min(zoom) - pad, max(zoom) + pad)
+    s = payload["summary"]
+    spread = f" ± {s['std_diff']:.4f} (sd)" if s["std_diff"] is not None else ""
+    axes[1].set_title(f"decay phase. Final val loss: AdamW {s['mean_adamw']:.4f}, Muon {s['mean_muon']:.4f}\n"
+                      f"Muon - AdamW = {s['mean_diff']:+.4f}{spread} over {s['num_seeds']} seed(s)", fontsize=10)
+    t = payload["setup"]["train"]
+    fig.suptitle(f"Muon switch: {t['steps']} steps x {t['batch_size']}x{t['seq_len']} tokens, WSD (decay {t['decay']:.0%}), "
+                 f"{len(payload['curves'])} seed(s)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out, f"{NAME}.png")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser(NAME, "WSD run with AdamW throughout vs AdamW -> Muon at the decay start")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lr-embed", type=float, default=0.01, help="embedding lr (hidden lr = lr_embed / width_mult)")
+    add_training_options(parser, steps=150)
+    parser.set_defaults(decay=0.3, seq=128, batch=8)
+    args = parser.parse_args(argv)
+    fields = train_fields(args)
+    fields["eval_every"] = max(args.steps // 5, 1)
+    if args.quick:
+        args.seeds = args.seeds[:1]
+    with torch_threads(args):
+        payload = run(args.out, args.seeds, fields, args.lr_embed, argv, args.quick)
+    paths = [write_json(args.out, NAME, payload, argv), plot(payload, args.out)]
+    report(NAME, paths)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
