@@ -34,6 +34,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
 SMOKE = os.environ.get("XK_BENCH_SMOKE") == "1"  # tiny round counts (report --cpu-smoke)
 CPU_COMPILE = os.environ.get("XK_BENCH_CPU_COMPILE") == "1"
+NO_COMPILE = os.environ.get("XK_BENCH_NO_COMPILE") == "1"  # report --no-compile: drop the torch.compile contenders
 
 # Wall time aimed at per case for the timed rounds, and bounds on the round count.
 TARGET_S = 0.02 if SMOKE else (0.15 if ON_CUDA else 0.4)
@@ -61,6 +62,8 @@ def require_cuda(what: str) -> None:
 
 def require_compile() -> None:
     """torch.compile contenders run on CUDA; on CPU inductor's compile time would exceed the suite's budget."""
+    if NO_COMPILE:
+        pytest.skip("torch.compile contenders disabled (XK_BENCH_NO_COMPILE=1 / report --no-compile)")
     if not ON_CUDA and not CPU_COMPILE:
         pytest.skip("torch.compile contenders run on CUDA only (set XK_BENCH_CPU_COMPILE=1 to include them on CPU)")
 
