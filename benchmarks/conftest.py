@@ -1,7 +1,8 @@
 """pytest setup for the benchmark suite (``pytest benchmarks/ --benchmark-only``; CI: ``--benchmark-disable``).
 
 * Collects ``bench_*.py`` (pytest.ini's ``python_files`` is left to the test suite).
-* Nothing here sets ``TRITON_INTERPRET``: on CPU the ops take their default (auto) path, the PyTorch reference.
+* Nothing here sets ``TRITON_INTERPRET``: on CPU the ops take their default (auto) path, the PyTorch reference
+  (and if the interpreter is switched on from outside, the torch backend is forced for the benchmarks).
 * The ceilings (:mod:`benchmarks.ceilings`) are measured once per session when timing is on, and written into
   the ``--benchmark-json`` output under ``"xkernels"`` together with the versions of torch/triton/CUDA and peers.
 * With ``XK_BENCH_JSONL=path`` every finished case is appended to that file at once (the report command's source:
@@ -82,6 +83,19 @@ def _ceilings(request):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _cpu_torch_path():
+    """On CPU the suite measures the PyTorch path.  If TRITON_INTERPRET=1 leaked in from the environment (or from
+    tests/conftest.py in a combined session), keep the interpreter out of the timings by forcing the torch backend."""
+    from xkernels.dispatch import force_backend, interpreting
+
+    if torch.cuda.is_available() or not interpreting():
+        yield
+        return
+    with force_backend("torch"):
+        yield
 
 
 @pytest.fixture(autouse=True)

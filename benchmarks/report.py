@@ -8,8 +8,8 @@ On a CUDA machine it
 3. runs every ``bench_*.py`` module with ``--benchmark-only --benchmark-json``, one pytest process per module
    with its share of the time budget, so a crash, a missing peer or a timeout in one family loses only that family;
 4. writes ``<gpu>-<date>.json`` (everything, machine-readable) and ``<gpu>-<date>.md`` (one table per family:
-   contenders side by side, throughput and % of the ceiling, speed-up of ours over the best other contender) into
-   ``--out`` (default ``benchmarks/results``).
+   contenders side by side, throughput and % of the ceiling, speed-up of ours over the best other contender; then
+   the kernel issues' targets, met or not, with the numbers) into ``--out`` (default ``benchmarks/results``).
 
 The whole run is held to ``--budget-s`` (default 470 s: within 8 minutes on one H200).  Without CUDA the command
 runs the CPU suite and labels the results ``cpu`` and ratio-only (absolute times and rates are dropped from the
@@ -163,6 +163,52 @@ def collect(records: list[dict], stat: str = "median_s") -> list[dict]:
     return out
 
 
+# (description, device types it applies to, group regex, metric, threshold).  Metrics on the xkernels row:
+# "pct" = % of the ceiling; "vs:<impl>" = that contender's time / ours; "mem" = our peak memory / eager's.
+TARGETS = [
+    ("RMSNorm fwd+bwd >= 90% of copy bandwidth", ("cuda",), r"^(add_)?rms_norm fwdbwd", "pct", 90.0),
+    ("RMSNorm fwd+bwd >= 1.1x Liger", ("cuda",), r"^(add_)?rms_norm fwdbwd", "vs:liger", 1.1),
+    ("rotary fwd+bwd >= 85% of copy bandwidth", ("cuda",), r"^apply_rotary fwdbwd", "pct", 85.0),
+    ("rotary fwd+bwd >= 1.2x Liger", ("cuda",), r"^apply_rotary fwdbwd", "vs:liger", 1.2),
+    ("FP8 GEMM 8192^3 >= 1.0x torch._scaled_mm", ("cuda",), r"^fp8 gemm 8192x8192x8192", "vs:scaled_mm", 1.0),
+    ("FP8 GEMM 8192^3 >= 1.7x bf16", ("cuda",), r"^fp8 gemm 8192x8192x8192", "vs:bf16", 1.7),
+    ("FP8Linear fwd+bwd >= 1.3x bf16 (model shapes)", ("cuda",), r"^fp8 linear fwdbwd", "vs:bf16", 1.3),
+    ("Muon step >= 2x torch.optim.Muon (1.3B set)", ("cuda",), r"^muon step", "vs:torch", 2.0),
+    ("Muon step >= 1.5x torch.optim.Muon (proxy set)", ("cpu",), r"^muon step", "vs:torch", 1.5),
+    ("symmetric Gram kernel faster than bmm from 1024^2", ("cuda",), r"^gram .*x(1024|1536|2048)x", "vs:eager", 1.0),
+    ("linear+CE peak memory <= 25% of unfused", ("cuda", "cpu"), r"^linear_cross_entropy", "mem", 0.25),
+    ("linear+CE time <= 1.1x unfused", ("cuda",), r"^linear_cross_entropy", "vs:eager", 1 / 1.1),
+]
+
+
+def check_targets(groups: list[dict], device_type: str) -> list[dict]:
+    """Evaluate the kernel issues' targets that apply to this device on the xkernels rows."""
+    out = []
+    for desc, devices, pattern, metric, threshold in TARGETS:
+        if device_type not in devices:
+            continue
+        for g in groups:
+            if not re.search(pattern, g["group"]):
+                continue
+            rows = {r["impl"]: r for r in g["rows"]}
+            ours = rows.get("xkernels")
+            if ours is None:
+                continue
+            if metric == "pct":
+                value = ours.get("pct_of_ceiling")
+                met = None if value is None else value >= threshold
+            elif metric == "mem":
+                value = g.get("peak_mem_vs_eager")
+                met = None if value is None else value <= threshold
+            else:
+                other = rows.get(metric.split(":", 1)[1])
+                value = None if other is None else other["rel_time"] / ours["rel_time"]
+                met = None if value is None else value >= threshold
+            out.append({"target": desc, "case": g["group"], "metric": metric, "value": value, "threshold": threshold,
+                        "met": met})
+    return out
+
+
 def strip_absolute(results: dict) -> None:
     """CPU runs publish ratios only: drop absolute times, rates, memory and ceiling values."""
     for group in results["groups"]:
@@ -231,6 +277,20 @@ def markdown(results: dict) -> str:
             if "peak_mem_vs_eager" in g:
                 speed += f"; memory {100 * g['peak_mem_vs_eager']:.0f}% of eager"
             lines.append(f"| {g['group']} | " + " | ".join(cells) + f" | {speed} |")
+        lines.append("")
+    if results.get("targets"):
+        lines += ["## Targets from the kernel issues", "", "| target | case | measured | met |", "|---|---|---|---|"]
+        for t in results["targets"]:
+            if t["value"] is None:
+                measured = "not measured (contender missing)"
+            elif t["metric"] == "pct":
+                measured = f"{t['value']:.0f}%"
+            elif t["metric"] == "mem":
+                measured = f"{100 * t['value']:.0f}%"
+            else:
+                measured = f"{t['value']:.2f}×"
+            met = {True: "yes", False: "**no**", None: "—"}[t["met"]]
+            lines.append(f"| {t['target']} | {t['case']} | {measured} | {met} |")
         lines.append("")
     skips = sorted({s for m in results["modules"].values() for s in m.get("skips", [])})
     problems = {k: m["status"] for k, m in results["modules"].items() if m["status"] != "ok"}
@@ -319,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "tests": tests,
         "modules": status,
         "groups": groups,
+        "targets": check_targets(groups, "cuda" if on_cuda else "cpu"),
         "wall_s": time.monotonic() - t0,
     }
     if not on_cuda:

@@ -75,3 +75,17 @@ def test_readme_block_between_markers(tmp_path):
     assert readme_table.render(new, block) == new
     with pytest.raises(ValueError, match="markers"):
         readme_table.render("no markers here", block)
+
+
+def test_targets():
+    records = RECORDS + [
+        _record("xkernels", "ours", 1e-3, group="muon step proxy-256 set"),
+        _record("torch", "peer", 2e-3, group="muon step proxy-256 set"),
+    ]
+    targets = report.check_targets(report.collect(records), "cpu")
+    by_target = {t["target"]: t for t in targets}
+    muon = by_target["Muon step >= 1.5x torch.optim.Muon (proxy set)"]
+    assert muon["value"] == pytest.approx(2.0) and muon["met"] is True
+    mem = by_target["linear+CE peak memory <= 25% of unfused"]
+    assert mem["value"] == pytest.approx(0.2) and mem["met"] is True
+    assert not any("Liger" in t["target"] for t in targets)  # GPU-only targets are not judged on CPU
