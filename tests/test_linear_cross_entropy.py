@@ -130,6 +130,24 @@ def test_strided_hidden_and_tied_weight(device):
     torch.testing.assert_close(w.grad, w2.grad)
 
 
+def test_autocast_runs_in_the_autocast_dtype():
+    """Under autocast (fp32 master weights, bf16 compute) the op behaves like a matmul in bf16: it equals the
+    explicit bf16 call, and gradients come back in the parameters' own fp32."""
+    h = torch.randn(37, 32, requires_grad=True)
+    w = (torch.randn(90, 32) * 0.2).requires_grad_()
+    t = torch.randint(0, 90, (37,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t, logit_scale=0.5)
+    loss.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    expected = linear_cross_entropy(hb, wb, t, logit_scale=0.5)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(h.grad, hb.grad.float())
+    torch.testing.assert_close(w.grad, wb.grad.float())
+
+
 def test_bad_input():
     h, w = torch.randn(4, 8), torch.randn(10, 8)
     t = torch.randint(0, 10, (4,))

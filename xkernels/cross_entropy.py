@@ -487,6 +487,14 @@ def linear_cross_entropy(
     ``"sum"`` or ``"none"``.  ``z_loss`` adds ``z_loss * lse^2`` per token.  Returns fp32.
     ``chunk_size`` (tokens per chunk) defaults to :func:`default_chunk_size`.  See the module docstring.
     """
+    device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast this op is a matmul: both operands in the autocast dtype (the op accumulates in fp32 itself).
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return linear_cross_entropy(
+                hidden.to(dtype), weight.to(dtype), targets, logit_scale, ignore_index, reduction, z_loss, chunk_size
+            )
     _validate(hidden, weight, targets, logit_scale, ignore_index, reduction, z_loss, chunk_size)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if h2.stride(-1) != 1:

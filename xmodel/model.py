@@ -24,7 +24,6 @@ State-dict keys are the released names (``model.embed_tokens.weight``, ``model.l
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,19 +384,12 @@ class Xmodel(nn.Module):
             if labels is not None:
                 loss = cross_entropy_sum(logits, labels, ignore_index) / num_tokens.clamp(min=1)
         elif labels is not None:
-            # Chunked lm_head + cross entropy: the (B, T, vocab) logits are never materialised.  Under autocast the
-            # op gets explicit autocast-dtype inputs and runs with autocast off (it manages its own precisions).
-            hidden, weight, device_type = h, self.lm_head.weight, h.device.type
-            autocast = torch.is_autocast_enabled(device_type)
-            if autocast:
-                hidden = hidden.to(torch.get_autocast_dtype(device_type))
-            if weight.dtype != hidden.dtype:
-                weight = weight.to(hidden.dtype)
-            with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-                loss = xkernels.linear_cross_entropy(
-                    hidden, weight, labels, logit_scale=cfg.logit_multiplier, ignore_index=ignore_index,
-                    reduction="mean",
-                )
+            # Chunked lm_head + cross entropy: the (B, T, vocab) logits are never materialised.
+            weight = self.lm_head.weight
+            loss = xkernels.linear_cross_entropy(
+                h, weight if weight.dtype == h.dtype else weight.to(h.dtype), labels,
+                logit_scale=cfg.logit_multiplier, ignore_index=ignore_index, reduction="mean",
+            )
         return XmodelOutput(loss=loss, logits=logits, num_tokens=num_tokens)
 
     # ------------------------------------------------------------------------------------ checkpoints
