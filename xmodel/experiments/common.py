@@ -47,13 +47,13 @@ def width_overrides(width: int, param: str, head_dim: int = 64) -> dict[str, Any
     if width % head_dim:
         raise ValueError(f"width must be a multiple of head_dim={head_dim}, got {width}")
     heads = width // head_dim
-    return dict(
-        hidden_size=width,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        intermediate_size=(5 * width) // 2,
-        use_mup=param == "mup",
-    )
+    return {
+        "hidden_size": width,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "intermediate_size": (5 * width) // 2,
+        "use_mup": param == "mup",
+    }
 
 
 def width_config(width: int, param: str, preset: str = "cpu-default", head_dim: int = 64, **overrides: Any) -> XmodelConfig:
@@ -105,7 +105,7 @@ def train_run(out_dir: Path, name: str, **fields: Any) -> dict[str, Any]:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     runs.mkdir(parents=True, exist_ok=True)
-    settings = dict(save_every=0, keep_last=1, export_hf=False, progress=False, resume="never")
+    settings = {"save_every": 0, "keep_last": 1, "export_hf": False, "progress": False, "resume": "never"}
     cfg = TrainConfig(name=name, out_dir=str(runs), **{**settings, **fields})
     log_path = runs / f"{name}.log"
     start = time.perf_counter()
@@ -124,6 +124,39 @@ def train_run(out_dir: Path, name: str, **fields: Any) -> dict[str, Any]:
               if r["kind"] == "event" and r["event"] not in ("start", "end")]
     return {"final_val_loss": val_curve[-1][1], "train": train_curve, "val": val_curve, "wall_s": round(wall, 1),
             "events": events}
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _train_task(out_dir: Path, name: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        return train_run(out_dir, name, **fields)
+    except Diverged:
+        return None
+
+
+def run_many(out_dir: Path, tasks: list[tuple[str, dict[str, Any]]], jobs: int = 1
+             ) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """:func:`train_run` each ``(name, fields)``; yields ``(name, result)`` as runs finish (``None``: diverged).
+
+    ``jobs > 1`` runs that many at once in worker processes with one torch thread each (on a CPU, small models
+    train faster as parallel single-threaded runs than one after another on all cores).  Results do not depend on
+    ``jobs``: every run is seeded on its own.
+    """
+    if jobs <= 1:
+        for name, fields in tasks:
+            yield name, _train_task(out_dir, name, fields)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch threads
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(1,)) as pool:
+        futures = {pool.submit(_train_task, out_dir, name, fields): name for name, fields in tasks}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -153,7 +186,7 @@ def environment(name: str, argv: list[str] | None = None) -> dict[str, Any]:
     """Where and with what a result of experiment ``name`` was produced (``argv``: its options, else sys.argv)."""
     argv = sys.argv[1:] if argv is None else argv
     return {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),  # noqa: UP017 (3.10)
         "command": " ".join([f"python -m xmodel.experiments.{name}", *map(str, argv)]),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -224,6 +257,7 @@ def add_training_options(parser: argparse.ArgumentParser, steps: int, batch: int
     g.add_argument("--vocab", type=int, default=4096, help="default BPE vocabulary (= the model's vocab_size)")
     g.add_argument("--corpus-mb", type=float, default=6.0, help="size cap of the default corpus (MB)")
     g.add_argument("--cache-dir", default=None, help="corpus/tokenizer/shard cache (default: the trainer's)")
+    g.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process with 1 thread")
 
 
 def train_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -233,12 +267,12 @@ def train_fields(args: argparse.Namespace) -> dict[str, Any]:
         args.steps, args.batch, args.seq, args.eval_batches = 3, 2, 32, 1
         args.vocab, args.corpus_mb = 512, 0.2
         model = {"vocab_size": args.vocab, "num_hidden_layers": 2, **width_overrides(64, "mup")}
-    return dict(
-        preset=args.preset, model=model, seed=args.seed, steps=args.steps,
-        batch_size=args.batch, seq_len=args.seq, warmup=float(args.warmup), decay=float(args.decay),
-        eval_batches=args.eval_batches, eval_every=0, vocab_size=args.vocab, corpus_max_mb=args.corpus_mb,
-        cache_dir=args.cache_dir,
-    )
+    return {
+        "preset": args.preset, "model": model, "seed": args.seed, "steps": args.steps, "batch_size": args.batch,
+        "seq_len": args.seq, "warmup": float(args.warmup), "decay": float(args.decay),
+        "eval_batches": args.eval_batches, "eval_every": 0, "vocab_size": args.vocab,
+        "corpus_max_mb": args.corpus_mb, "cache_dir": args.cache_dir,
+    }
 
 
 @contextlib.contextmanager

@@ -35,8 +35,8 @@ from xmodel.experiments.common import (
     pyplot,
     report,
     save_figure,
-    torch_threads,
     stdlib_bytes,
+    torch_threads,
     width_config,
     write_json,
 )

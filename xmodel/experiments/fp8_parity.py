@@ -30,10 +30,10 @@ from xmodel.experiments.common import (
     make_parser,
     pyplot,
     report,
+    run_many,
     save_figure,
     torch_threads,
     train_fields,
-    train_run,
     write_json,
 )
 
@@ -52,32 +52,41 @@ def arm_labels(recipes: list[str]) -> dict[str, str]:
     return {"base": base, **{f"fp8_{r}": f"{fp8}, {r} scaling" for r in recipes}}
 
 
-def run(out: Path, seeds: list[int], recipes: list[str], fields: dict, argv: list[str] | None, quick: bool) -> dict:
+def run(out: Path, seeds: list[int], recipes: list[str], fields: dict, argv: list[str] | None, quick: bool,
+        jobs: int = 1) -> dict:
     start = time.perf_counter()
     labels = arm_labels(recipes)
     emulate = not fp8_hardware()
-    losses: dict[str, dict[str, float]] = {}
-    curves: dict[str, dict] = {}
-    payload: dict = {}
+    tasks = []
     for seed in seeds:
-        losses[str(seed)], curves[str(seed)] = {}, {}
         for arm in labels:
             extra = {} if arm == "base" else {"fp8": arm.removeprefix("fp8_"), "fp8_emulate": emulate}
-            result = train_run(out, f"{arm}_seed{seed}", **{**fields, "seed": seed, **extra})
-            losses[str(seed)][arm] = result["final_val_loss"]
-            curves[str(seed)][arm] = {"train": result["train"], "val": result["val"]}
-            print(f"[{NAME}] seed {seed} {labels[arm]:<36}: final val loss {result['final_val_loss']:.4f} "
-                  f"({result['wall_s']:.0f}s)", flush=True)
+            tasks.append((f"{arm}_seed{seed}", {**fields, "seed": seed, **extra}))
+    results: dict[str, dict] = {}
+    payload: dict = {}
+    for name, result in run_many(out, tasks, jobs):
+        if result is None:
+            raise RuntimeError(f"{name} diverged (non-finite losses); see {out / 'runs' / (name + '.log')}")
+        results[name] = result
+        arm, seed = name.rsplit("_seed", 1)
+        print(f"[{NAME}] seed {seed} {labels[arm]:<36}: final val loss {result['final_val_loss']:.4f} "
+              f"({result['wall_s']:.0f}s)", flush=True)
+        done = [s for s in seeds if all(f"{a}_seed{s}" in results for a in labels)]
+        if not done:
+            continue
         payload = {
             "setup": {"seeds": seeds, "recipes": recipes, "arms": labels, "fp8_emulated": emulate,
                       "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                      "train": fields, "init": "megatron", "decay_optimizer": "muon"},
-            "final_val_loss": losses,
-            "summary": summarise(losses, recipes),
-            "curves": curves,
+                      "train": fields, "init": "megatron", "decay_optimizer": "muon", "jobs": jobs},
+            "final_val_loss": {str(s): {a: results[f"{a}_seed{s}"]["final_val_loss"] for a in labels} for s in done},
+            "curves": {str(s): {a: {k: results[f"{a}_seed{s}"][k] for k in ("train", "val")} for a in labels}
+                       for s in done},
+            "run_seconds": {n: r["wall_s"] for n, r in results.items()},
             "total_seconds": round(time.perf_counter() - start, 1),
+            "complete": len(done) == len(seeds),
             "quick": quick,
         }
+        payload["summary"] = summarise(payload["final_val_loss"], recipes)
         write_json(out, NAME, payload, argv)
     return payload
 
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     fields = train_fields(args)
     fields["eval_every"] = max(args.steps // 5, 1)
     with torch_threads(args):
-        payload = run(args.out, args.seeds, args.recipes, fields, argv, args.quick)
+        payload = run(args.out, args.seeds, args.recipes, fields, argv, args.quick, args.jobs)
     paths = [write_json(args.out, NAME, payload, argv), plot(payload, args.out)]
     report(NAME, paths)
     return payload

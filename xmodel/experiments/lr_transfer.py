@@ -23,15 +23,14 @@ from pathlib import Path
 from xmodel.experiments.common import (
     LABELS,
     PARAMETRISATIONS,
-    Diverged,
     add_training_options,
     make_parser,
     pyplot,
     report,
+    run_many,
     save_figure,
     torch_threads,
     train_fields,
-    train_run,
     width_overrides,
     write_json,
 )
@@ -64,40 +63,40 @@ def summarise(losses: dict[str, dict[str, dict[str, float | None]]]) -> dict:
     return summary
 
 
-def run(out: Path, widths: list[int], lrs_log2: list[int], fields: dict, argv: list[str] | None, quick: bool) -> dict:
+def run(out: Path, widths: list[int], lrs_log2: list[int], fields: dict, argv: list[str] | None, quick: bool,
+        jobs: int = 1) -> dict:
     losses: dict[str, dict[str, dict[str, float | None]]] = {p: {str(w): {} for w in widths} for p in PARAMETRISATIONS}
-    walls: dict[str, float] = {}
-    payload: dict = {}
-    start = time.perf_counter()
-    for width in widths:
+    walls: dict[str, float | None] = {}
+    tasks, keys = [], {}
+    for width in sorted(widths, reverse=True):  # the longest runs first: parallel jobs finish together
         for param in PARAMETRISATIONS:
             for e in lrs_log2:
                 lr = 2.0**e
                 model = {**fields.get("model", {}), **width_overrides(width, param)}
-                run_fields = {**fields, "model": model, "init": "hf", "lr_embed": lr,
-                              "lr": None if param == "mup" else lr, "decay_optimizer": "adamw"}
                 name = f"{param}_w{width}_lr2^{e}"
-                try:
-                    result = train_run(out, name, **run_fields)
-                    loss, wall = result["final_val_loss"], result["wall_s"]
-                except Diverged:
-                    loss, wall = None, float("nan")
-                losses[param][str(width)][str(e)] = loss
-                walls[name] = wall
-                shown = f"{loss:.4f}" if loss is not None else "diverged"
-                print(f"[{NAME}] {LABELS[param]:>2} width {width:4d} lr 2^{e:<3d} ({lr:.2e}): val loss {shown}  ({wall:.0f}s)",
-                      flush=True)
-            payload = {
-                "setup": {"widths": widths, "lrs_log2": lrs_log2, **_describe(fields)},
-                "final_val_loss": losses,
-                "summary": summarise(losses),
-                "run_seconds": walls,
-                "total_seconds": round(time.perf_counter() - start, 1),
-                "complete": False,
-                "quick": quick,
-            }
-            write_json(out, NAME, payload, argv)  # after every width x parametrisation: partial results survive
-    payload["complete"] = True
+                tasks.append((name, {**fields, "model": model, "init": "hf", "lr_embed": lr,
+                                     "lr": None if param == "mup" else lr, "decay_optimizer": "adamw"}))
+                keys[name] = (param, width, e)
+    start = time.perf_counter()
+    payload: dict = {}
+    for done, (name, result) in enumerate(run_many(out, tasks, jobs), 1):
+        param, width, e = keys[name]
+        loss = result["final_val_loss"] if result is not None else None
+        losses[param][str(width)][str(e)] = loss
+        walls[name] = result["wall_s"] if result is not None else None
+        shown = f"{loss:.4f}" if loss is not None else "diverged"
+        print(f"[{NAME}] {done:3d}/{len(tasks)} {LABELS[param]:>2} width {width:4d} lr 2^{e:<3d} ({2.0**e:.2e}): "
+              f"val loss {shown}" + (f"  ({walls[name]:.0f}s)" if walls[name] is not None else ""), flush=True)
+        payload = {
+            "setup": {"widths": widths, "lrs_log2": lrs_log2, **_describe(fields), "jobs": jobs},
+            "final_val_loss": losses,
+            "summary": summarise(losses),
+            "run_seconds": walls,
+            "total_seconds": round(time.perf_counter() - start, 1),
+            "complete": done == len(tasks),
+            "quick": quick,
+        }
+        write_json(out, NAME, payload, argv)  # after every run: partial results survive an interruption
     return payload
 
 
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.widths, args.lrs = [64, 128], [-7, -4]
     fields = train_fields(args)
     with torch_threads(args):
-        payload = run(args.out, sorted(args.widths), sorted(args.lrs), fields, argv, args.quick)
+        payload = run(args.out, sorted(args.widths), sorted(args.lrs), fields, argv, args.quick, args.jobs)
     paths = [write_json(args.out, NAME, payload, argv), plot(payload, args.out)]
     report(NAME, paths)
     return payload

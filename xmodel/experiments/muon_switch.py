@@ -23,10 +23,10 @@ from xmodel.experiments.common import (
     make_parser,
     pyplot,
     report,
+    run_many,
     save_figure,
     torch_threads,
     train_fields,
-    train_run,
     write_json,
 )
 
@@ -42,28 +42,31 @@ def _ema(values: list[float], beta: float = 0.9) -> list[float]:
     return out
 
 
-def run(out: Path, seeds: list[int], fields: dict, lr_embed: float, argv: list[str] | None, quick: bool) -> dict:
+def run(out: Path, seeds: list[int], fields: dict, lr_embed: float, argv: list[str] | None, quick: bool,
+        jobs: int = 1) -> dict:
     start = time.perf_counter()
-    per_seed: dict[str, dict] = {}
-    curves: dict[str, dict] = {}
+    tasks = [(f"{arm}_seed{seed}", {**fields, "seed": seed, "init": "megatron", "lr_embed": lr_embed,
+                                    "decay_optimizer": arm}) for seed in seeds for arm in ARMS]
+    results: dict[str, dict] = {}
     payload: dict = {}
-    for seed in seeds:
-        per_seed[str(seed)], curves[str(seed)] = {}, {}
-        for arm in ARMS:
-            result = train_run(out, f"{arm}_seed{seed}", **{**fields, "seed": seed, "init": "megatron",
-                                                            "lr_embed": lr_embed, "decay_optimizer": arm})
-            per_seed[str(seed)][arm] = result["final_val_loss"]
-            curves[str(seed)][arm] = {"train": result["train"], "val": result["val"], "events": result["events"]}
-            print(f"[{NAME}] seed {seed} {ARMS[arm]:<28}: final val loss {result['final_val_loss']:.4f} "
-                  f"({result['wall_s']:.0f}s)", flush=True)
-        per_seed[str(seed)]["diff"] = per_seed[str(seed)]["muon"] - per_seed[str(seed)]["adamw"]
+    for name, result in run_many(out, tasks, jobs):
+        if result is None:
+            raise RuntimeError(f"{name} diverged (non-finite losses); see {out / 'runs' / (name + '.log')}")
+        results[name] = result
+        arm, seed = name.split("_seed")
+        print(f"[{NAME}] seed {seed} {ARMS[arm]:<28}: final val loss {result['final_val_loss']:.4f} "
+              f"({result['wall_s']:.0f}s)", flush=True)
+        done = [s for s in seeds if all(f"{a}_seed{s}" in results for a in ARMS)]
+        if not done:
+            continue
+        per_seed = {str(s): {a: results[f"{a}_seed{s}"]["final_val_loss"] for a in ARMS} for s in done}
+        for v in per_seed.values():
+            v["diff"] = v["muon"] - v["adamw"]
         diffs = [v["diff"] for v in per_seed.values()]
         steps = fields["steps"]
-        decay_steps = int(round(fields["decay"] * steps))
         payload = {
-            "setup": {"seeds": seeds, "lr_embed": lr_embed, "init": "megatron", "train": fields,
-                      "decay_start_step": steps - decay_steps,
-                      "arms": ARMS},
+            "setup": {"seeds": seeds, "lr_embed": lr_embed, "init": "megatron", "train": fields, "jobs": jobs,
+                      "decay_start_step": steps - round(fields["decay"] * steps), "arms": ARMS},
             "final_val_loss": per_seed,
             "summary": {
                 "mean_adamw": statistics.fmean(v["adamw"] for v in per_seed.values()),
@@ -73,11 +76,13 @@ def run(out: Path, seeds: list[int], fields: dict, lr_embed: float, argv: list[s
                 "muon_better_in": sum(d < 0 for d in diffs),
                 "num_seeds": len(diffs),
             },
-            "curves": curves,
+            "curves": {str(s): {a: {k: results[f"{a}_seed{s}"][k] for k in ("train", "val", "events")} for a in ARMS}
+                       for s in done},
             "total_seconds": round(time.perf_counter() - start, 1),
+            "complete": len(done) == len(seeds),
             "quick": quick,
         }
-        write_json(out, NAME, payload, argv)  # after every seed: partial results survive
+        write_json(out, NAME, payload, argv)  # after every finished seed: partial results survive
     return payload
 
 
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.seeds = args.seeds[:1]
     with torch_threads(args):
-        payload = run(args.out, args.seeds, fields, args.lr_embed, argv, args.quick)
+        payload = run(args.out, args.seeds, fields, args.lr_embed, argv, args.quick, args.jobs)
     paths = [write_json(args.out, NAME, payload, argv), plot(payload, args.out)]
     report(NAME, paths)
     return payload
