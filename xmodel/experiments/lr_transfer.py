@@ -68,7 +68,7 @@ def run(out: Path, widths: list[int], lrs_log2: list[int], fields: dict, argv: l
     losses: dict[str, dict[str, dict[str, float | None]]] = {p: {str(w): {} for w in widths} for p in PARAMETRISATIONS}
     walls: dict[str, float | None] = {}
     tasks, keys = [], {}
-    for width in sorted(widths, reverse=True):  # the longest runs first: parallel jobs finish together
+    for width in widths:  # narrow first: an interrupted sweep still has complete small widths
         for param in PARAMETRISATIONS:
             for e in lrs_log2:
                 lr = 2.0**e
@@ -147,10 +147,10 @@ def plot(payload: dict, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(NAME, "lr sweep at several widths, μP vs SP (final validation loss)")
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--lrs", type=int, nargs="+", default=list(range(-10, -3)),
                         help="log2 of the base lr grid (default -10 ... -4)")
-    add_training_options(parser, steps=100)
+    add_training_options(parser, steps=100, seq=64)
     args = parser.parse_args(argv)
     if args.quick:
         args.widths, args.lrs = [64, 128], [-7, -4]
