@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,12 +62,16 @@ FAMILY_TITLES = {
 def _run(cmd: list[str], timeout: float, env: dict) -> tuple[int | None, str, float]:
     """``(returncode or None on timeout, combined output, seconds)``."""
     t0 = time.monotonic()
+    # Own session, so that a timeout also ends the child's helpers (inductor compile workers) and nothing else.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(1.0, timeout))
-        return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"") + (exc.stderr or b"")
-        return None, out.decode(errors="replace") if isinstance(out, bytes) else str(out), time.monotonic() - t0
+        out, _ = proc.communicate(timeout=max(1.0, timeout))
+        return proc.returncode, out, time.monotonic() - t0
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out or "", time.monotonic() - t0
 
 
 def _summary_line(output: str) -> str:
