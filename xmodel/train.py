@@ -178,7 +178,6 @@ def run_identity(cfg: TrainConfig, model_config, tokenizer, train_specs, val_spe
     return {
         "model": model_config.to_dict(),
         "seq_len": cfg.seq_len,
-        "global_batch": cfg.batch_size * cfg.grad_accum * info.world,
         "tokenizer": tokenizer.fingerprint,
         "data": [dataclasses.asdict(s) for s in train_specs],
         "val_data": [dataclasses.asdict(s) for s in val_specs],
@@ -225,6 +224,8 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 
 
 def setup(cfg: TrainConfig) -> Run:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     info, device = init_distributed(cfg.device)
     model_config = build_model_config(cfg)
     resume_from = resolve_resume(cfg)
@@ -238,10 +239,14 @@ def setup(cfg: TrainConfig) -> Run:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                          f"{model_config.max_position_embeddings}")
     identity = run_identity(cfg, model_config, tokenizer, train_specs, val_specs, info)
-    meta = None
+    meta = init_meta = None
     if resume_from is not None:
         meta = ckpt.read_meta(resume_from)
         check_compatible(meta.get("identity", {}), identity, resume_from)
+    elif cfg.init_from:
+        init_meta = ckpt.read_meta(Path(cfg.init_from))
+        check_compatible({"model": init_meta.get("identity", {}).get("model")}, {"model": identity["model"]},
+                         Path(cfg.init_from))
 
     # Model: built on the meta device, materialised, initialised from the seed (identically on every rank).
     from xmodel.model import Xmodel
@@ -259,16 +264,22 @@ def setup(cfg: TrainConfig) -> Run:
         model = torch.compile(model)
 
     lr = resolve_lr(cfg, model_config.mup_width_multiplier)
-    optimizer = TrainOptimizer(build_adamw(model, lr, cfg.lr_embed, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay))
+    optimizer = TrainOptimizer(
+        build_adamw(model, lr, cfg.lr_embed, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay), model)
     schedule = WSDSchedule(cfg.warmup_steps, cfg.decay_start_step, cfg.decay_steps, cfg.min_lr_ratio, cfg.decay_shape)
     sampler = MixtureSampler(train, cfg.seed)
     val_batches = eval_batches(val, cfg.eval_batches, cfg.batch_size, info.rank, info.world)
 
     start_step = 0
-    if meta is not None:
-        if meta["phase"] == "muon":
+    source_meta, source = (meta, resume_from) if meta is not None else (init_meta, cfg.init_from)
+    if source_meta is not None:
+        if source_meta["phase"] == "muon":
             _switch(optimizer, cfg)
-        ckpt.load_checkpoint(resume_from, model, optimizer, info)
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        ckpt.load_checkpoint(Path(source), model, optimizer, info)
+        for g, h in zip(optimizer.param_groups, hyper):  # hyper-parameters come from this run's config
+            g.update(h)
+    if meta is not None:  # resume: also the data position and the step
         sampler.load_state_dict(meta["data"])
         start_step = int(meta["step"])
 
@@ -281,7 +292,7 @@ def setup(cfg: TrainConfig) -> Run:
     return run
 
 
-def _switch(optimizer: TrainOptimizer, cfg: TrainConfig) -> list[str]:
+def _switch(optimizer: TrainOptimizer, cfg: TrainConfig) -> int:
     return optimizer.switch_to_muon(cfg.muon_momentum, cfg.muon_nesterov, cfg.muon_ns_steps, cfg.muon_adjust_lr)
 
 
@@ -338,8 +349,8 @@ def train_loop(run: Run) -> Path:
             if (cfg.decay_optimizer == "muon" and opt.phase == "adamw"
                     and step >= run.schedule.decay_start and run.schedule.decay > 0):  # the AdamW -> Muon switch
                 moved = _switch(opt, cfg)
-                log.event(step, "switch_to_muon", params=len(moved))
-                log.message(f"step {step}: decay starts; {len(moved)} hidden matrices switch AdamW -> Muon "
+                log.event(step, "switch_to_muon", params=moved)
+                log.message(f"step {step}: decay starts; {moved} hidden matrices switch AdamW -> Muon "
                             f"(embedding and norms stay on AdamW)")
             opt.set_lr(run.schedule.factor(step))  # WSD schedule
 
@@ -362,8 +373,7 @@ def train_loop(run: Run) -> Path:
             opt.zero_grad()
             step += 1
 
-            groups = {g["name"]: g["lr"] for g in opt.param_groups}
-            log.train(step, loss_value, groups.get("matrix", 0.0), groups.get("embed", 0.0), norm,
+            log.train(step, loss_value, opt.lr_of("matrix"), opt.lr_of("embed"), norm,
                       step * tokens_per_step, tokens_per_step, run.schedule.phase(step - 1) + f"/{opt.phase}",
                       write=step % cfg.log_every == 0 or step == cfg.steps or not finite)
             if not finite:
@@ -377,13 +387,12 @@ def train_loop(run: Run) -> Path:
                         f"{nonfinite_in_a_row} non-finite steps in a row (steps {step - nonfinite_in_a_row + 1}-"
                         f"{step}); stopping, {where}. Lower --lr/--lr-embed or check the data"
                     )
-                continue
-
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                run.last_val = evaluate(run)
-                log.eval(step, run.last_val)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                last_ckpt = save(run, step)
+            else:
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    run.last_val = evaluate(run)
+                    log.eval(step, run.last_val)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    last_ckpt = save(run, step)
             log.reset_clock()
             if info.any(stop.signum is not None, run.device):
                 last_ckpt = save(run, step)

@@ -12,7 +12,6 @@ Step counts that accept fractions (``warmup``, ``decay_start``, ``decay``): an `
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,9 @@ class TrainConfig:
     out_dir: str = "runs"  # parent of run directories
     seed: int = 0  # seeds init, data mixture order and every RNG
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # CPU threads for torch (0 = torch's default); 1 is much faster on an oversubscribed CPU
     resume: str = "auto"  # "auto": continue from the run directory's latest checkpoint; "never"; or a checkpoint path
+    init_from: str | None = None  # start a new phase from a checkpoint: its weights + optimizer state, step 0, new data
 
     # --- model -------------------------------------------------------------------------------------------
     preset: str = "cpu-default"  # XmodelConfig preset (xmodel.config.PRESETS)
@@ -116,7 +117,7 @@ class TrainConfig:
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                  f"must be a positive integer, got {value!r}")
-        for name in ("log_every", "eval_every", "save_every"):
+        for name in ("log_every", "eval_every", "save_every", "threads"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 0, name, f"must be an integer >= 0, got {value!r}")
         need(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
@@ -141,6 +142,8 @@ class TrainConfig:
              f"unknown lr adjustment {self.muon_adjust_lr!r}")
         need(isinstance(self.model, dict), "model", "must be a mapping of XmodelConfig fields")
         need(isinstance(self.data, list) and isinstance(self.val_data, list), "data", "must be a list of sources")
+        need(self.init_from is None or Path(self.init_from).is_dir(), "init_from",
+             f"no such checkpoint directory {self.init_from!r}")
         need(self.resume in RESUME_MODES or Path(self.resume).exists(), "resume",
              f"must be 'auto', 'never' or an existing checkpoint path, got {self.resume!r}")
         warmup, start, length = self.warmup_steps, self.decay_start_step, self.decay_steps
@@ -315,6 +318,3 @@ def resolve_lr(cfg: TrainConfig, width_multiplier: float) -> float:
     """Peak lr of the non-embedding parameters: ``--lr`` or the μP rule ``lr_embed / width_multiplier``."""
     return cfg.lr if cfg.lr is not None else cfg.lr_embed / width_multiplier
 
-
-def is_finite_number(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

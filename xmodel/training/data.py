@@ -166,7 +166,9 @@ class SourceSpec:
 def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """The documents of one text file."""
     if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():  # empty documents are skipped (no lone EOS)
+            yield text
     elif path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -179,7 +181,8 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
                 text = record.get(text_field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{lineno}: no string field {text_field!r} (set text_field for this source)")
-                yield text
+                if text.strip():
+                    yield text
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -190,7 +193,7 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
             raise ValueError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
         for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
             for text in batch.column(0).to_pylist():
-                if text:
+                if text and text.strip():
                     yield text
     else:  # pragma: no cover - filtered by SourceSpec.files
         raise ValueError(f"unsupported file type {path}")

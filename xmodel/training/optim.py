@@ -8,9 +8,10 @@ Groups (each carries ``name`` and its peak lr ``base_lr``; the scheduler sets ``
 
 AdamW: β = (0.9, 0.95), eps 1e-8, decoupled weight decay 0.1 (PyTorch's ``p *= 1 - lr * wd``).
 
-At the decay start the ``matrix`` group moves to :class:`xkernels.optim.Muon` (momentum 0.95, Nesterov, 5
-Newton–Schulz steps, ``match_rms_adamw`` lr scaling, same lr schedule and weight decay); ``embed`` and ``norm`` stay
-on the same AdamW, keeping their moments.  Muon's momentum starts from zero.
+At the decay start the hidden matrices (the ``matrix`` group) move to Muon with
+:func:`xkernels.optim.switch_adamw_to_muon` (momentum 0.95, Nesterov, 5 Newton–Schulz steps, ``match_rms_adamw`` lr
+scaling, same lr schedule and weight decay; momentum starts from zero); ``embed`` and ``norm`` stay on AdamW and
+keep their moments, so they continue exactly.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def build_adamw(model: nn.Module, lr: float, lr_embed: float, betas=(0.9, 0.95),
     for name, params in split_parameters(model).items():
         if params:
             group_lr, wd = settings[name]
-            groups.append({"params": [p for _, p in params], "names": [n for n, _ in params], "name": name,
+            groups.append({"params": [p for _, p in params], "name": name, "role": name,
                            "lr": group_lr, "base_lr": group_lr, "weight_decay": wd})
     kwargs: dict[str, Any] = {}
     if any(p.is_cuda for g in groups for p in g["params"]):
@@ -63,67 +64,66 @@ def build_adamw(model: nn.Module, lr: float, lr_embed: float, betas=(0.9, 0.95),
 
 
 class TrainOptimizer:
-    """The run's optimizers: AdamW alone (``phase == "adamw"``), or AdamW (embed, norms) + Muon (hidden matrices).
+    """The run's optimizer and its phase: ``torch.optim.AdamW`` (``phase == "adamw"``) until
+    :meth:`switch_to_muon` replaces it by an :class:`xkernels.optim.MuonWithAuxAdamW` (``phase == "muon"``) whose
+    Muon group holds the hidden matrices and whose AdamW groups continue the embedding and norms exactly.
 
-    ``step``, ``zero_grad``, ``param_groups``, ``state_dict`` cover whichever are active; :meth:`switch_to_muon`
-    is the phase change.
+    Every param group keeps ``role`` (``embed`` / ``matrix`` / ``norm``) and its peak lr ``base_lr``.
     """
 
-    def __init__(self, adamw: torch.optim.AdamW):
-        self.adamw = adamw
-        self.muon: torch.optim.Optimizer | None = None
+    def __init__(self, adamw: torch.optim.Optimizer, model: nn.Module):
+        self.opt = adamw
+        self.model = model
+        for g in self.opt.param_groups:
+            g.setdefault("role", g["name"])
 
     @property
     def phase(self) -> str:
-        return "muon" if self.muon is not None else "adamw"
+        return "muon" if any(g.get("use_muon", False) for g in self.opt.param_groups) else "adamw"
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.adamw] + ([self.muon] if self.muon is not None else [])
+        return [self.opt]
 
     @property
     def param_groups(self) -> list[dict]:
-        return [g for opt in self.optimizers for g in opt.param_groups]
+        return self.opt.param_groups
+
+    def lr_of(self, role: str) -> float:
+        """Current lr of the first group with this role (0 when there is none)."""
+        return next((g["lr"] for g in self.opt.param_groups if g["role"] == role), 0.0)
 
     def set_lr(self, factor: float) -> None:
-        for g in self.param_groups:
+        for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * factor
 
     def step(self) -> None:
-        for opt in self.optimizers:
-            opt.step()
+        self.opt.step()
 
     def zero_grad(self) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
 
     def switch_to_muon(self, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                       adjust_lr: str = "match_rms_adamw") -> list[str]:
-        """Move the ``matrix`` group from AdamW to Muon (same peak lr and weight decay); returns the moved names."""
-        if self.muon is not None:
+                       adjust_lr: str = "match_rms_adamw") -> int:
+        """Hidden matrices AdamW -> Muon (same lr schedule and weight decay, momentum from zero); returns how many
+        parameters moved."""
+        if self.phase == "muon":
             raise RuntimeError("already switched to Muon")
-        from xkernels.optim import Muon  # the optimizer helper's implementation (single device, DDP, FSDP2)
+        from xkernels.optim import switch_adamw_to_muon  # the optimizer helper's implementation (1 process/DDP/FSDP2)
 
-        group = next((g for g in self.adamw.param_groups if g["name"] == "matrix"), None)
-        if group is None:
-            raise RuntimeError("no 'matrix' parameter group to move to Muon")
-        for p in group["params"]:
-            self.adamw.state.pop(p, None)  # AdamW moments of the moved matrices are dropped
-        self.adamw.param_groups = [g for g in self.adamw.param_groups if g is not group]
-        self.muon = Muon(
-            [{"params": group["params"], "names": group["names"], "name": "matrix", "base_lr": group["base_lr"]}],
-            lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum, nesterov=nesterov,
-            ns_steps=ns_steps, adjust_lr_fn=adjust_lr,
-        )
-        return list(group["names"])
+        base_lr = {g["role"]: g["base_lr"] for g in self.opt.param_groups}
+        new = switch_adamw_to_muon(self.opt, self.model, momentum_init="zero", momentum=momentum, nesterov=nesterov,
+                                   ns_steps=ns_steps, adjust_lr_fn=adjust_lr)
+        for g in new.param_groups:
+            g["role"] = g["name"].split(".")[0]
+            g["base_lr"] = base_lr[g["role"]]
+        self.opt = new
+        return sum(len(g["params"]) for g in new.param_groups if g["use_muon"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "adamw": self.adamw.state_dict(),
-                "muon": self.muon.state_dict() if self.muon is not None else None}
+        return {"phase": self.phase, "optimizer": self.opt.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["phase"] != self.phase:
             raise ValueError(f"optimizer state is for phase {state['phase']!r}, optimizer is in {self.phase!r}")
-        self.adamw.load_state_dict(state["adamw"])
-        if self.muon is not None:
-            self.muon.load_state_dict(state["muon"])
+        self.opt.load_state_dict(state["optimizer"])
