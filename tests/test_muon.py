@@ -224,14 +224,32 @@ def test_toy_least_squares_converges():
 def test_kernel_backend_step_matches_reference_backend():
     a = _params([(16, 24), (24, 16), (16, 24)])
     b = _clone(a)
-    opt_k = Muon(a, lr=0.02, compute_dtype=torch.float32)
-    opt_r = Muon(b, lr=0.02, compute_dtype=torch.float32)
+    opt_k = Muon(a, lr=0.02, compute_dtype=torch.float32, use_kernels=True)  # interpreted on CPU
+    opt_r = Muon(b, lr=0.02, compute_dtype=torch.float32, use_kernels=False)
     _set_grads(0, a, b)
-    with force_backend("auto"):  # the interpreter on CPU
+    with force_backend("auto"):
         opt_k.step()
-    opt_r.step()
+        opt_r.step()
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+
+
+def test_default_runs_reference_on_cpu_even_when_interpreting(monkeypatch):
+    import xkernels.optim.muon as muon_mod
+
+    seen = []
+    real = muon_mod.orthogonalize_batched
+    monkeypatch.setattr(
+        muon_mod,
+        "orthogonalize_batched",
+        lambda X, c, use_kernel: seen.append(use_kernel) or real(X, c, use_kernel=use_kernel),
+    )
+    a = _params([(8, 12)])
+    _set_grads(0, a)
+    with force_backend("auto"):
+        Muon(a, lr=0.02).step()
+        Muon(a, lr=0.02, use_kernels=True).step()
+    assert seen == [False, interpreting() or torch.cuda.is_available()]
 
 
 # --------------------------------------------------------------------------------------------- hybrid

@@ -47,6 +47,7 @@ Public API (used by the trainer, ``xmodel.training``)::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -54,6 +55,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from xkernels.dispatch import use_triton
 from xkernels.newton_schulz import (
     _normalise,
     default_compute_dtype,
@@ -120,6 +122,11 @@ class Muon(torch.optim.Optimizer):
             the extra memory of a step to a few times this many elements.
         distributed: ``None`` (auto), ``True`` or ``False``: whether plain tensors are DDP replicas.
         process_group: the group for plain (DDP) tensors (default: the world).
+        use_kernels: ``None``: the Triton kernels for CUDA tensors, the ``baddbmm`` reference on CPU -- even
+            under ``TRITON_INTERPRET=1``, where interpreted Newton–Schulz costs ~2.6 s per step for a 2-layer
+            64-wide model (measured); ``True``: the kernels wherever :func:`xkernels.dispatch.use_triton` allows
+            (interpreted on CPU); ``False``: always the reference.  ``XKERNELS_BACKEND=torch`` /
+            :func:`xkernels.force_backend` still force the reference.
     """
 
     def __init__(
@@ -139,6 +146,7 @@ class Muon(torch.optim.Optimizer):
         chunk_numel: int = 1 << 26,
         distributed: bool | None = None,
         process_group: Any = None,
+        use_kernels: bool | None = None,
         **extra_defaults: Any,
     ) -> None:
         if isinstance(chunk_numel, bool) or not isinstance(chunk_numel, int) or chunk_numel < 1:
@@ -149,6 +157,7 @@ class Muon(torch.optim.Optimizer):
         self.chunk_numel = chunk_numel
         self.distributed = distributed
         self.process_group = process_group
+        self.use_kernels = use_kernels
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -271,14 +280,17 @@ class Muon(torch.optim.Optimizer):
         for (mode, _, _, _, device), idx in buckets.items():
             pg = self._dist_mode(params[idx[0]])[1]
             dtype = self.compute_dtype or default_compute_dtype(device)
+            # interpreted kernels on CPU only on request: they cost seconds per step even for tiny models
+            use_kernel = device.type == "cuda" if self.use_kernels is None else self.use_kernels
+            ns = _NS(coeffs, safety, eps, dtype, use_kernel and use_triton(bufs[idx[0]]))
             ups = _Updates([grads[i] for i in idx], [bufs[i] for i in idx], mu, group["nesterov"])
             if mode == "local":
-                chunks = _orthogonalize_local(ups, coeffs, safety, eps, dtype, self.chunk_numel)
+                chunks = _orthogonalize_local(ups, ns, self.chunk_numel)
             elif mode == "ddp":
-                chunks = _orthogonalize_ddp(ups, coeffs, safety, eps, dtype, self.chunk_numel, pg)
+                chunks = _orthogonalize_ddp(ups, ns, self.chunk_numel, pg)
             else:
                 shape = tuple(params[idx[0]].shape)
-                chunks = _orthogonalize_fsdp(ups, shape, coeffs, safety, eps, dtype, self.chunk_numel, pg)
+                chunks = _orthogonalize_fsdp(ups, shape, ns, self.chunk_numel, pg)
             for members, outs in chunks:  # applied chunk by chunk: the orthogonalised copies never pile up
                 _apply(group, [params[idx[j]] for j in members], outs, lr, wd)
 
@@ -319,6 +331,17 @@ def _group_coefficients(group: dict[str, Any]):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _NS:
+    """Newton–Schulz settings of one group and bucket."""
+
+    coeffs: tuple[tuple[float, float, float], ...]
+    safety: float
+    eps: float
+    dtype: torch.dtype
+    use_kernel: bool
+
+
 class _Updates:
     """The matrices of one bucket to orthogonalise, built a chunk at a time so the extra memory stays bounded:
     the Nesterov combination ``g.lerp(m, μ)`` of gradient and momentum, or the momentum itself."""
@@ -337,16 +360,16 @@ class _Updates:
         return self.grads[i].lerp(self.bufs[i], self.mu) if self.nesterov else self.bufs[i]
 
 
-def _ns_stack(ups: _Updates, indices: Sequence[int], coeffs, safety, eps, dtype) -> torch.Tensor:
+def _ns_stack(ups: _Updates, indices: Sequence[int], ns: _NS) -> torch.Tensor:
     """Normalise and orthogonalise matrices of one orientated shape as a ``(b, k, N)`` batch (``k ≤ N``; tall
     ones transposed on stacking); returns the batch in ``dtype``."""
-    return _ns_mats([ups.get(i) for i in indices], coeffs, safety, eps, dtype)
+    return _ns_mats([ups.get(i) for i in indices], ns)
 
 
-def _ns_mats(mats: Sequence[torch.Tensor], coeffs, safety, eps, dtype) -> torch.Tensor:
+def _ns_mats(mats: Sequence[torch.Tensor], ns: _NS) -> torch.Tensor:
     X = torch.stack([m.mT if m.shape[0] > m.shape[1] else m for m in mats])
-    X, _ = _normalise(X, eps, safety, dtype)
-    return orthogonalize_batched(X, coeffs)
+    X, _ = _normalise(X, ns.eps, ns.safety, ns.dtype)
+    return orthogonalize_batched(X, ns.coeffs, use_kernel=ns.use_kernel)
 
 
 def _unorient(o: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -357,15 +380,15 @@ def _unorient(o: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 Chunks = Iterator[tuple[range, list[torch.Tensor]]]
 
 
-def _orthogonalize_local(ups: _Updates, coeffs, safety, eps, dtype, chunk_numel) -> Chunks:
+def _orthogonalize_local(ups: _Updates, ns: _NS, chunk_numel) -> Chunks:
     per_call = max(1, chunk_numel // ups.shape(0).numel())
     for s in range(0, len(ups), per_call):
         chunk = range(s, min(s + per_call, len(ups)))
-        O = _ns_stack(ups, chunk, coeffs, safety, eps, dtype)
+        O = _ns_stack(ups, chunk, ns)
         yield chunk, [_unorient(O[j], ups.shape(i)) for j, i in enumerate(chunk)]
 
 
-def _orthogonalize_ddp(ups: _Updates, coeffs, safety, eps, dtype, chunk_numel, pg) -> Chunks:
+def _orthogonalize_ddp(ups: _Updates, ns: _NS, chunk_numel, pg) -> Chunks:
     """Rank r orthogonalises matrices ``[r·c, (r+1)·c)`` of each chunk, then one all-gather shares them."""
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     k, n = min(ups.shape(0)), max(ups.shape(0))
@@ -374,15 +397,15 @@ def _orthogonalize_ddp(ups: _Updates, coeffs, safety, eps, dtype, chunk_numel, p
         chunk = range(s, min(s + per_rank * world, len(ups)))
         c = -(-len(chunk) // world)
         mine = chunk[rank * c : (rank + 1) * c]
-        send = torch.zeros((c, k, n), dtype=dtype, device=ups.device)
+        send = torch.zeros((c, k, n), dtype=ns.dtype, device=ups.device)
         if len(mine):
-            send[: len(mine)] = _ns_stack(ups, mine, coeffs, safety, eps, dtype)
-        recv = torch.empty((world * c, k, n), dtype=dtype, device=send.device)
+            send[: len(mine)] = _ns_stack(ups, mine, ns)
+        recv = torch.empty((world * c, k, n), dtype=ns.dtype, device=send.device)
         dist.all_gather_into_tensor(recv, send, group=pg)
         yield chunk, [_unorient(recv[j], ups.shape(i)) for j, i in enumerate(chunk)]
 
 
-def _orthogonalize_fsdp(ups: _Updates, shape, coeffs, safety, eps, dtype, chunk_numel, pg) -> Chunks:
+def _orthogonalize_fsdp(ups: _Updates, shape, ns: _NS, chunk_numel, pg) -> Chunks:
     """``ups`` are the local dim-0 shards (torch.chunk layout: ``ceil(m/W)`` rows per rank, the last ranks
     fewer or none) of matrices of global ``shape``.  Matrix ``j`` is owned by rank ``j % W`` (slot ``j // W``).
     Returns this rank's shard of every orthogonalised matrix."""
@@ -411,10 +434,10 @@ def _orthogonalize_fsdp(ups: _Updates, shape, coeffs, safety, eps, dtype, chunk_
             nxt = starts[ci + 1]
             pending = gather(range(nxt, min(nxt + per_chunk, len(ups))))
         owned = sum(1 for j in range(len(chunk)) if j % world == rank)
-        result = torch.zeros((slots, world * rows, n), dtype=dtype, device=ups.device)
+        result = torch.zeros((slots, world * rows, n), dtype=ns.dtype, device=ups.device)
         if owned:
             full = recv[:, :owned].permute(1, 0, 2, 3).reshape(owned, world * rows, n)[:, :m]
-            O = _ns_mats(list(full), coeffs, safety, eps, dtype)
+            O = _ns_mats(list(full), ns)
             result[:owned, :m] = O.mT if m > n else O
         send_back = result.reshape(slots, world, rows, n).permute(1, 0, 2, 3).contiguous()
         back = torch.empty_like(send_back)
