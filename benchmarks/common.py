@@ -302,8 +302,10 @@ def _derive(benchmark, info: dict, ceiling: str | None) -> None:
         derived["ceiling"] = key
         derived["ceiling_value"] = ceil[key]
         derived["pct_of_ceiling"] = 100.0 * value / ceil[key]
-    if "tokens" in info:
+    if "tokens" in info:  # train steps: MFU is the model-FLOP rate over the measured matmul ceiling
         derived["tokens_per_s"] = info["tokens"] / t
+        if "pct_of_ceiling" in derived:
+            derived["mfu_pct"] = derived["pct_of_ceiling"]
     benchmark.extra_info.update(derived)
 
 

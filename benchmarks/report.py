@@ -136,7 +136,7 @@ def collect(records: list[dict], stat: str = "median_s") -> list[dict]:
         row = {"impl": info.pop("impl", bench.get("param")), "role": info.pop("role", "peer"), "test": bench["name"],
                "median_s": stats.get("median"), "min_s": stats.get("min"), "rounds": stats.get("rounds")}
         for key in ("gbps", "tflops", "pct_of_ceiling", "ceiling", "ceiling_value", "peak_mem_bytes", "tokens_per_s",
-                    "bytes", "flops", "timer"):
+                    "mfu_pct", "bytes", "flops", "timer"):
             if key in info:
                 row[key] = info[key]
         name = bench.get("group") or bench["name"]
