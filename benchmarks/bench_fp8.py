@@ -40,7 +40,9 @@ GEMM_SHAPES = pick(
     [(8192, 8192, 8192), (16384, 2048, 1536), (16384, 1536, 1536), (16384, 7680, 1536), (16384, 1536, 3840)],
     [(256, 256, 256)],
 )  # (M, N, K)
-LINEAR_SHAPES = pick([(16384, 2048, 1536), (16384, 1536, 1536), (16384, 7680, 1536), (16384, 1536, 3840)], [(256, 256, 256)])
+LINEAR_SHAPES = pick(
+    [(16384, 2048, 1536), (16384, 1536, 1536), (16384, 7680, 1536), (16384, 1536, 3840)], [(256, 256, 256)]
+)
 
 
 def _shape_id(s):
@@ -52,16 +54,23 @@ def _shape_id(s):
 @pytest.mark.parametrize("impl", ["xkernels", "eager", "compile"])
 def test_quantize(benchmark, impl, granularity):
     if impl == "xkernels":
-        fn = lambda x: fp8.quantize(x, E4M3, granularity)  # noqa: E731
+        fn = lambda x: fp8.quantize(x, E4M3, granularity)
     elif impl == "eager":
-        fn = lambda x: fp8.quantize_ref(x, E4M3, granularity)  # noqa: E731
+        fn = lambda x: fp8.quantize_ref(x, E4M3, granularity)
     else:
         fn = compile_fn(lambda x: fp8.quantize_ref(x, E4M3, granularity))
     rows, cols = QUANT_SHAPE
     run(
-        benchmark, fn=fn, make_inputs=lambda: ((randn(rows, cols, dtype=ACT),), None), mode="fwd", impl=impl,
-        family="fp8", group=f"fp8 quantize {granularity} {rows}x{cols} bf16->e4m3", shape=f"{rows}x{cols}",
-        dtype="bfloat16->float8_e4m3fn", bytes_moved=3 * rows * cols,
+        benchmark,
+        fn=fn,
+        make_inputs=lambda: ((randn(rows, cols, dtype=ACT),), None),
+        mode="fwd",
+        impl=impl,
+        family="fp8",
+        group=f"fp8 quantize {granularity} {rows}x{cols} bf16->e4m3",
+        shape=f"{rows}x{cols}",
+        dtype="bfloat16->float8_e4m3fn",
+        bytes_moved=3 * rows * cols,
     )
 
 
@@ -97,17 +106,24 @@ def test_fp8_gemm(benchmark, impl, shape):
         return (a, b, sa, sb), None
 
     if impl == "bf16":
-        fn = lambda a, b: a @ b.t()  # noqa: E731
+        fn = lambda a, b: a @ b.t()
     elif impl.startswith("scaled_mm"):
-        fn = lambda a, b, sa, sb: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=ACT)  # noqa: E731
+        fn = lambda a, b, sa, sb: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=ACT)
     else:
-        fn = lambda a, b, sa, sb: fp8.fp8_gemm(a, b, sa, sb, out_dtype=ACT)  # noqa: E731
+        fn = lambda a, b, sa, sb: fp8.fp8_gemm(a, b, sa, sb, out_dtype=ACT)
     dtype = ACT if impl == "bf16" else E4M3
     run(
-        benchmark, fn=fn, make_inputs=make_inputs, mode="fwd", impl=impl, family="fp8",
-        group=f"fp8 gemm {_shape_id(shape)} (MxNxK)", shape=_shape_id(shape),
+        benchmark,
+        fn=fn,
+        make_inputs=make_inputs,
+        mode="fwd",
+        impl=impl,
+        family="fp8",
+        group=f"fp8 gemm {_shape_id(shape)} (MxNxK)",
+        shape=_shape_id(shape),
         dtype="bfloat16" if impl == "bf16" else "float8_e4m3fn->bfloat16",
-        flops=2 * m * n * k, ceiling=ceilings.matmul_key(dtype),
+        flops=2 * m * n * k,
+        ceiling=ceilings.matmul_key(dtype),
         extra={"scales": "none" if impl == "bf16" else f"{gran_a}/{gran_b}"},
     )
 
@@ -135,7 +151,9 @@ def _te_autocast(impl: str):
         return None
     te = import_peer("transformer_engine.pytorch", "transformer-engine")
     recipe_mod = import_peer("transformer_engine.common.recipe", "transformer-engine")
-    recipe = recipe_mod.DelayedScaling(fp8_format=recipe_mod.Format.HYBRID, amax_history_len=128, amax_compute_algo="max")
+    recipe = recipe_mod.DelayedScaling(
+        fp8_format=recipe_mod.Format.HYBRID, amax_history_len=128, amax_compute_algo="max"
+    )
     return lambda: te.fp8_autocast(enabled=True, fp8_recipe=recipe)
 
 
@@ -157,8 +175,15 @@ def test_fp8_linear(benchmark, impl, shape):
         return (randn(m, n_in, dtype=ACT, requires_grad=True), weight), randn(m, n_out, dtype=ACT)
 
     run(
-        benchmark, fn=fn, make_inputs=make_inputs, mode="fwdbwd", impl=impl, family="fp8",
-        group=f"fp8 linear fwdbwd {m}x{n_in}->{n_out}", shape=f"{m}x{n_in}->{n_out}",
-        dtype="bfloat16" if impl == "bf16" else "fp8", flops=6 * m * n_out * n_in,
+        benchmark,
+        fn=fn,
+        make_inputs=make_inputs,
+        mode="fwdbwd",
+        impl=impl,
+        family="fp8",
+        group=f"fp8 linear fwdbwd {m}x{n_in}->{n_out}",
+        shape=f"{m}x{n_in}->{n_out}",
+        dtype="bfloat16" if impl == "bf16" else "fp8",
+        flops=6 * m * n_out * n_in,
         ceiling=ceilings.matmul_key(ACT if impl == "bf16" or not ON_CUDA else E4M3),
     )

@@ -70,20 +70,27 @@ def test_newton_schulz(benchmark, impl, shape):
     newton_schulz = require_attr(xkernels, "newton_schulz", "xkernels.newton_schulz")
     dtype = _ns_dtype()
     if impl == "xkernels":
-        fn = lambda G: newton_schulz(G, steps=NS_STEPS, coefficients="muon")  # noqa: E731
+        fn = lambda G: newton_schulz(G, steps=NS_STEPS, coefficients="muon")
     elif impl == "eager":
-        fn = lambda G: ns_eager(G, dtype=dtype)  # noqa: E731
+        fn = lambda G: ns_eager(G, dtype=dtype)
     elif impl == "compile":
         fn = compile_fn(lambda G: ns_eager(G, dtype=dtype))
     else:
         muon_mod = import_peer("torch.optim._muon", "torch.optim.Muon (torch >= 2.9)")
         zeropower = require_attr(muon_mod, "_zeropower_via_newtonschulz", "torch.optim.Muon's Newton–Schulz")
-        fn = lambda G: torch.stack([zeropower(g, MUON_ABC, NS_STEPS, EPS) for g in G])  # noqa: E731
+        fn = lambda G: torch.stack([zeropower(g, MUON_ABC, NS_STEPS, EPS) for g in G])
     b, m, n = shape
     run(
-        benchmark, fn=fn, make_inputs=lambda: ((randn(b, m, n, dtype=torch.float32),), None), mode="fwd",
-        impl=impl, family="muon", group=f"newton_schulz {b}x{m}x{n} 5 steps", shape=f"{b}x{m}x{n}",
-        dtype=dtype if impl != "torch-loop" else torch.bfloat16, flops=ns_flops(b, m, n),
+        benchmark,
+        fn=fn,
+        make_inputs=lambda: ((randn(b, m, n, dtype=torch.float32),), None),
+        mode="fwd",
+        impl=impl,
+        family="muon",
+        group=f"newton_schulz {b}x{m}x{n} 5 steps",
+        shape=f"{b}x{m}x{n}",
+        dtype=dtype if impl != "torch-loop" else torch.bfloat16,
+        flops=ns_flops(b, m, n),
         ceiling="matmul_bf16_tflops" if dtype == torch.bfloat16 else "matmul_fp32_tflops",
     )
 
@@ -101,12 +108,19 @@ def test_gram(benchmark, impl, k):
         return (X, torch.empty(batch, k, k, dtype=torch.bfloat16, device=DEVICE)), None
 
     if impl == "xkernels":
-        fn = lambda X, out: gram(X, out, 1.0)  # noqa: E731
+        fn = lambda X, out: gram(X, out, 1.0)
     else:
-        fn = lambda X, out: torch.bmm(X, X.mT, out=out)  # noqa: E731
+        fn = lambda X, out: torch.bmm(X, X.mT, out=out)
     run(
-        benchmark, fn=fn, make_inputs=make_inputs, mode="fwd", impl=impl, family="muon",
-        group=f"gram X·Xᵀ {batch}x{k}x{n} bf16", shape=f"{batch}x{k}x{n}", dtype=torch.bfloat16,
+        benchmark,
+        fn=fn,
+        make_inputs=make_inputs,
+        mode="fwd",
+        impl=impl,
+        family="muon",
+        group=f"gram X·Xᵀ {batch}x{k}x{n} bf16",
+        shape=f"{batch}x{k}x{n}",
+        dtype=torch.bfloat16,
         flops=2 * batch * k * k * n,
     )
 
@@ -170,8 +184,16 @@ def test_muon_step(benchmark, impl):
 
     model = pick("1.3B", "proxy-256")
     run(
-        benchmark, fn=step, make_inputs=make_inputs, mode="call", impl=impl, family="muon",
-        group=f"muon step {model} set ({len(shapes)} matrices, {layers} layers)", shape=f"{model}:{layers}L",
-        dtype="float32 params", flops=sum(ns_flops(1, o, i) for o, i in shapes), warmup=1 if not ON_CUDA else None,
+        benchmark,
+        fn=step,
+        make_inputs=make_inputs,
+        mode="call",
+        impl=impl,
+        family="muon",
+        group=f"muon step {model} set ({len(shapes)} matrices, {layers} layers)",
+        shape=f"{model}:{layers}L",
+        dtype="float32 params",
+        flops=sum(ns_flops(1, o, i) for o, i in shapes),
+        warmup=1 if not ON_CUDA else None,
         extra={"matrices": len(shapes), "params": sum(o * i for o, i in shapes)},
     )

@@ -87,8 +87,15 @@ def test_rms_norm(benchmark, impl, tokens, mode):
 
     es = torch.empty((), dtype=DTYPE).element_size()
     run(
-        benchmark, fn=fn, make_inputs=make_inputs, mode=mode, impl=impl, family="rmsnorm",
-        group=f"rms_norm {mode} {tokens}x{HIDDEN} {dtype_name(DTYPE)}", shape=f"{tokens}x{HIDDEN}", dtype=DTYPE,
+        benchmark,
+        fn=fn,
+        make_inputs=make_inputs,
+        mode=mode,
+        impl=impl,
+        family="rmsnorm",
+        group=f"rms_norm {mode} {tokens}x{HIDDEN} {dtype_name(DTYPE)}",
+        shape=f"{tokens}x{HIDDEN}",
+        dtype=DTYPE,
         bytes_moved=(2 if mode == "fwd" else 5) * tokens * HIDDEN * es,
     )
 
@@ -108,8 +115,14 @@ def test_add_rms_norm(benchmark, impl, tokens, mode):
 
     es = torch.empty((), dtype=DTYPE).element_size()
     run(
-        benchmark, fn=fn, make_inputs=make_inputs, mode=mode, impl=impl, family="rmsnorm",
-        group=f"add_rms_norm {mode} {tokens}x{HIDDEN} {dtype_name(DTYPE)}", shape=f"{tokens}x{HIDDEN}", dtype=DTYPE,
+        benchmark,
+        fn=fn,
+        make_inputs=make_inputs,
+        mode=mode,
+        impl=impl,
+        family="rmsnorm",
+        group=f"add_rms_norm {mode} {tokens}x{HIDDEN} {dtype_name(DTYPE)}",
+        shape=f"{tokens}x{HIDDEN}",
+        dtype=DTYPE,
         bytes_moved=(4 if mode == "fwd" else 8) * tokens * HIDDEN * es,
     )
-

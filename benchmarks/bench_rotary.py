@@ -80,8 +80,14 @@ def test_apply_rotary(benchmark, impl, shape, mode):
     es = torch.empty((), dtype=DTYPE).element_size()
     per_pass = 2 * batch * seq * (N_Q + N_KV) * HEAD_DIM * es + 2 * seq * HEAD_DIM * 4
     run(
-        benchmark, fn=fn, make_inputs=make_inputs, mode=mode, impl=impl, family="rotary",
+        benchmark,
+        fn=fn,
+        make_inputs=make_inputs,
+        mode=mode,
+        impl=impl,
+        family="rotary",
         group=f"apply_rotary {mode} {batch}x{seq}x({N_Q}+{N_KV})x{HEAD_DIM} {dtype_name(DTYPE)}",
-        shape=f"{batch}x{seq}x({N_Q}+{N_KV})x{HEAD_DIM}", dtype=DTYPE,
+        shape=f"{batch}x{seq}x({N_Q}+{N_KV})x{HEAD_DIM}",
+        dtype=DTYPE,
         bytes_moved=per_pass * (1 if mode == "fwd" else 2),
     )

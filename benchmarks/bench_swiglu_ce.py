@@ -69,12 +69,22 @@ def test_swiglu(benchmark, impl, tokens, mode):
         dy = randn(tokens, FFN, dtype=DTYPE)
         if impl == "xkernels-fused":
             return (randn(tokens, 2 * FFN, dtype=DTYPE, requires_grad=grad),), dy
-        return (randn(tokens, FFN, dtype=DTYPE, requires_grad=grad), randn(tokens, FFN, dtype=DTYPE, requires_grad=grad)), dy
+        return (
+            randn(tokens, FFN, dtype=DTYPE, requires_grad=grad),
+            randn(tokens, FFN, dtype=DTYPE, requires_grad=grad),
+        ), dy
 
     es = torch.empty((), dtype=DTYPE).element_size()
     run(
-        benchmark, fn=fn, make_inputs=make_inputs, mode=mode, impl=impl, family="swiglu",
-        group=f"swiglu {mode} {tokens}x{FFN} {dtype_name(DTYPE)}", shape=f"{tokens}x{FFN}", dtype=DTYPE,
+        benchmark,
+        fn=fn,
+        make_inputs=make_inputs,
+        mode=mode,
+        impl=impl,
+        family="swiglu",
+        group=f"swiglu {mode} {tokens}x{FFN} {dtype_name(DTYPE)}",
+        shape=f"{tokens}x{FFN}",
+        dtype=DTYPE,
         bytes_moved=(3 if mode == "fwd" else 8) * tokens * FFN * es,
     )
 
@@ -115,8 +125,15 @@ def test_linear_cross_entropy(benchmark, impl):
         if ON_CUDA:
             torch.cuda.empty_cache()
     run(
-        benchmark, fn=fn, make_inputs=make_inputs, mode="fwdbwd", impl=impl, family="cross_entropy",
+        benchmark,
+        fn=fn,
+        make_inputs=make_inputs,
+        mode="fwdbwd",
+        impl=impl,
+        family="cross_entropy",
         group=f"linear_cross_entropy fwdbwd {tokens}x{hidden}->{vocab} {dtype_name(DTYPE)}",
-        shape=f"{tokens}x{hidden}->{vocab}", dtype=DTYPE, flops=6 * tokens * vocab * hidden,
+        shape=f"{tokens}x{hidden}->{vocab}",
+        dtype=DTYPE,
+        flops=6 * tokens * vocab * hidden,
         extra={"peak_mem_bytes": peak} if peak is not None else None,
     )

@@ -36,11 +36,20 @@ IMPLS = ["eager", "xkernels", "xkernels+compile", "xkernels+fp8", "hf-llama"]
 def _hf_llama(cfg: XmodelConfig) -> torch.nn.Module:
     transformers = import_peer("transformers", "transformers (pip install transformers)")
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta, max_position_embeddings=max(SEQ, 2048), tie_word_embeddings=cfg.tie_word_embeddings,
-        attention_bias=False, mlp_bias=False, use_cache=False,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=max(SEQ, 2048),
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        use_cache=False,
     )
     with torch.device(DEVICE):
         return transformers.LlamaForCausalLM(hf_cfg)
@@ -90,10 +99,18 @@ def test_train_step(benchmark, impl):
 
     tokens = batch * seq
     run(
-        benchmark, fn=step, make_inputs=make_inputs, mode="call", impl=impl, family="train_step",
+        benchmark,
+        fn=step,
+        make_inputs=make_inputs,
+        mode="call",
+        impl=impl,
+        family="train_step",
         group=f"train step {PRESET}{'-' + str(cfg.num_hidden_layers) + 'L' if OVERRIDES else ''} {batch}x{seq} "
         f"{str(DTYPE).removeprefix('torch.')}",
-        shape=f"{batch}x{seq}", dtype=DTYPE, flops=cfg.flops_per_token(seq) * tokens,
+        shape=f"{batch}x{seq}",
+        dtype=DTYPE,
+        flops=cfg.flops_per_token(seq) * tokens,
         ceiling="matmul_bf16_tflops" if DTYPE == torch.bfloat16 else "matmul_fp32_tflops",
-        warmup=pick(3, 1), extra={"tokens": tokens, "layers": cfg.num_hidden_layers, "preset": PRESET},
+        warmup=pick(3, 1),
+        extra={"tokens": tokens, "layers": cfg.num_hidden_layers, "preset": PRESET},
     )

@@ -74,7 +74,9 @@ def _fp8_tflops(device: torch.device, n: int = 8192) -> float | None:
     one = torch.ones((), device=device)
     try:
         t = best_seconds(
-            lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16), reps=10, device=device
+            lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+            reps=10,
+            device=device,
         )
     except (RuntimeError, TypeError):
         return None

@@ -72,8 +72,10 @@ def import_peer(module: str, package: str) -> Any:
     """Import an optional peer or skip the case, saying why."""
     try:
         return importlib.import_module(module)
-    except Exception as exc:  # ImportError, or a broken install raising anything else at import
-        pytest.skip(f"peer {package} not importable: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+    except Exception as exc:  # noqa: BLE001 -- ImportError, or a broken install raising anything else
+        pytest.skip(
+            f"peer {package} not importable: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        )
 
 
 def require_attr(obj: Any, name: str, what: str) -> Any:

@@ -43,9 +43,25 @@ SMOKE_SELECTION = {
     "bench_muon": "test_newton_schulz",
     "bench_train_step": "test_train_step",
 }
-IMPL_ORDER = ["xkernels", "xkernels-fused", "xkernels-row", "xkernels-block", "xkernels+compile", "xkernels+fp8",
-              "eager", "bf16", "compile", "torch", "torch-loop", "liger", "scaled_mm", "scaled_mm-row", "torchao", "te",
-              "hf-llama"]
+IMPL_ORDER = [
+    "xkernels",
+    "xkernels-fused",
+    "xkernels-row",
+    "xkernels-block",
+    "xkernels+compile",
+    "xkernels+fp8",
+    "eager",
+    "bf16",
+    "compile",
+    "torch",
+    "torch-loop",
+    "liger",
+    "scaled_mm",
+    "scaled_mm-row",
+    "torchao",
+    "te",
+    "hf-llama",
+]
 ABSOLUTE_KEYS = ("median_s", "min_s", "gbps", "tflops", "tokens_per_s", "ceiling_value", "peak_mem_bytes")
 FAMILY_TITLES = {
     "rmsnorm": "RMSNorm / add + RMSNorm",
@@ -63,8 +79,9 @@ def _run(cmd: list[str], timeout: float, env: dict) -> tuple[int | None, str, fl
     """``(returncode or None on timeout, combined output, seconds)``."""
     t0 = time.monotonic()
     # Own session, so that a timeout also ends the child's helpers (inductor compile workers) and nothing else.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=max(1.0, timeout))
         return proc.returncode, out, time.monotonic() - t0
@@ -75,7 +92,11 @@ def _run(cmd: list[str], timeout: float, env: dict) -> tuple[int | None, str, fl
 
 
 def _summary_line(output: str) -> str:
-    lines = [ln.strip("= ") for ln in output.strip().splitlines() if re.search(r"\b(passed|failed|skipped|error|deselected)\b", ln)]
+    lines = [
+        ln.strip("= ")
+        for ln in output.strip().splitlines()
+        if re.search(r"\b(passed|failed|skipped|error|deselected)\b", ln)
+    ]
     return lines[-1] if lines else ""
 
 
@@ -92,19 +113,39 @@ def _skips(output: str) -> list[str]:
 def run_tests(env: dict, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-k", "cuda", "-p", "no:cacheprovider"]
     rc, out, secs = _run(cmd, timeout, env)
-    return {"command": " ".join(cmd[2:]), "returncode": rc, "timed_out": rc is None, "seconds": round(secs, 1),
-            "summary": _summary_line(out), "tail": out.strip().splitlines()[-25:]}
+    return {
+        "command": " ".join(cmd[2:]),
+        "returncode": rc,
+        "timed_out": rc is None,
+        "seconds": round(secs, 1),
+        "summary": _summary_line(out),
+        "tail": out.strip().splitlines()[-25:],
+    }
 
 
 def run_module(module: str, jsonl: Path, env: dict, timeout: float, selection: str | None) -> dict:
-    cmd = [sys.executable, "-m", "pytest", f"benchmarks/{module}.py", "-q", "-p", "no:cacheprovider",
-           "--benchmark-only", "--benchmark-columns=median,rounds"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        f"benchmarks/{module}.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-only",
+        "--benchmark-columns=median,rounds",
+    ]
     if selection:
         cmd += ["-k", selection]
     rc, out, secs = _run(cmd, timeout, {**env, "XK_BENCH_JSONL": str(jsonl)})
     status = "timeout" if rc is None else ("ok" if rc == 0 else f"failed (exit {rc})")
-    return {"status": status, "seconds": round(secs, 1), "summary": _summary_line(out), "skips": _skips(out),
-            "tail": [] if rc == 0 else out.strip().splitlines()[-25:]}
+    return {
+        "status": status,
+        "seconds": round(secs, 1),
+        "summary": _summary_line(out),
+        "skips": _skips(out),
+        "tail": [] if rc == 0 else out.strip().splitlines()[-25:],
+    }
 
 
 # ------------------------------------------------------------------------------------------- collecting
@@ -133,15 +174,41 @@ def collect(records: list[dict], stat: str = "median_s") -> list[dict]:
     for bench in records:
         info = dict(bench.get("extra_info", {}))
         stats = bench.get("stats", {})
-        row = {"impl": info.pop("impl", bench.get("param")), "role": info.pop("role", "peer"), "test": bench["name"],
-               "median_s": stats.get("median"), "min_s": stats.get("min"), "rounds": stats.get("rounds")}
-        for key in ("gbps", "tflops", "pct_of_ceiling", "ceiling", "ceiling_value", "peak_mem_bytes", "tokens_per_s",
-                    "mfu_pct", "bytes", "flops", "timer"):
+        row = {
+            "impl": info.pop("impl", bench.get("param")),
+            "role": info.pop("role", "peer"),
+            "test": bench["name"],
+            "median_s": stats.get("median"),
+            "min_s": stats.get("min"),
+            "rounds": stats.get("rounds"),
+        }
+        for key in (
+            "gbps",
+            "tflops",
+            "pct_of_ceiling",
+            "ceiling",
+            "ceiling_value",
+            "peak_mem_bytes",
+            "tokens_per_s",
+            "mfu_pct",
+            "bytes",
+            "flops",
+            "timer",
+        ):
             if key in info:
                 row[key] = info[key]
         name = bench.get("group") or bench["name"]
-        group = groups.setdefault(name, {"group": name, "family": info.get("family"), "pass": info.get("pass"),
-                                         "shape": info.get("shape"), "dtype": info.get("dtype"), "rows": []})
+        group = groups.setdefault(
+            name,
+            {
+                "group": name,
+                "family": info.get("family"),
+                "pass": info.get("pass"),
+                "shape": info.get("shape"),
+                "dtype": info.get("dtype"),
+                "rows": [],
+            },
+        )
         group["rows"].append(row)
     out = []
     for group in groups.values():
@@ -209,8 +276,16 @@ def check_targets(groups: list[dict], device_type: str) -> list[dict]:
                 other = rows.get(metric.split(":", 1)[1])
                 value = None if other is None else other["rel_time"] / ours["rel_time"]
                 met = None if value is None else value >= threshold
-            out.append({"target": desc, "case": g["group"], "metric": metric, "value": value, "threshold": threshold,
-                        "met": met})
+            out.append(
+                {
+                    "target": desc,
+                    "case": g["group"],
+                    "metric": metric,
+                    "value": value,
+                    "threshold": threshold,
+                    "met": met,
+                }
+            )
     return out
 
 
@@ -250,31 +325,49 @@ def markdown(results: dict) -> str:
         f"# Benchmark report: {results['machine']} ({results['date']})",
         "",
         f"torch {v.get('torch')} · triton {v.get('triton')} · CUDA {v.get('cuda')} · python {v.get('python')}"
-        + "".join(f" · {k} {v[k]}" for k in ("liger-kernel", "torchao", "transformer-engine", "transformers") if v.get(k)),
+        + "".join(
+            f" · {k} {v[k]}" for k in ("liger-kernel", "torchao", "transformer-engine", "transformers") if v.get(k)
+        ),
         "",
     ]
     if ratio_only:
-        lines += ["**CPU run: ratios only.** Cells are time relative to the fastest contender of the row (1.00× = "
-                  "fastest; each case's fastest round, the one least disturbed by other load) and, in brackets, the "
-                  "share of the CPU's measured ceiling; absolute numbers from a shared CPU are not published. On a "
-                  "CPU shared with other jobs even the ratios are indicative only.", ""]
+        lines += [
+            (
+                "**CPU run: ratios only.** Cells are time relative to the fastest contender of the row (1.00× = "
+                "fastest; each case's fastest round, the one least disturbed by other load) and, in brackets, the "
+                "share of the CPU's measured ceiling; absolute numbers from a shared CPU are not published. On a "
+                "CPU shared with other jobs even the ratios are indicative only."
+            ),
+            "",
+        ]
     else:
         c = results["ceilings"]
-        lines += ["Ceilings (measured this run): " + ", ".join(
-            f"{k} {c[k]:.0f}" for k in ("copy_gbps", "matmul_bf16_tflops", "matmul_fp8_tflops") if c.get(k)) + ". "
-            "Cells: median time · throughput (% of the ceiling).", ""]
+        lines += [
+            "Ceilings (measured this run): "
+            + ", ".join(f"{k} {c[k]:.0f}" for k in ("copy_gbps", "matmul_bf16_tflops", "matmul_fp8_tflops") if c.get(k))
+            + ". "
+            "Cells: median time · throughput (% of the ceiling).",
+            "",
+        ]
     tests = results.get("tests")
     if tests:
-        lines += [f"CUDA parity tests (`{tests['command']}`): {tests['summary'] or 'no summary'}"
-                  + (" — TIMED OUT" if tests.get("timed_out") else ""), ""]
+        lines += [
+            f"CUDA parity tests (`{tests['command']}`): {tests['summary'] or 'no summary'}"
+            + (" — TIMED OUT" if tests.get("timed_out") else ""),
+            "",
+        ]
     lines += ["Speed-up = best other contender's median / ours (xkernels); > 1 means ours is faster.", ""]
     for family, title in FAMILY_TITLES.items():
         groups = [g for g in results["groups"] if g["family"] == family]
         if not groups:
             continue
         impls = sorted({r["impl"] for g in groups for r in g["rows"]}, key=_impl_key)
-        lines += [f"## {title}", "", "| case | " + " | ".join(impls) + " | speed-up (vs) |",
-                  "|---|" + "---|" * len(impls) + "---|"]
+        lines += [
+            f"## {title}",
+            "",
+            "| case | " + " | ".join(impls) + " | speed-up (vs) |",
+            "|---|" + "---|" * len(impls) + "---|",
+        ]
         for g in groups:
             by_impl = {r["impl"]: r for r in g["rows"]}
             cells = [_cell(by_impl[i], ratio_only) if i in by_impl else "—" for i in impls]
@@ -313,21 +406,32 @@ def _slug(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="directory for the JSON and markdown")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results", help="directory for the JSON and markdown"
+    )
     parser.add_argument("--budget-s", type=float, default=470.0, help="wall-time budget for the whole report")
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny subset, minimal rounds (tests this command on CPU)")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny subset, minimal rounds (tests this command on CPU)"
+    )
     parser.add_argument("--skip-tests", action="store_true", help="do not run the CUDA parity tests")
     parser.add_argument("--tests-budget-s", type=float, default=90.0, help="time limit for the parity tests")
     parser.add_argument("--modules", nargs="*", default=None, help=f"subset of {MODULES}")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders (saves compile time)")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile contenders (saves compile time)"
+    )
     parser.add_argument("--update-readme", action="store_true", help="regenerate README's table from --out afterwards")
     args = parser.parse_args(argv)
 
     import torch  # after argparse: --help stays fast
 
     if importlib.util.find_spec("pytest_benchmark") is None:
-        print("pytest-benchmark is not installed: pip install -e '.[test]' (or pip install pytest-benchmark)", file=sys.stderr)
+        print(
+            "pytest-benchmark is not installed: pip install -e '.[test]' (or pip install pytest-benchmark)",
+            file=sys.stderr,
+        )
         return 2
 
     from benchmarks import ceilings
@@ -364,13 +468,18 @@ def main(argv: list[str] | None = None) -> int:
             timeout = max(20.0, left - 35.0 * (len(modules) - i - 1))  # leave each later family at least 35 s
             path = tmp / f"{module}.jsonl"
             print(f"[report] {module} (limit {timeout:.0f} s) ...", flush=True)
-            status[module] = run_module(module, path, env, timeout, SMOKE_SELECTION.get(module) if args.cpu_smoke else None)
-            print(f"[report]   {status[module]['status']}: {status[module]['summary']} ({status[module]['seconds']} s)", flush=True)
+            status[module] = run_module(
+                module, path, env, timeout, SMOKE_SELECTION.get(module) if args.cpu_smoke else None
+            )
+            print(
+                f"[report]   {status[module]['status']}: {status[module]['summary']} ({status[module]['seconds']} s)",
+                flush=True,
+            )
             raw_files.append(path)
         groups = collect(read_records(raw_files), stat="median_s" if on_cuda else "min_s")
 
     vers = versions()
-    date = dt.datetime.now(dt.timezone.utc)
+    date = dt.datetime.now(dt.timezone.utc)  # noqa: UP017 (dt.UTC needs Python 3.11)
     machine = ceil["device"]
     results = {
         "schema": 1,
@@ -389,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not on_cuda:
         strip_absolute(results)
-    stem = f"{_slug(torch.cuda.get_device_name(0)) if on_cuda else 'cpu'}{'-smoke' if args.cpu_smoke else ''}-{date:%Y-%m-%d}"
+    machine_slug = _slug(torch.cuda.get_device_name(0)) if on_cuda else "cpu"
+    stem = f"{machine_slug}{'-smoke' if args.cpu_smoke else ''}-{date:%Y-%m-%d}"
     json_path, md_path = args.out / f"{stem}.json", args.out / f"{stem}.md"
     json_path.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     md_path.write_text(markdown(results), encoding="utf-8")
@@ -398,7 +508,9 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import readme_table
 
         readme_table.main(["--results", str(args.out)])
-    failed = [m for m, s in status.items() if s["status"] != "ok"] + (["tests"] if tests and tests["returncode"] != 0 else [])
+    failed = [m for m, s in status.items() if s["status"] != "ok"] + (
+        ["tests"] if tests and tests["returncode"] != 0 else []
+    )
     return 1 if failed else 0
 
 

@@ -11,8 +11,13 @@ from benchmarks import readme_table, report
 def _record(impl, role, median, group="rms_norm fwd 4096x1536 bfloat16", **extra):
     info = {"impl": impl, "role": role, "family": "rmsnorm", "pass": "fwd", "shape": "4096x1536", "dtype": "bfloat16"}
     info.update(extra)
-    return {"name": f"test_rms_norm[{impl}]", "group": group, "param": impl,
-            "stats": {"min": median * 0.9, "median": median, "rounds": 10}, "extra_info": info}
+    return {
+        "name": f"test_rms_norm[{impl}]",
+        "group": group,
+        "param": impl,
+        "stats": {"min": median * 0.9, "median": median, "rounds": 10},
+        "extra_info": info,
+    }
 
 
 RECORDS = [
@@ -47,12 +52,21 @@ def test_cpu_results_publish_ratios_only():
 
 
 def _results(ratio_only: bool) -> dict:
-    return {"date": "2026-01-01 00:00 UTC", "machine": "TestGPU", "ratio_only": ratio_only, "device_type": "cuda",
-            "versions": {"torch": "2.x", "triton": "3.x", "cuda": "12.x"},
-            "ceilings": {"copy_gbps": 300.0, "matmul_bf16_tflops": 10.0}, "tests": None,
-            "modules": {"bench_rmsnorm": {"status": "ok", "skips": ["peer te not importable"]},
-                        "bench_fp8": {"status": "timeout", "skips": []}},
-            "groups": report.collect(RECORDS), "wall_s": 1.0}
+    return {
+        "date": "2026-01-01 00:00 UTC",
+        "machine": "TestGPU",
+        "ratio_only": ratio_only,
+        "device_type": "cuda",
+        "versions": {"torch": "2.x", "triton": "3.x", "cuda": "12.x"},
+        "ceilings": {"copy_gbps": 300.0, "matmul_bf16_tflops": 10.0},
+        "tests": None,
+        "modules": {
+            "bench_rmsnorm": {"status": "ok", "skips": ["peer te not importable"]},
+            "bench_fp8": {"status": "timeout", "skips": []},
+        },
+        "groups": report.collect(RECORDS),
+        "wall_s": 1.0,
+    }
 
 
 def test_markdown_side_by_side():
