@@ -59,7 +59,7 @@ class TrainConfig:
     seq_len: int = 256  # tokens per sequence (inputs; each sample reads seq_len + 1 tokens)
     batch_size: int = 8  # sequences per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world)
-    steps: int = 150  # optimizer steps in this run (phase)
+    steps: int = 200  # optimizer steps in this run (phase)
 
     # --- schedule (WSD) ----------------------------------------------------------------------------------
     warmup: float = 0.1  # linear warmup 0 -> peak: steps (int) or fraction of `steps` (float)
@@ -93,7 +93,7 @@ class TrainConfig:
     # --- logging, eval, checkpoints ----------------------------------------------------------------------
     log_every: int = 1  # write a metrics.jsonl line every N steps
     eval_every: int = 25  # validation every N steps (and at the end); 0 = only at the end
-    eval_batches: int = 8  # micro-batches per validation
+    eval_batches: int = 4  # micro-batches per validation
     save_every: int = 50  # checkpoint every N steps (and at the end); 0 = only at the end
     keep_last: int = 2  # checkpoints kept in <run>/checkpoints
     export_hf: bool = True  # write the final model as an HF checkpoint to <run>/hf
