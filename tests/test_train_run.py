@@ -144,6 +144,12 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tiny, tmp_path):
     assert 1 <= step < 400
     assert ckpt.read_meta(latest)["data"]["sample"] == 4 * step
     assert not (tmp_path / "sig" / "loss.png").exists()  # not finished
+    # the same command (here with fewer steps, to be quick) continues from the checkpoint
+    args[args.index("--steps") + 1] = str(step + 2)
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from {latest}" in result.stdout
+    assert max(train_losses(tmp_path / "sig")) == step + 2
 
 
 def test_nonfinite_steps_skipped_then_stop(tiny, tmp_path):
@@ -256,3 +262,39 @@ def test_resume_with_incompatible_config_refuses_and_keeps_run(tiny, tmp_path, c
     assert main(args + ["--resume", "never"]) == 2
     assert "will not be overwritten" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_init_from_starts_a_new_phase_with_trained_weights(tiny, tmp_path, capsys):
+    assert main(tiny_args(tiny, tmp_path, "--steps", "12", "--eval-every", "0", "--name", "stable")) == 0
+    first = train_losses(tmp_path / "stable")
+    source = ckpt.latest_checkpoint(tmp_path / "stable")
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts()[::-1]))
+    args = tiny_args(tiny, tmp_path, "--steps", "4", "--eval-every", "0", "--name", "phase2", "--init-from",
+                     str(source), "--lr-embed", "0.001", "--warmup", "0", "--decay", "4")
+    args[args.index("--data") + 1] = str(tmp_path / "new.jsonl")
+    assert main(args) == 0
+    capsys.readouterr()
+    second = train_losses(tmp_path / "phase2")
+    assert sorted(second) == [1, 2, 3, 4]  # a fresh schedule
+    assert second[1] < first[1] - 3.0  # the trained weights were loaded
+    records = [json.loads(line) for line in (tmp_path / "phase2" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train[0]["phase"] == "decay/muon" and train[0]["lr_embed"] < 0.001  # this run's lr, Muon state loaded
+    # a different model shape is refused
+    wide = [a if a != "64" else "96" for a in args] + ["--name", "phase2b"]
+    assert main(wide) == 2
+    assert "hidden_size 64 -> 96" in capsys.readouterr().err
+
+
+def test_fp8_emulation_trains_and_is_labelled(tiny, tmp_path, capsys):
+    args = tiny_args(tiny, tmp_path, "--steps", "6", "--eval-every", "3", "--name", "fp8", "--fp8", "delayed",
+                     "--fp8-emulate", "--export-hf")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "EMULATED" in out and "fp8 delayed (emulated)" in out
+    evals = [json.loads(line)["val_loss"] for line in (tmp_path / "fp8" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
+    assert evals[-1] < evals[0] - 2.0
+    from xmodel.model import Xmodel
+
+    assert Xmodel.from_pretrained(tmp_path / "fp8" / "hf").num_parameters() > 0

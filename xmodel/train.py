@@ -452,7 +452,10 @@ def train(cfg: TrainConfig) -> int:
             run.log.event(run.start_step, "resume", checkpoint=str(resumed), phase=run.optimizer.phase)
             _print(info, f"resuming from {resumed} (step {run.start_step}, optimizer {run.optimizer.phase})")
         else:
-            run.log.event(0, "start", config=cfg.to_dict())
+            run.log.event(0, "start", config=cfg.to_dict(), init_from=cfg.init_from)
+            if cfg.init_from:
+                _print(info, f"initialised from {cfg.init_from} (weights and optimizer state, "
+                             f"optimizer {run.optimizer.phase}); schedule and data start afresh")
         _print(info, f"run directory {run_dir} (resolved config: {run_dir / 'config.yaml'})")
         final = train_loop(run)
         stopped = final.name != f"step_{cfg.steps:08d}"

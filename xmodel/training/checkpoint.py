@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from xmodel.training.distributed import DistInfo
+from xmodel.training.distributed import DistInfo, unwrap
 
 META = "meta.json"
 STATE = "state.pt"
@@ -100,7 +100,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
     info.barrier()
 
     if info.world == 1:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()},
+        # the plain module's keys, so a run can resume with or without --compile
+        torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()},
                    tmp / STATE)
     else:
         import torch.distributed.checkpoint as dcp
@@ -139,7 +140,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, info: DistInf
             state = torch.load(path / STATE, map_location="cpu", weights_only=False)
         except Exception as exc:
             raise ValueError(f"--resume: cannot read {path / STATE}: {exc}") from None
-        model.load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
     else:
@@ -160,7 +161,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, info: DistInf
 def full_model_state(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor] | None:
     """The unsharded model state dict on CPU (rank 0 gets it; other ranks None)."""
     if info.world == 1:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -176,7 +177,11 @@ def export_hf(model: torch.nn.Module, model_config, out: Path, tokenizer_dir: Pa
         with torch.device("meta"):
             plain = Xmodel(model_config)
         state = {k.replace("_orig_mod.", "").replace("module.", ""): v for k, v in state.items()}
-        plain.load_state_dict(state, strict=False, assign=True)
+        wanted = plain.state_dict().keys()  # FP8 modules add amax/scale buffers: not part of the HF checkpoint
+        missing = sorted(set(wanted) - set(state) - {"lm_head.weight"})
+        if missing:
+            raise RuntimeError(f"internal error: the trained model lacks {missing[:5]} for the HF export")
+        plain.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=False, assign=True)
         plain.tie_weights()
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
