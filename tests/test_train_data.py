@@ -172,3 +172,20 @@ def test_default_corpus_builder_on_a_stdlib_subset(tmp_path):
     assert (tok.bos_id, tok.eos_id, tok.tokenizer.token_to_id("<|pad|>")) == (0, 1, 2)
     text = "def f(x):\n    return x ** 2  # é ü 中文 \x00"
     assert tok.decode(tok.encode_batch([text])[0]) == text
+
+
+def test_token_ids_beyond_the_vocabulary_are_caught():
+    from xmodel.training.data import check_token_ids
+
+    tokens = np.arange(200) % 50
+    tokens[100] = 77  # in the middle: only the per-batch check sees it when the shard is sampled
+    src = source(tokens, 10, name="foreign.bin")
+    check_token_ids([src], 100)
+    with pytest.raises(ValueError, match="foreign.bin holds token id 77 >= the model's vocab_size 60"):
+        check_token_ids([src], 60)
+    check_token_ids([src], 60, sample=20)  # head and tail only: passes
+    sampler = MixtureSampler([src], seed=0)
+    sampler.vocab_size = 60
+    with pytest.raises(ValueError, match="token id 77"):
+        for _ in range(src.num_windows):
+            sampler.next_batch(1)

@@ -215,6 +215,7 @@ def _bad_inputs(root: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     truncated.write_bytes((tmp / "good.bin").read_bytes()[:-10])
     notashard = tmp / "notashard.bin"
     notashard.write_bytes(b"hello world, this is not a token shard at all!")
+    write_shard(tmp / "foreign.bin", list(range(1000)))  # ids beyond the tiny model's 512
     big_vocab = tmp / "bigtok" / "tokenizer.json"
     train_bpe(corpus_texts()[:5], 600, big_vocab)
     data = str(root / "data.txt")
@@ -226,6 +227,7 @@ def _bad_inputs(root: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "vocab too large": (["--data", data, "--tokenizer", str(big_vocab)], "--model.vocab_size 600"),
         "truncated shard": (["--data", str(truncated)], "truncated shard"),
         "corrupt shard": (["--data", str(notashard)], "bad magic"),
+        "token ids beyond the vocabulary": (["--data", str(tmp / "foreign.bin")], "token id 999 >= the model's"),
         "unknown preset": (["--data", data, "--preset", "gigantic"], "unknown preset 'gigantic'"),
         "unknown config key": (["--data", data, "--learning-rate", "1"], "unknown config key 'learning_rate'"),
         "unknown model field": (["--data", data, "--model.hidden", "3"], "--model"),

@@ -27,7 +27,7 @@ import yaml
 
 from xmodel.training import checkpoint as ckpt
 from xmodel.training.config import TrainConfig, parse_args, resolve_lr
-from xmodel.training.data import MixtureSampler, SourceSpec, eval_batches, load_source
+from xmodel.training.data import MixtureSampler, SourceSpec, check_token_ids, eval_batches, load_source
 from xmodel.training.distributed import DistInfo, init_distributed, shutdown, unwrap, wrap_model
 from xmodel.training.metrics import MetricsLogger, peak_flops, plot_metrics
 from xmodel.training.optim import TrainOptimizer, build_adamw
@@ -235,6 +235,8 @@ def setup(cfg: TrainConfig) -> Run:
             f"--tokenizer: its vocabulary has {tokenizer.vocab_size} ids but the model has vocab_size "
             f"{model_config.vocab_size}; set --model.vocab_size {tokenizer.vocab_size} (or larger)"
         )
+    check_token_ids(train, model_config.vocab_size, "data")
+    check_token_ids(val, model_config.vocab_size, "val-data")
     if cfg.seq_len > model_config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                          f"{model_config.max_position_embeddings}")
@@ -268,6 +270,7 @@ def setup(cfg: TrainConfig) -> Run:
         build_adamw(model, lr, cfg.lr_embed, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay), model)
     schedule = WSDSchedule(cfg.warmup_steps, cfg.decay_start_step, cfg.decay_steps, cfg.min_lr_ratio, cfg.decay_shape)
     sampler = MixtureSampler(train, cfg.seed)
+    sampler.vocab_size = model_config.vocab_size
     val_batches = eval_batches(val, cfg.eval_batches, cfg.batch_size, info.rank, info.world)
 
     start_step = 0

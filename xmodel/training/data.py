@@ -291,6 +291,18 @@ def load_source(spec: SourceSpec, tokenizer, cache_dir: Path, seq_len: int, flag
     return source
 
 
+def check_token_ids(sources: list[TokenSource], vocab_size: int, flag: str = "data", sample: int = 1 << 22) -> None:
+    """Raise if a shard holds ids >= ``vocab_size``: whole shards up to ``2 * sample`` tokens, else their first and
+    last ``sample`` tokens (the sampler checks every batch too, so a bad id in the middle is still caught)."""
+    for src in sources:
+        for shard in src.shards:
+            parts = [shard] if len(shard) <= 2 * sample else [shard[:sample], shard[-sample:]]
+            top = max((int(np.max(p)) for p in parts if len(p)), default=0)
+            if top >= vocab_size:
+                raise ValueError(f"--{flag}: {src.name} holds token id {top} >= the model's vocab_size {vocab_size} "
+                                 "(shards made with another tokenizer?)")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Mixture sampling
 # ---------------------------------------------------------------------------------------------------------
@@ -315,6 +327,7 @@ class MixtureSampler:
         self.seed = seed
         w = np.array([s.weight for s in sources], dtype=np.float64)
         self.probs = w / w.sum()
+        self.vocab_size: int | None = None  # when set, every row is checked against it (e.g. foreign .bin shards)
         self.sample = 0  # global samples drawn so far
         self.counts = [0] * len(sources)  # windows drawn per source
         self._block: tuple[int, np.ndarray] | None = None
@@ -345,7 +358,14 @@ class MixtureSampler:
             picks.append(self._next_window(self._source_of(self.sample)))
             self.sample += 1
         mine = picks[rank * batch_size:(rank + 1) * batch_size]
-        return torch.from_numpy(np.stack([self.sources[k].window(i) for k, i in mine]))
+        rows = np.stack([self.sources[k].window(i) for k, i in mine])
+        if self.vocab_size is not None and rows.size and int(rows.max()) >= self.vocab_size:
+            bad = next(k for k, i in mine if int(self.sources[k].window(i).max()) >= self.vocab_size)
+            raise ValueError(
+                f"--data: {self.sources[bad].name} holds token id {int(rows.max())} >= the model's vocab_size "
+                f"{self.vocab_size} (shards made with another tokenizer?)"
+            )
+        return torch.from_numpy(rows)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sample": self.sample, "counts": list(self.counts), "seed": self.seed,
