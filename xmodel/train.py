@@ -85,7 +85,7 @@ class Run:
     val: list[torch.Tensor]
     start_step: int
     identity: dict[str, Any]
-    tokenizer_dir: Path
+    tokenizer_dir: Path | None  # None when training on .bin shards without --tokenizer
     log: MetricsLogger | None = None
     resumed_from: Path | None = None
     autocast: Any = None
@@ -103,7 +103,7 @@ def setup(cfg: TrainConfig) -> Run:
     model_config = build_model_config(cfg)
     resume_from = resolve_resume(cfg)
     tokenizer, train, val, train_specs, val_specs = load_data(cfg, info)
-    if tokenizer.vocab_size > model_config.vocab_size:
+    if tokenizer is not None and tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(
             f"--tokenizer: its vocabulary has {tokenizer.vocab_size} ids but the model has vocab_size "
             f"{model_config.vocab_size}; set --model.vocab_size {tokenizer.vocab_size} (or larger)"
@@ -163,7 +163,7 @@ def setup(cfg: TrainConfig) -> Run:
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
                 else contextlib.nullcontext())
     run = Run(cfg, info, device, model, model_config, optimizer, schedule, sampler, val_batches, start_step,
-              identity, tokenizer.path.parent, autocast=autocast, resumed_from=resume_from)
+              identity, tokenizer.path.parent if tokenizer else None, autocast=autocast, resumed_from=resume_from)
     run.first_val = meta.get("first_val") if meta else None
     return run
 
@@ -354,7 +354,7 @@ def train(cfg: TrainConfig) -> int:
             f"  plot           {plot}\n"
             f"  checkpoint     {final}\n"
             + (f"  HF model       {hf_dir}  (Xmodel.from_pretrained / python -m xmodel.generate)\n" if hf_dir else "")
-            + f"  tokenizer      {run.tokenizer_dir / 'tokenizer.json'}",
+            + (f"  tokenizer      {run.tokenizer_dir / 'tokenizer.json'}" if run.tokenizer_dir else ""),
             flush=True,
         )
     return 0

@@ -54,7 +54,11 @@ def load_data(cfg: TrainConfig, info: DistInfo):
     for turn in ("main", "others"):  # rank 0 builds caches, the others then read them
         if (turn == "main") == info.is_main:
             default_val = None
-            if not cfg.data or cfg.tokenizer is None:
+            all_bin = bool(cfg.data) and all(f.suffix == ".bin" for spec in train_specs + val_specs
+                                             for f in spec.files())
+            if all_bin and cfg.tokenizer is None:
+                tokenizer = None  # pre-tokenised data needs no tokenizer (the HF export then has none)
+            elif not cfg.data or cfg.tokenizer is None:
                 t0 = time.perf_counter()
                 corpus_train, corpus_val = build_default_corpus(cache, cfg.corpus_max_mb)
                 if not cfg.data:
@@ -110,7 +114,7 @@ def run_identity(cfg: TrainConfig, model_config, tokenizer, train_specs, val_spe
     return {
         "model": model_config.to_dict(),
         "seq_len": cfg.seq_len,
-        "tokenizer": tokenizer.fingerprint,
+        "tokenizer": tokenizer.fingerprint if tokenizer is not None else None,
         "data": [dataclasses.asdict(s) for s in train_specs],
         "val_data": [dataclasses.asdict(s) for s in val_specs],
         "seed": cfg.seed,
