@@ -89,7 +89,7 @@ def test_step_matches_torch_muon_exactly_with_fp32_newton_schulz(monkeypatch):
 
 
 def test_batched_equals_per_matrix():
-    a = _params([(12, 20)] * 5 + [(20, 12)] * 3)  # one bucket of 8 (tall ones transposed into it)
+    a = _params([(12, 20)] * 5 + [(20, 12)] * 3)  # buckets of 5 and 3
     singles = _clone(a)
     batched = Muon(a, lr=0.05, compute_dtype=torch.float32)
     per = [Muon([p], lr=0.05, compute_dtype=torch.float32) for p in singles]

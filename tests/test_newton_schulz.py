@@ -111,6 +111,14 @@ def test_reference_uses_batched_products_in_compute_dtype():
     torch.testing.assert_close(newton_schulz_ref(G, dtype=torch.float64, eps=0.0), X)
 
 
+def test_reference_tall_form_equals_transposed_wide_form():
+    """Tall batches run ``A = XᵀX``, ``X ← aX + XB`` without a transposing copy: the same iteration on Xᵀ."""
+    G = torch.randn(4, 30, 11, dtype=torch.float64)
+    tall = newton_schulz_ref(G, dtype=torch.float64)
+    wide = newton_schulz_ref(G.mT.contiguous(), dtype=torch.float64)
+    torch.testing.assert_close(tall, wide.mT, atol=1e-12, rtol=0)
+
+
 def _with_spectrum(m: int, n: int, low: float, high: float, dtype=torch.float64) -> torch.Tensor:
     k = min(m, n)
     U, _ = torch.linalg.qr(torch.randn(m, k, dtype=dtype))
