@@ -95,3 +95,12 @@ def test_shipped_configs_load(name):
     assert shipped_config(name).is_file()
     assert cfg.preset in ("xmodel-2.5", "proxy-256")
     assert cfg.decay_start_step <= cfg.steps
+
+
+def test_help_lists_every_key(capsys):
+    from xmodel.train import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("--lr-embed", "--decay-optimizer", "--fp8-emulate", "--init-from", "--model.FIELD"):
+        assert key in out

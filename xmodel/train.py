@@ -320,7 +320,8 @@ def train(cfg: TrainConfig) -> int:
     info.barrier()
     flops = run.model_config.flops_per_token(cfg.seq_len)
     run.log = MetricsLogger(run_dir if info.is_main else None, cfg.steps, run.start_step, info.is_main,
-                            cfg.progress, flops, peak_flops(run.device, cfg.peak_flops))
+                            cfg.progress, flops, peak_flops(run.device, cfg.peak_flops),
+                            append=run.resumed_from is not None)
     try:
         log0(info, describe(run))
         resumed = run.resumed_from

@@ -49,7 +49,7 @@ class MetricsLogger:
     """Writes ``metrics.jsonl`` and drives the tqdm bar; a disabled logger (non-zero ranks) does nothing."""
 
     def __init__(self, run_dir: Path | None, total_steps: int, start_step: int, enabled: bool, progress: bool,
-                 flops_per_token: float, peak: float | None):
+                 flops_per_token: float, peak: float | None, append: bool = True):
         self.enabled = enabled
         self.flops_per_token = flops_per_token
         self.peak = peak
@@ -60,7 +60,8 @@ class MetricsLogger:
             return
         assert run_dir is not None
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.file = open(self.path, "a", encoding="utf-8")
+        # a resumed run appends (the plot keeps each step's last record); a fresh start replaces a failed attempt's
+        self.file = open(self.path, "a" if append else "w", encoding="utf-8")
         if progress:
             from tqdm import tqdm
 
