@@ -16,16 +16,17 @@ and the result is transposed back.  Coefficient sets:
   (https://kellerjordan.github.io/posts/muon/, also ``torch.optim.Muon`` and Moonlight).  It maximises the
   slope at zero rather than converging to 1: after 5 steps singular values land in about [0.7, 1.2].
 * ``"polar_express"`` -- the 5-step schedule of the Polar Express paper (Amsel, Persson, Musco, Gower,
-  arXiv 2505.16932), numbers as used by modded-nanogpt's ``train_gpt.py`` (computed with the paper's
+  arXiv 2505.16932), numbers as used by KellerJordan/modded-nanogpt's ``train_gpt.py`` (the paper's
   generator for 5 iterations, cushion 2 and a 2% safety factor, which also divides the normaliser:
   ``s = 1.02``).  Steps beyond the schedule repeat its last polynomial.
-* a sequence of ``(a, b, c)`` triples, one per step (``steps`` must then equal its length).
+* a sequence of ``(a, b, c)`` triples: one triple (used at every step, like ``torch.optim.Muon``'s
+  ``ns_coefficients``) or exactly one per step.
 
 Kernels (one program per output tile, the batch on grid axis 1, 64-bit batch offsets):
 
 * :func:`_ns_gram_kernel` computes ``OUT = α·Y Yᵀ + β·C`` on the lower triangle of tiles only (a lookup
   table maps program id → tile (i, j), i ≥ j) and stores each off-diagonal tile twice, at (i, j) and
-  mirrored at (j, i): half the FLOPs of a plain bmm.  It serves both ``A = X Xᵀ`` (α = 1, β = 0) and the
+  mirrored at (j, i): ``t(t+1)/2`` of ``t²`` tiles, about half the FLOPs of a plain bmm.  It serves both ``A = X Xᵀ`` (α = 1, β = 0) and the
   polynomial ``B = c·A A + b·A`` (Y = C = A, valid because A is symmetric).
 * :func:`_ns_update_kernel` computes ``OUT = a·X + B X``, a tiled GEMM with the axpy fused in the epilogue.
 
