@@ -201,6 +201,16 @@ def save(run: Run, step: int) -> Path:
     return ckpt.save_checkpoint(run.cfg.run_dir, step, run.model, run.optimizer, meta, run.info, run.cfg.keep_last)
 
 
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Reduce gradients across ranks only on the last micro-batch of a step (DDP ``no_sync``, FSDP2
+    ``set_requires_gradient_sync``); a no-op with one process."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    elif hasattr(model, "no_sync") and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def grad_norm(run: Run) -> float:
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     max_norm = run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf
@@ -232,9 +242,7 @@ def train_loop(run: Run) -> Path:
 
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
-                sync = (contextlib.nullcontext() if micro == cfg.grad_accum - 1 or not hasattr(run.model, "no_sync")
-                        else run.model.no_sync())  # DDP: all-reduce on the last micro-batch only
-                with sync:
+                with gradient_sync(run.model, micro == cfg.grad_accum - 1):
                     loss = micro_batch_loss(run, run.sampler.next_batch(cfg.batch_size, info.rank, info.world))
                     if step in cfg.inject_nonfinite_at:  # fault injection for tests
                         loss = loss * float("nan")
