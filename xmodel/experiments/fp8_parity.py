@@ -133,13 +133,15 @@ def plot(payload: dict, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(NAME, "the same run in fp32/bf16 and with FP8 linears (emulated on CPU)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--recipes", nargs="+", default=["delayed"], choices=RECIPES, help="FP8 recipes to compare")
-    add_training_options(parser, steps=100)
+    add_training_options(parser, steps=100, seq=64)
     parser.set_defaults(decay=0.3)
     args = parser.parse_args(argv)
     fields = train_fields(args)
     fields["eval_every"] = max(args.steps // 5, 1)
+    if args.quick:
+        args.seeds = args.seeds[:1]
     with torch_threads(args):
         payload = run(args.out, args.seeds, args.recipes, fields, argv, args.quick, args.jobs)
     paths = [write_json(args.out, NAME, payload, argv), plot(payload, args.out)]
