@@ -300,3 +300,19 @@ def test_fp8_emulation_trains_and_is_labelled(tiny, tmp_path, capsys):
     from xmodel.model import Xmodel
 
     assert Xmodel.from_pretrained(tmp_path / "fp8" / "hf").num_parameters() > 0
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    from xmodel.training.distributed import DistInfo
+
+    class Opt:
+        def state_dict(self):
+            return {"phase": "adamw", "optimizer": {}}
+
+    model = torch.nn.Linear(4, 4)
+    for keep in range(3):
+        ckpt.save_checkpoint(tmp_path, 1 + keep // 2, model, Opt(), {"phase": "adamw", "n": keep}, DistInfo(),
+                             keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001", "step_00000002"]
+    assert ckpt.read_meta(tmp_path / "checkpoints" / "step_00000001")["n"] == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]

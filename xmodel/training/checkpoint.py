@@ -7,8 +7,8 @@ training config) plus either ``state.pt`` (one process: model, optimizer, RNG) o
 Atomicity: everything is written into ``checkpoints/.tmp-step_00000100``, files and directory are fsynced,
 ``meta.json`` is written last, then the directory is renamed to its final name (an atomic rename on POSIX) and the
 parent fsynced.  Only directories named ``step_*`` with a ``meta.json`` count as checkpoints, so a process killed
-mid-save (even ``kill -9``) leaves the previous checkpoint as the latest; leftover ``.tmp-*`` directories are
-removed by the next save.  The last ``keep_last`` checkpoints are kept.
+mid-save (even ``kill -9``) leaves the previous checkpoint as the latest; leftover ``.tmp-*`` / ``.old-*``
+directories are removed by the next save.  The last ``keep_last`` checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
     tmp = root / f".tmp-step_{step:08d}"
     if info.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):
+        for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     info.barrier()
@@ -116,12 +116,15 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
         meta = {**meta, "step": step, "world": info.world, "format": "torch" if info.world == 1 else "dcp"}
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
         _fsync_tree(tmp)
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it
-            shutil.rmtree(final)
+        old = root / f".old-{final.name}"
+        if final.exists():  # the same step saved again (e.g. stopped right after a resume): swap, then delete
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_path(root)
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        for expired in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(expired, ignore_errors=True)
     info.barrier()
     return final
 
