@@ -148,3 +148,12 @@ def test_fp8_parity_quick(tmp_path, cache_dir):
     rel = data["summary"]["fp8_delayed"]["mean_relative_diff"]
     arms = data["final_val_loss"]["0"]
     assert rel == pytest.approx((arms["fp8_delayed"] - arms["base"]) / arms["base"])
+
+
+def test_muon_decay_window_diffs():
+    from xmodel.experiments.muon_switch import decay_window_diffs
+
+    adamw = [[s, 5.0] for s in range(1, 11)]
+    muon = [[s, 5.0 if s <= 4 else 5.0 - 0.1 * (s - 4)] for s in range(1, 11)]
+    # decay steps 4..9 are records 5..10, in thirds: (5, 6), (7, 8), (9, 10)
+    assert decay_window_diffs(adamw, muon, 4, 10) == pytest.approx([-0.15, -0.35, -0.55])
