@@ -97,9 +97,9 @@ class Run:
 # Setup: everything that can fail on bad input happens here, before the run directory is touched.
 # ---------------------------------------------------------------------------------------------------------
 def setup(cfg: TrainConfig) -> Run:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     info, device = init_distributed(cfg.device)
+    if cfg.threads or device.type == "cpu":
+        torch.set_num_threads(cfg.threads or 1)
     model_config = build_model_config(cfg)
     resume_from = resolve_resume(cfg)
     tokenizer, train, val, train_specs, val_specs = load_data(cfg, info)
@@ -309,7 +309,8 @@ def describe(run: Run) -> str:
         f"{s.decay} to peak/{1 / cfg.min_lr_ratio:g} with {cfg.decay_optimizer.upper() if cfg.decay_optimizer == 'muon' else 'AdamW'}",
         f"optim    AdamW lr {lr:g} (embedding {cfg.lr_embed:g}), betas ({cfg.beta1}, {cfg.beta2}), wd "
         f"{cfg.weight_decay}, clip {cfg.grad_clip}",
-        f"device   {run.device}, {precision}, {parallel}",
+        f"device   {run.device}{f' ({torch.get_num_threads()} threads)' if run.device.type == 'cpu' else ''}, "
+        f"{precision}, {parallel}",
     ])
 
 

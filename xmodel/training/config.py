@@ -35,7 +35,9 @@ class TrainConfig:
     out_dir: str = "runs"  # parent of run directories
     seed: int = 0  # seeds init, data mixture order and every RNG
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
-    threads: int = 0  # CPU threads for torch (0 = torch's default); 1 is much faster on an oversubscribed CPU
+    # CPU threads for torch; 0 = auto: 1 when training on the CPU (measured on a shared 2-core box: the default run
+    # took 128 s on 1 thread and ran 3-4x slower on 2, whose threads wait on each other), torch's default on a GPU
+    threads: int = 0
     resume: str = "auto"  # "auto": continue from the run directory's latest checkpoint; "never"; or a checkpoint path
     init_from: str | None = None  # start a new phase from a checkpoint: its weights + optimizer state, step 0, new data
 
