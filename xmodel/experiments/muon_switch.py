@@ -14,6 +14,7 @@ with the mean and standard deviation over seeds.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ def decay_window_diffs(adamw: list, muon: list, decay_start: int, steps: int, wi
     """
     a, m = dict(map(tuple, adamw)), dict(map(tuple, muon))
     bounds = [decay_start + round(i * (steps - decay_start) / windows) for i in range(windows + 1)]
-    return [statistics.fmean(m[s] - a[s] for s in range(lo + 1, hi + 1)) for lo, hi in zip(bounds, bounds[1:])
+    return [statistics.fmean(m[s] - a[s] for s in range(lo + 1, hi + 1)) for lo, hi in itertools.pairwise(bounds)
             if hi > lo]
 
 
