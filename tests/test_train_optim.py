@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from test_train_run import _fast_cpu  # noqa: F401  (autouse fixture: reference ops, one thread)
 
 from xmodel.config import XmodelConfig
 from xmodel.model import Xmodel
 from xmodel.training.optim import TrainOptimizer, build_adamw, split_parameters
-from test_train_run import _fast_cpu  # noqa: F401  (autouse fixture: reference ops, one thread)
 
 
 @pytest.fixture

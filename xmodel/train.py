@@ -309,7 +309,7 @@ def describe(run: Run) -> str:
         f"{s.decay} to peak/{1 / cfg.min_lr_ratio:g} with {cfg.decay_optimizer.upper() if cfg.decay_optimizer == 'muon' else 'AdamW'}",
         f"optim    AdamW lr {lr:g} (embedding {cfg.lr_embed:g}), betas ({cfg.beta1}, {cfg.beta2}), wd "
         f"{cfg.weight_decay}, clip {cfg.grad_clip}",
-        f"device   {run.device}{f' ({torch.get_num_threads()} threads)' if run.device.type == 'cpu' else ''}, "
+        f"device   {run.device}{f' ({torch.get_num_threads()} thread(s))' if run.device.type == 'cpu' else ''}, "
         f"{precision}, {parallel}",
     ])
 

@@ -17,8 +17,8 @@ import json
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def _doc_hash(name: str) -> int:
@@ -49,8 +49,7 @@ def iter_default_documents(stdlib: Path | None = None) -> Iterator[tuple[str, st
 def _atomic_write_jsonl(path: Path, docs: list[tuple[str, str]]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for name, text in docs:
-            f.write(json.dumps({"name": name, "text": text}, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps({"name": name, "text": text}, ensure_ascii=False) + "\n" for name, text in docs)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
