@@ -300,7 +300,7 @@ def describe(run: Run) -> str:
                  else "fp32") + (f", fp8 {cfg.fp8}{' (emulated)' if cfg.fp8_emulate else ''}" if cfg.fp8 else "")
     parallel = f"{run.info.world} x {cfg.parallel}" if run.info.active else "1 process"
     return "\n".join([
-        f"model    {cfg.preset} {cfg.model or ''}: {unwrap(run.model).num_parameters() / 1e6:.2f} M parameters, "
+        f"model    {cfg.preset}{f' {cfg.model}' if cfg.model else ''}: {unwrap(run.model).num_parameters() / 1e6:.2f} M parameters, "
         f"{mc.num_hidden_layers} layers x {mc.hidden_size}, vocab {mc.vocab_size}, init {cfg.init}",
         f"data     {sum(src.num_windows for src in run.sampler.sources)} train sequences of {cfg.seq_len} "
         f"({', '.join(Path(src.name).name for src in run.sampler.sources)}); global batch "
