@@ -27,7 +27,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pyarrow"],
+        "data": ["pyarrow"],
         "hf": ["safetensors>=0.4", "tokenizers>=0.15", "transformers>=4.40"],
         "eval": ["lm-eval>=0.4"],
         "te": ["transformer-engine[pytorch]"],

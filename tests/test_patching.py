@@ -236,7 +236,7 @@ def test_backbone_without_head_skips_loss():
 
 
 def test_xmodel_is_already_native():
-    xmodel_model = pytest.importorskip("xmodel.model", reason="xmodel.model is not importable")
+    from xmodel import model as xmodel_model
     from xmodel.config import XmodelConfig
 
     cfg = XmodelConfig(
@@ -250,9 +250,7 @@ def test_xmodel_is_already_native():
 
 
 def test_fp8_converts_the_transformer_linears():
-    fp8 = pytest.importorskip("xkernels.fp8", reason="xkernels.fp8 is not importable")
-    if not hasattr(fp8, "convert_to_fp8"):
-        pytest.skip("xkernels.fp8.convert_to_fp8 is not available in this build")
+    from xkernels import fp8
     ref = _tiny("llama")
     model = copy.deepcopy(ref)
     report = xkernels.patch(model, fp8=True)
