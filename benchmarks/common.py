@@ -9,7 +9,8 @@ Timing rules (every module goes through :func:`run`):
 * CUDA: each round is timed with CUDA events recorded right before and after the call (pytest-benchmark's timer
   is swapped for :class:`CudaEventTimer`), and the GPU is kept busy across the setup (the flush, then a short
   ``torch.cuda._sleep``) so the launch latency of the first kernel is hidden, as in a training step. CPU:
-  ``time.perf_counter``; CPU numbers are meaningful as ratios between contenders only.
+  ``time.process_time`` (CPU seconds of all threads: robust to other jobs time-slicing a shared machine); CPU
+  numbers are meaningful as ratios between contenders only.
 * ``extra_info`` of every case: the implementation and its role (``ours``/``baseline``/``peer``), the work
   (``bytes`` or ``flops``), the derived ``gbps``/``tflops`` (from the median round on CUDA, the fastest round on
   CPU), and ``pct_of_ceiling`` against the ceilings of :mod:`benchmarks.ceilings` (measured once per run).
@@ -201,7 +202,7 @@ def run(
         "shape": shape,
         "dtype": dname,
         "device": DEVICE.type,
-        "timer": "cuda_events" if ON_CUDA else "perf_counter",
+        "timer": "cuda_events" if ON_CUDA else "process_time",
     }
     if bytes_moved is not None:
         info["bytes"] = int(bytes_moved)
@@ -259,8 +260,9 @@ def run(
         msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         pytest.skip(f"peer {impl} failed on this install: {type(exc).__name__}: {msg}")
     rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(TARGET_S / max(elapsed, 1e-6))))
-    if ON_CUDA and hasattr(benchmark, "_timer"):
-        benchmark._timer = CudaEventTimer()
+    if hasattr(benchmark, "_timer"):
+        # CPU: the process's CPU time (all threads), which other jobs time-slicing a shared CPU do not inflate.
+        benchmark._timer = CudaEventTimer() if ON_CUDA else time.process_time
     benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds)
     sync()
     _derive(benchmark, info, ceiling)
