@@ -22,6 +22,7 @@ in fp32 the two agree to rounding, in bf16 this version (one rounding) is the mo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from xkernels._checks import check_float, check_nonempty, check_same_device
 from xkernels.dispatch import compiling, triton_available, use_triton
@@ -35,7 +36,7 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` in fp32 (float64 for float64 inputs), rounded once to the input dtype."""
     acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
     g = gate.to(acc)
-    return (g * torch.sigmoid(g) * up.to(acc)).to(gate.dtype)
+    return (F.silu(g) * up.to(acc)).to(gate.dtype)  # F.silu: one fused op, less saved for autograd
 
 
 def swiglu_bwd_ref(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
