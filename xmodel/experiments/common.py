@@ -142,8 +142,8 @@ def run_many(out_dir: Path, tasks: list[tuple[str, dict[str, Any]]], jobs: int =
     """:func:`train_run` each ``(name, fields)``; yields ``(name, result)`` as runs finish (``None``: diverged).
 
     ``jobs > 1`` runs that many at once in worker processes with one torch thread each (on a CPU, small models
-    train faster as parallel single-threaded runs than one after another on all cores).  Results do not depend on
-    ``jobs``: every run is seeded on its own.
+    train faster as parallel single-threaded runs than one after another on all cores).  Every run is seeded on its
+    own, so ``jobs`` changes no result beyond fp32 summation order (a different thread count can move last digits).
     """
     if jobs <= 1:
         for name, fields in tasks:
