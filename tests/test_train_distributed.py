@@ -53,8 +53,13 @@ def test_two_process_gloo_matches_one_process(tiny, tmp_path, parallel):  # noqa
     from xmodel.model import Xmodel
 
     m1, m2 = Xmodel.from_pretrained(tmp_path / "one" / "hf"), Xmodel.from_pretrained(tmp_path / "two" / "hf")
+    # Weights: the losses above are the tight check.  After the switch, Muon orthogonalises in bf16, where a 1e-6
+    # difference in the momentum (reduction order) can flip roundings inside Newton-Schulz; the final weights then
+    # differ in single elements by a fraction of one Muon update (measured: max 1.4e-3 absolute) while each tensor
+    # agrees to <= 3.8e-4 in relative Frobenius norm; the bound leaves 5x headroom.
     for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
-        assert (p1 - p2).abs().max() < 1e-3, name
+        rel = ((p1 - p2).norm() / p1.norm()).item()
+        assert rel < 2e-3, (name, rel)
     # resume the 2-process run from its sharded checkpoint for 2 more steps
     more = run(tiny_args(tiny, tmp_path, *common[:-1], "--name", "two", "--batch-size", "2", "--parallel", parallel,
                          "--steps", "8"), 2)
