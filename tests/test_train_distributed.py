@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch.distributed as dist
-from test_train_run import _fast_cpu, cli_env, tiny, tiny_args, train_losses  # noqa: F401  (fixtures)
+from train_support import _fast_cpu, cli_env, tiny, tiny_args, train_losses  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.distributed
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train_run import TINY_MODEL, _fast_cpu  # noqa: F401  (autouse fixture: reference ops, one thread)
+from train_support import TINY_MODEL, _fast_cpu  # noqa: F401  (autouse fixture: reference ops, one thread)
 
 from xmodel.train import main
 from xmodel.training.data import write_shard

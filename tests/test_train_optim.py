@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_train_run import _fast_cpu  # noqa: F401  (autouse fixture: reference ops, one thread)
+from train_support import _fast_cpu  # noqa: F401  (autouse fixture: reference ops, one thread)
 
 from xmodel.config import XmodelConfig
 from xmodel.model import Xmodel

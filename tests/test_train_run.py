@@ -2,7 +2,6 @@
 non-finite steps, kill -9 during a checkpoint save, and bad inputs (clear error, non-zero exit, nothing written)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,74 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from train_support import _fast_cpu, cli_env, corpus_texts, run_cli, tiny, tiny_args, train_losses  # noqa: F401  (fixtures)
+
 from xmodel.train import main
 from xmodel.training import checkpoint as ckpt
 from xmodel.training.data import read_shard, write_shard
 from xmodel.training.tokenizer import train_bpe
-
-REPO = Path(__file__).resolve().parent.parent
-TINY_MODEL = ["--model.hidden_size", "64", "--model.num_hidden_layers", "2", "--model.intermediate_size", "160",
-              "--model.num_attention_heads", "2", "--model.num_key_value_heads", "1", "--model.vocab_size", "512"]
-
-
-def corpus_texts() -> list[str]:
-    """Real prose with structure a tiny model learns quickly: the bundled Python documentation topics."""
-    from pydoc_data.topics import topics
-
-    return [topics[k] for k in sorted(topics)][:40]
-
-
-@pytest.fixture(autouse=True)
-def _fast_cpu():
-    """The trainer is tested on the PyTorch reference ops (the kernels have their own parity tests; through the
-    Triton interpreter a 24-step run would take minutes), on one thread (tiny models run fastest on one, and two
-    threads on a busy 2-core CI box are ~100x slower)."""
-    from xkernels.dispatch import force_backend
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with force_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny corpus (.txt) and a 512-id BPE trained on it, shared by the runs of a module."""
-    root = tmp_path_factory.mktemp("tiny")
-    texts = corpus_texts()
-    (root / "data.txt").write_text("\n\n".join(texts), encoding="utf-8")
-    train_bpe(texts, 512, root / "tok" / "tokenizer.json")
-    return root
-
-
-def tiny_args(root: Path, out: Path, *extra: str) -> list[str]:
-    return [*TINY_MODEL, "--seq-len", "32", "--batch-size", "4", "--tokenizer", str(root / "tok" / "tokenizer.json"),
-            "--data", str(root / "data.txt"), "--cache-dir", str(root / "cache"), "--out-dir", str(out),
-            "--no-progress", "--no-export-hf", "--eval-batches", "2", *extra]
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == "train":
-            out[r["step"]] = r["loss"]
-    return out
-
-
-def cli_env() -> dict[str, str]:
-    """Subprocess environment: the repo importable, reference ops, one thread (see ``_fast_cpu``)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "XKERNELS_BACKEND": "torch"}
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
-def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
-    env = cli_env()
-    return subprocess.run([sys.executable, "-m", "xmodel.train", *args], capture_output=True, text=True, env=env,
-                          timeout=240, **kw)
-
 
 # ------------------------------------------------------------------------------------------------- training
 def test_short_run_loss_falls_through_muon_switch(tiny, tmp_path, capsys):
