@@ -273,12 +273,7 @@ def _patch_cross_entropy(model: nn.Module, model_type: str) -> tuple[str | None,
 
 
 def _patch_fp8(model: nn.Module, fp8) -> str:
-    try:
-        from xkernels.fp8 import FP8Linear, convert_to_fp8
-    except ImportError as err:
-        raise NotImplementedError(
-            "fp8 patching needs xkernels.fp8.convert_to_fp8, which this build does not provide; pass fp8=None"
-        ) from err
+    from xkernels.fp8 import FP8Linear, convert_to_fp8
     before = sum(isinstance(m, FP8Linear) for m in model.modules())
     convert_to_fp8(model, None if fp8 is True else fp8)
     after = sum(isinstance(m, FP8Linear) for m in model.modules())
