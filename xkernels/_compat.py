@@ -1,0 +1,28 @@
+"""Differences between the torch / Triton versions we support, in one place.
+
+Two stacks are tested (CI runs the whole suite on both): torch 2.13 + Triton 3.9 (the CPU development box) and
+torch 2.11 + Triton 3.6 (the H200 image).  Every version-dependent choice in the package lives here, each with a
+comment naming the version that needs it; kernels and launchers import the name, never test versions themselves.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from xkernels.dispatch import triton_available
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``"3.6.0+git..."`` -> ``(3, 6, 0)``."""
+    return tuple(int(p) for p in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+TORCH_VERSION = _version(torch.__version__)
+if triton_available():
+    import triton
+
+    TRITON_VERSION = _version(triton.__version__)
+else:
+    TRITON_VERSION = (0, 0, 0)
