@@ -1,9 +1,13 @@
 """Two processes with gloo on CPU (torchrun): FSDP2 and DDP runs match the one-process run with the same global batch.
 
-Tolerance: the per-step training loss agrees to 1e-4 absolute (losses 7-16; measured max difference 6e-6 for FSDP2,
-4e-6 for DDP).  Sources of difference: the order of
-the gradient reductions (reduce-scatter / all-reduce sum in another order than one backward) in fp32; everything
-else (data, init, schedule, the Muon step on whole gathered matrices) is identical by construction.
+The only source of difference is the order of the fp32 gradient reductions (reduce-scatter / all-reduce sum in
+another order than one backward); everything else (data, init, schedule, the Muon step on whole gathered matrices)
+is identical by construction.  The runs use ``--muon-dtype fp32``: with the default bf16 Newton-Schulz (on CPUs with
+native bf16) a 1e-6 difference in the momentum flips bf16 roundings inside the iteration, and steps after the Muon
+switch differed by up to 1.1e-4 in loss and 3.8e-4 in relative weight norm -- which is bf16 rounding, not a
+distributed-training bug, and would force a bound too loose to catch one.  In fp32 (measured on the 2-core Xeon,
+torch 2.13): per-step losses (7-16) agree to 9.5e-7, final weights to 6.7e-6 in relative Frobenius norm; the bounds
+below leave ~10x headroom.
 """
 
 import json
@@ -35,7 +39,8 @@ def run(args: list[str], nproc: int) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
 def test_two_process_gloo_matches_one_process(tiny, tmp_path, parallel):  # noqa: F811
-    common = ["--steps", "6", "--decay", "2", "--eval-every", "0", "--threads", "1", "--export-hf"]
+    common = ["--steps", "6", "--decay", "2", "--eval-every", "0", "--threads", "1", "--muon-dtype", "fp32",
+              "--export-hf"]  # fp32 Newton-Schulz: see the module docstring
     one = run(tiny_args(tiny, tmp_path, *common, "--name", "one", "--batch-size", "4"), 1)
     assert one.returncode == 0, one.stderr[-3000:]
     two = run(tiny_args(tiny, tmp_path, *common, "--name", "two", "--batch-size", "2", "--parallel", parallel), 2)
@@ -43,7 +48,7 @@ def test_two_process_gloo_matches_one_process(tiny, tmp_path, parallel):  # noqa
     a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
-        assert abs(a[step] - b[step]) <= 1e-4, (step, a[step], b[step])
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "event" and r["event"] == "switch_to_muon" for r in records)
     assert two.stdout.count("done in") == 1  # rank-0 logging only
@@ -53,13 +58,9 @@ def test_two_process_gloo_matches_one_process(tiny, tmp_path, parallel):  # noqa
     from xmodel.model import Xmodel
 
     m1, m2 = Xmodel.from_pretrained(tmp_path / "one" / "hf"), Xmodel.from_pretrained(tmp_path / "two" / "hf")
-    # Weights: the losses above are the tight check.  After the switch, Muon orthogonalises in bf16, where a 1e-6
-    # difference in the momentum (reduction order) can flip roundings inside Newton-Schulz; the final weights then
-    # differ in single elements by a fraction of one Muon update (measured: max 1.4e-3 absolute) while each tensor
-    # agrees to <= 3.8e-4 in relative Frobenius norm; the bound leaves 5x headroom.
     for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
         rel = ((p1 - p2).norm() / p1.norm()).item()
-        assert rel < 2e-3, (name, rel)
+        assert rel < 5e-5, (name, rel)
     # resume the 2-process run from its sharded checkpoint for 2 more steps
     more = run(tiny_args(tiny, tmp_path, *common[:-1], "--name", "two", "--batch-size", "2", "--parallel", parallel,
                          "--steps", "8"), 2)

@@ -52,6 +52,7 @@ def test_switch_moves_exactly_the_hidden_matrices(model):
     assert opt.phase == "adamw"
     moved = opt.switch_to_muon(momentum=0.95, nesterov=True, ns_steps=5, adjust_lr="match_rms_adamw")
     assert moved == 14 and opt.phase == "muon"
+    assert opt.opt.compute_dtype is None  # the default: Newton-Schulz in bf16 (fp32 on CPUs without native bf16)
     muon = [g for g in opt.param_groups if g["use_muon"]]
     aux = [g for g in opt.param_groups if not g["use_muon"]]
     muon_ids = {id(p) for g in muon for p in g["params"]}
@@ -85,3 +86,10 @@ def test_state_dict_round_trip_in_muon_phase(model):
     fresh.load_state_dict(state)
     p = model.model.layers[0].mlp.down_proj.weight
     torch.testing.assert_close(fresh.opt.state[p]["momentum_buffer"], opt.opt.state[p]["momentum_buffer"])
+
+
+def test_switch_passes_the_newton_schulz_dtype(model):
+    """``--muon-dtype fp32`` reaches the Muon optimizer (the distributed-equivalence test relies on it)."""
+    opt = TrainOptimizer(build_adamw(model, lr=1e-3, lr_embed=1e-2), model)
+    opt.switch_to_muon(compute_dtype=torch.float32)
+    assert opt.opt.compute_dtype == torch.float32

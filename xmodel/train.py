@@ -169,7 +169,9 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def _switch(optimizer: TrainOptimizer, cfg: TrainConfig) -> int:
-    return optimizer.switch_to_muon(cfg.muon_momentum, cfg.muon_nesterov, cfg.muon_ns_steps, cfg.muon_adjust_lr)
+    compute_dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.muon_dtype]
+    return optimizer.switch_to_muon(cfg.muon_momentum, cfg.muon_nesterov, cfg.muon_ns_steps, cfg.muon_adjust_lr,
+                                    compute_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 FP8_RECIPES = ("delayed", "current", "row", "block")
 PARALLELISMS = ("fsdp", "ddp")
 RESUME_MODES = ("auto", "never")
+MUON_DTYPES = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -83,6 +84,10 @@ class TrainConfig:
     muon_nesterov: bool = True
     muon_ns_steps: int = 5
     muon_adjust_lr: str = "match_rms_adamw"  # Muon lr scaling: 0.2*sqrt(max(A, B)) so its RMS matches AdamW's
+    # dtype of Muon's Newton-Schulz products: "auto" = bf16 (the recipe's; fp32 on CPUs without native bf16 GEMMs),
+    # "bf16" or "fp32".  fp32 makes runs that differ only in fp32 summation order (1 process vs FSDP2/DDP) agree
+    # to ~1e-6 after the switch; bf16 rounding inside Newton-Schulz amplifies such differences ~30x.
+    muon_dtype: str = "auto"
 
     # --- precision and speed -----------------------------------------------------------------------------
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
@@ -142,6 +147,7 @@ class TrainConfig:
         need(self.init in ("megatron", "hf"), "init", f"must be 'megatron' or 'hf', got {self.init!r}")
         need(self.muon_adjust_lr in ("match_rms_adamw", "original", "spectral"), "muon_adjust_lr",
              f"unknown lr adjustment {self.muon_adjust_lr!r}")
+        need(self.muon_dtype in MUON_DTYPES, "muon_dtype", f"must be one of {MUON_DTYPES}, got {self.muon_dtype!r}")
         need(isinstance(self.model, dict), "model", "must be a mapping of XmodelConfig fields")
         need(isinstance(self.data, list) and isinstance(self.val_data, list), "data", "must be a list of sources")
         need(self.init_from is None or Path(self.init_from).is_dir(), "init_from",

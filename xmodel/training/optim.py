@@ -104,7 +104,7 @@ class TrainOptimizer:
         self.opt.zero_grad(set_to_none=True)
 
     def switch_to_muon(self, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                       adjust_lr: str = "match_rms_adamw") -> int:
+                       adjust_lr: str = "match_rms_adamw", compute_dtype: torch.dtype | None = None) -> int:
         """Hidden matrices AdamW -> Muon (same lr schedule and weight decay, momentum from zero); returns how many
         parameters moved."""
         if self.phase == "muon":
@@ -113,7 +113,7 @@ class TrainOptimizer:
 
         base_lr = {g["role"]: g["base_lr"] for g in self.opt.param_groups}
         new = switch_adamw_to_muon(self.opt, self.model, momentum_init="zero", momentum=momentum, nesterov=nesterov,
-                                   ns_steps=ns_steps, adjust_lr_fn=adjust_lr)
+                                   ns_steps=ns_steps, adjust_lr_fn=adjust_lr, compute_dtype=compute_dtype)
         for g in new.param_groups:
             g["role"] = g["name"].split(".")[0]
             g["base_lr"] = base_lr[g["role"]]
