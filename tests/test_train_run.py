@@ -16,6 +16,7 @@ from train_support import _fast_cpu, cli_env, corpus_texts, run_cli, tiny, tiny_
 from xmodel.train import main
 from xmodel.training import checkpoint as ckpt
 from xmodel.training.data import read_shard, write_shard
+from xmodel.training.distributed import DistInfo
 from xmodel.training.tokenizer import train_bpe
 
 # ------------------------------------------------------------------------------------------------- training
@@ -40,7 +41,7 @@ def test_short_run_loss_falls_through_muon_switch(tiny, tmp_path, capsys):
     from xmodel.model import Xmodel
 
     model = Xmodel.from_pretrained(run / "hf")
-    state = torch.load(ckpt.latest_checkpoint(run) / "state.pt", weights_only=False)["model"]
+    state = ckpt.safe_torch_load(ckpt.latest_checkpoint(run) / "state.pt")["model"]
     torch.testing.assert_close(model.state_dict()["model.norm.weight"], state["model.norm.weight"])
     assert (run / "hf" / "tokenizer.json").is_file()
     # running the same command again finds the run complete and changes nothing
@@ -64,7 +65,9 @@ def test_resume_reproduces_uninterrupted_run(tiny, tmp_path, resume_at):
 
 
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(tiny, tmp_path):
-    args = tiny_args(tiny, tmp_path, "--steps", "400", "--eval-every", "0", "--save-every", "0", "--name", "sig")
+    # warmup in steps and no decay: a shorter --steps on the rerun leaves the steps already taken unchanged
+    args = tiny_args(tiny, tmp_path, "--steps", "400", "--eval-every", "0", "--save-every", "0", "--name", "sig",
+                     "--warmup", "2", "--decay", "0")
     env = cli_env()
     proc = subprocess.Popen([sys.executable, "-m", "xmodel.train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -86,6 +89,7 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tiny, tmp_path):
     result = run_cli(args)
     assert result.returncode == 0, result.stderr
     assert f"resuming from {latest}" in result.stdout
+    assert "schedule changed on resume (--steps 400 -> " in result.stdout
     assert max(train_losses(tmp_path / "sig")) == step + 2
 
 
@@ -102,12 +106,12 @@ def test_nonfinite_steps_skipped_then_stop(tiny, tmp_path):
     skipped = [r["step"] for r in records if r["kind"] == "event" and r["event"] == "nonfinite"]
     assert skipped == [2, 7, 8, 9]
     # the checkpoint is loadable
-    state = torch.load(ckpt.latest_checkpoint(run) / "state.pt", weights_only=False)
+    state = ckpt.safe_torch_load(ckpt.latest_checkpoint(run) / "state.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 KILL_DURING_SAVE = r"""
-import os, signal, sys, torch
+import sys, torch
 from pathlib import Path
 from xmodel.training import checkpoint as ckpt
 from xmodel.training.distributed import DistInfo
@@ -118,27 +122,28 @@ class Opt:
 
 run = Path(sys.argv[1])
 model = torch.nn.Linear(64, 64)
-ckpt.save_checkpoint(run, 1, model, Opt(), {"phase": "adamw"}, DistInfo())
-real_save = torch.save
-def dying_save(obj, f, *a, **k):  # write half a file, then die like kill -9
-    real_save(obj, f, *a, **k)
-    with open(f, "r+b") as fh:
-        fh.truncate(os.path.getsize(f) // 2)
-    os.kill(os.getpid(), signal.SIGKILL)
-torch.save = dying_save
-ckpt.save_checkpoint(run, 2, model, Opt(), {"phase": "adamw"}, DistInfo())
+for step in (1, 2):  # XMODEL_FAULT=save:2 SIGKILLs the second save after state.pt, before meta.json
+    ckpt.save_checkpoint(run, step, model, Opt(), {"phase": "adamw"}, DistInfo())
 """
 
 
 def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path):
-    env = cli_env()
+    env = {**cli_env(), "XMODEL_FAULT": "save:2"}
     result = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(tmp_path)], env=env, timeout=120)
     assert result.returncode == -signal.SIGKILL
-    assert (tmp_path / "checkpoints" / ".tmp-step_00000002").is_dir()  # the interrupted save
+    assert (tmp_path / "checkpoints" / ".tmp-step_00000002" / "state.pt").is_file()  # the interrupted save
     latest = ckpt.latest_checkpoint(tmp_path)
     assert latest.name == "step_00000001"
-    state = torch.load(latest / "state.pt", weights_only=False)
-    assert state["model"]["weight"].shape == (64, 64)
+    checked = ckpt.select_checkpoint(tmp_path)
+    assert checked.path == latest and checked.state["model"]["weight"].shape == (64, 64)
+    # the next save removes the leftover
+    ckpt.save_checkpoint(tmp_path, 2, torch.nn.Linear(64, 64), _NoOpt(), {"phase": "adamw"}, DistInfo())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+
+
+class _NoOpt:
+    def state_dict(self):
+        return {"phase": "adamw", "optimizer": {}}
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -240,15 +245,9 @@ def test_fp8_emulation_trains_and_is_labelled(tiny, tmp_path, capsys):
 
 
 def test_saving_the_same_step_again_replaces_it(tmp_path):
-    from xmodel.training.distributed import DistInfo
-
-    class Opt:
-        def state_dict(self):
-            return {"phase": "adamw", "optimizer": {}}
-
     model = torch.nn.Linear(4, 4)
     for keep in range(3):
-        ckpt.save_checkpoint(tmp_path, 1 + keep // 2, model, Opt(), {"phase": "adamw", "n": keep}, DistInfo(),
+        ckpt.save_checkpoint(tmp_path, 1 + keep // 2, model, _NoOpt(), {"phase": "adamw", "n": keep}, DistInfo(),
                              keep_last=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001", "step_00000002"]
     assert ckpt.read_meta(tmp_path / "checkpoints" / "step_00000001")["n"] == 1

@@ -16,9 +16,11 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +33,16 @@ from xmodel.training.data import MixtureSampler, check_token_ids, eval_batches
 from xmodel.training.distributed import DistInfo, init_distributed, shutdown, unwrap, wrap_model
 from xmodel.training.metrics import MetricsLogger, peak_flops, plot_metrics
 from xmodel.training.optim import TrainOptimizer, build_adamw
+from xmodel.training.faults import fault_point
 from xmodel.training.prepare import (
     build_model_config,
     check_compatible,
+    check_schedule_change,
+    check_writable_dir,
+    choose_checkpoint,
     fp8_convert,
     load_data,
     log0,
-    resolve_resume,
     run_identity,
 )
 from xmodel.training.schedule import WSDSchedule
@@ -45,6 +50,14 @@ from xmodel.training.schedule import WSDSchedule
 
 class TrainingError(RuntimeError):
     """The run cannot continue (non-finite steps, ...): the message says what happened and what is intact."""
+
+
+class BadInput(ValueError):
+    """Bad input found at startup, before the run directory is written (exit status 2)."""
+
+
+class RunFailure(RuntimeError):
+    """An unexpected error after the run started (exit status 1); ``__cause__`` holds the original exception."""
 
 
 class StopSignal:
@@ -91,6 +104,8 @@ class Run:
     autocast: Any = None
     first_val: float | None = None
     last_val: float | None = None
+    step: int = 0  # completed optimizer steps (for error messages)
+    last_ckpt: Path | None = None  # the newest complete checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,8 +115,21 @@ def setup(cfg: TrainConfig) -> Run:
     info, device = init_distributed(cfg.device)
     if cfg.threads or device.type == "cpu":
         torch.set_num_threads(cfg.threads or 1)
+
+    def log(msg: str) -> None:
+        log0(info, msg)
+
+    check_writable_dir(cfg.run_dir, "--out-dir")
+    if not cfg.cache_path.is_dir():  # an existing cache may be read-only (shared and complete)
+        check_writable_dir(cfg.cache_path, "--cache-dir")
     model_config = build_model_config(cfg)
-    resume_from = resolve_resume(cfg)
+    chosen = choose_checkpoint(cfg, log)
+    if info.active:  # every rank validated the same files; make sure they agree before loading
+        step = -1 if chosen is None else int(chosen.meta["step"])
+        lo, hi = info.all_reduce_sum([float(step), -float(step)], device)
+        if lo != step * info.world or hi != -step * info.world:
+            raise ValueError("--resume: the ranks found different checkpoints (is the run directory on a "
+                             "filesystem every rank sees?)")
     tokenizer, train, val, train_specs, val_specs = load_data(cfg, info)
     if tokenizer is not None and tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(
@@ -110,18 +138,22 @@ def setup(cfg: TrainConfig) -> Run:
         )
     check_token_ids(train, model_config.vocab_size, "data")
     check_token_ids(val, model_config.vocab_size, "val-data")
-    if cfg.seq_len > model_config.max_position_embeddings:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                         f"{model_config.max_position_embeddings}")
     identity = run_identity(cfg, model_config, tokenizer, train_specs, val_specs, info)
-    meta = init_meta = None
-    if resume_from is not None:
-        meta = ckpt.read_meta(resume_from)
-        check_compatible(meta.get("identity", {}), identity, resume_from)
+    meta = None
+    init = None
+    if chosen is not None:
+        meta = chosen.meta
+        check_compatible(meta.get("identity", {}), identity, chosen.path)
+        if int(meta["step"]) < cfg.steps:
+            check_schedule_change(meta.get("config", {}), cfg, int(meta["step"]), meta["phase"], chosen.path, log)
     elif cfg.init_from:
-        init_meta = ckpt.read_meta(Path(cfg.init_from))
-        check_compatible({"model": init_meta.get("identity", {}).get("model")}, {"model": identity["model"]},
+        try:
+            init = ckpt.check_checkpoint(Path(cfg.init_from))
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(f"--init-from: {exc}") from None
+        check_compatible({"model": init.meta.get("identity", {}).get("model")}, {"model": identity["model"]},
                          Path(cfg.init_from))
+    check_muon_settings(cfg)
 
     # Model: built on the meta device, materialised, initialised from the seed (identically on every rank).
     from xmodel.model import Xmodel
@@ -147,12 +179,13 @@ def setup(cfg: TrainConfig) -> Run:
     val_batches = eval_batches(val, cfg.eval_batches, cfg.batch_size, info.rank, info.world)
 
     start_step = 0
-    source_meta, source = (meta, resume_from) if meta is not None else (init_meta, cfg.init_from)
-    if source_meta is not None:
-        if source_meta["phase"] == "muon":
+    source = chosen or init
+    if source is not None:
+        if source.meta["phase"] == "muon":
             _switch(optimizer, cfg)
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        ckpt.load_checkpoint(Path(source), model, optimizer, info)
+        ckpt.load_checkpoint(source, model, optimizer, info, "--resume" if chosen else "--init-from")
+        source.state = None  # the loaded tensors now live in the model and optimizer
         for g, h in zip(optimizer.param_groups, hyper):  # hyper-parameters come from this run's config
             g.update(h)
     if meta is not None:  # resume: also the data position and the step
@@ -163,9 +196,30 @@ def setup(cfg: TrainConfig) -> Run:
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
                 else contextlib.nullcontext())
     run = Run(cfg, info, device, model, model_config, optimizer, schedule, sampler, val_batches, start_step,
-              identity, tokenizer.path.parent if tokenizer else None, autocast=autocast, resumed_from=resume_from)
+              identity, tokenizer.path.parent if tokenizer else None, autocast=autocast,
+              resumed_from=chosen.path if chosen else None)
     run.first_val = meta.get("first_val") if meta else None
+    run.last_val = meta.get("last_val") if meta else None
+    run.step = start_step
+    run.last_ckpt = chosen.path if chosen else None
     return run
+
+
+def check_muon_settings(cfg: TrainConfig) -> None:
+    """Build a Muon optimizer with this run's settings on a 2x2 matrix now, so a setting it rejects fails at startup
+    and not hours later at the decay start."""
+    if cfg.decay_optimizer != "muon":
+        return
+    from xkernels.optim import MuonWithAuxAdamW
+
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    try:
+        MuonWithAuxAdamW([{"params": [p], "use_muon": True, "lr": 1e-3, "weight_decay": cfg.weight_decay}],
+                         momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps,
+                         adjust_lr_fn=cfg.muon_adjust_lr)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"--muon-momentum/--muon-ns-steps/--muon-adjust-lr: Muon rejects these settings ({exc}); "
+                         f"they take effect at the decay start (step {cfg.decay_start_step})") from None
 
 
 def _switch(optimizer: TrainOptimizer, cfg: TrainConfig) -> int:
@@ -199,8 +253,12 @@ def evaluate(run: Run) -> float:
 
 def save(run: Run, step: int) -> Path:
     meta = {"phase": run.optimizer.phase, "data": run.sampler.state_dict(), "identity": run.identity,
-            "config": run.cfg.to_dict(), "first_val": run.first_val, "last_val": run.last_val}
-    return ckpt.save_checkpoint(run.cfg.run_dir, step, run.model, run.optimizer, meta, run.info, run.cfg.keep_last)
+            "config": run.cfg.to_dict(), "first_val": run.first_val, "last_val": run.last_val,
+            "tokenizer_dir": str(run.tokenizer_dir) if run.tokenizer_dir else None}
+    log = run.log.message if run.log is not None else (lambda msg: log0(run.info, msg))
+    run.last_ckpt = ckpt.save_checkpoint(run.cfg.run_dir, step, run.model, run.optimizer, meta, run.info,
+                                         run.cfg.keep_last, log)
+    return run.last_ckpt
 
 
 def gradient_sync(model: torch.nn.Module, sync: bool):
@@ -227,7 +285,6 @@ def train_loop(run: Run) -> Path:
     cfg, info, log, opt = run.cfg, run.info, run.log, run.optimizer
     tokens_per_step = cfg.batch_size * cfg.grad_accum * info.world * cfg.seq_len
     nonfinite_in_a_row = 0
-    last_ckpt = ckpt.latest_checkpoint(cfg.run_dir)
     step = run.start_step
     if step == 0 and cfg.eval_every:
         run.first_val = run.last_val = evaluate(run)
@@ -253,11 +310,13 @@ def train_loop(run: Run) -> Path:
             norm = grad_norm(run)
             loss_value = info.all_reduce_sum([loss_sum / cfg.grad_accum], run.device)[0] / info.world
             finite = math.isfinite(loss_value) and math.isfinite(norm)
+            fault_point("step", info.rank)  # crash tests: a kill -9 inside a step
             if finite:
                 opt.step()
                 nonfinite_in_a_row = 0
             opt.zero_grad()
             step += 1
+            run.step = step
 
             log.train(step, loss_value, opt.lr_of("matrix"), opt.lr_of("embed"), norm,
                       step * tokens_per_step, tokens_per_step, run.schedule.phase(step - 1) + f"/{opt.phase}",
@@ -268,6 +327,7 @@ def train_loop(run: Run) -> Path:
                 log.message(f"step {step}: non-finite loss/gradient (loss {loss_value}, grad norm {norm}); "
                             f"step skipped ({nonfinite_in_a_row} in a row)")
                 if nonfinite_in_a_row >= cfg.max_nonfinite:
+                    last_ckpt = run.last_ckpt
                     where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                     raise TrainingError(
                         f"{nonfinite_in_a_row} non-finite steps in a row (steps {step - nonfinite_in_a_row + 1}-"
@@ -278,7 +338,7 @@ def train_loop(run: Run) -> Path:
                     run.last_val = evaluate(run)
                     log.eval(step, run.last_val)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    last_ckpt = save(run, step)
+                    save(run, step)
             log.reset_clock()
             if info.any(stop.signum is not None, run.device):
                 last_ckpt = save(run, step)
@@ -316,23 +376,40 @@ def describe(run: Run) -> str:
     ])
 
 
+def _startup_error(exc: BaseException) -> BadInput:
+    if isinstance(exc, OSError):
+        return BadInput(ckpt.explain_os_error(exc, "starting the run"))
+    return BadInput(str(exc))
+
+
 def train(cfg: TrainConfig) -> int:
+    """Run (or resume, or finish) the training ``cfg`` describes; returns 0.  Raises :class:`BadInput` for bad input
+    found at startup, :class:`TrainingError` / :class:`xmodel.training.checkpoint.StorageError` /
+    :class:`RunFailure` for a failure during the run (see :func:`main` for the exit statuses)."""
     t_start = time.perf_counter()
-    run = setup(cfg)
+    try:
+        run = setup(cfg)
+    except (ValueError, OSError) as exc:  # bad input: nothing was written to the run directory
+        raise _startup_error(exc) from None
     info = run.info
     run_dir = cfg.run_dir
     if run.start_step >= cfg.steps:
-        log0(info, f"{run_dir} is already complete at step {run.start_step} (--steps {cfg.steps}); "
-                     "use --name NEW for a new run or raise --steps to continue")
-        return 0
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    info.barrier()
-    flops = run.model_config.flops_per_token(cfg.seq_len)
-    run.log = MetricsLogger(run_dir if info.is_main else None, cfg.steps, run.start_step, info.is_main,
-                            cfg.progress, flops, peak_flops(run.device, cfg.peak_flops),
-                            append=run.resumed_from is not None)
+        return finish_completed(run, t_start)
+    try:
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            tmp = run_dir / ".config.yaml.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, run_dir / "config.yaml")
+        info.barrier()
+        flops = run.model_config.flops_per_token(cfg.seq_len)
+        run.log = MetricsLogger(run_dir if info.is_main else None, cfg.steps, run.start_step, info.is_main,
+                                cfg.progress, flops, peak_flops(run.device, cfg.peak_flops),
+                                append=run.resumed_from is not None)
+    except OSError as exc:
+        raise _startup_error(exc) from None
+    hf_dir = None
     try:
         log0(info, describe(run))
         resumed = run.resumed_from
@@ -347,33 +424,82 @@ def train(cfg: TrainConfig) -> int:
         log0(info, f"run directory {run_dir} (resolved config: {run_dir / 'config.yaml'})")
         final = train_loop(run)
         stopped = final.name != f"step_{cfg.steps:08d}"
-        hf_dir = None
         if not stopped and cfg.export_hf:
             hf_dir = ckpt.export_hf(run.model, run.model_config, run_dir / "hf", run.tokenizer_dir, info)
         run.log.event(int(final.name.split("_")[1]), "end", wall_s=time.perf_counter() - t_start)
+    except (TrainingError, ckpt.StorageError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        where = f"the last complete checkpoint is {run.last_ckpt}" if run.last_ckpt else "no checkpoint was written"
+        what = (ckpt.explain_os_error(exc, f"training (after step {run.step})") if isinstance(exc, OSError)
+                else f"{type(exc).__name__} after step {run.step}: {exc}")
+        raise RunFailure(f"the run failed: {what}; {where}. Fix the cause and run the same command again to "
+                         "resume") from exc
     finally:
         run.log.close()
     if info.is_main and not stopped:
-        plot = plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png")
-        summary = {"steps": cfg.steps, "first_val_loss": run.first_val, "final_val_loss": run.last_val,
-                   "wall_s": round(time.perf_counter() - t_start, 1), "checkpoint": str(final),
-                   "hf": str(hf_dir) if hf_dir else None}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        print(
-            f"\ndone in {summary['wall_s']:.0f} s: val loss {run.first_val:.3f} -> {run.last_val:.3f}\n"
-            f"  run directory  {run_dir}\n"
-            f"  metrics        {run_dir / 'metrics.jsonl'}\n"
-            f"  plot           {plot}\n"
-            f"  checkpoint     {final}\n"
-            + (f"  HF model       {hf_dir}  (Xmodel.from_pretrained / python -m xmodel.generate)\n" if hf_dir else "")
-            + (f"  tokenizer      {run.tokenizer_dir / 'tokenizer.json'}" if run.tokenizer_dir else ""),
-            flush=True,
-        )
+        write_summary(run, final, hf_dir, t_start)
+    return 0
+
+
+def write_summary(run: Run, final: Path, hf_dir: Path | None, t_start: float) -> None:
+    """``loss.png`` and ``summary.json`` (written last: a run directory with it is finished) and the closing lines."""
+    cfg, run_dir = run.cfg, run.cfg.run_dir
+    plot = plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    summary = {"steps": cfg.steps, "first_val_loss": run.first_val, "final_val_loss": run.last_val,
+               "wall_s": round(time.perf_counter() - t_start, 1), "checkpoint": str(final),
+               "hf": str(hf_dir) if hf_dir else None}
+    tmp = run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, run_dir / "summary.json")
+    first = f"{run.first_val:.3f}" if run.first_val is not None else "?"
+    last = f"{run.last_val:.3f}" if run.last_val is not None else "?"
+    print(
+        f"\ndone in {summary['wall_s']:.0f} s: val loss {first} -> {last}\n"
+        f"  run directory  {run_dir}\n"
+        f"  metrics        {run_dir / 'metrics.jsonl'}\n"
+        f"  plot           {plot}\n"
+        f"  checkpoint     {final}\n"
+        + (f"  HF model       {hf_dir}  (Xmodel.from_pretrained / python -m xmodel.generate)\n" if hf_dir else "")
+        + (f"  tokenizer      {run.tokenizer_dir / 'tokenizer.json'}" if run.tokenizer_dir else ""),
+        flush=True,
+    )
+
+
+def finish_completed(run: Run, t_start: float) -> int:
+    """The run's last checkpoint is at (or past) ``--steps``: finish what a crash may have left undone -- the HF
+    export and the summary -- from that checkpoint (already loaded into the model), or say it is complete."""
+    cfg, info, run_dir = run.cfg, run.info, run.cfg.run_dir
+    final = run.resumed_from
+    summary = run_dir / "summary.json"
+    try:
+        done = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
+    except (OSError, ValueError):
+        done = {}
+    current = Path(str(done.get("checkpoint"))).name == final.name  # the summary is of this checkpoint
+    missing = []
+    if not current:
+        missing.append("summary")
+    if cfg.export_hf and not (current and done.get("hf") and (run_dir / "hf" / "config.json").is_file()):
+        missing.insert(0, "HF export")
+    if not missing:
+        log0(info, f"{run_dir} is already complete at step {run.start_step} (--steps {cfg.steps}); nothing to do. "
+                   f"For more training raise --steps (the schedule of the steps already taken must stay the same; see "
+                   f"--help) or start a new phase: --init-from {final} --name NEW")
+        return 0
+    log0(info, f"{run_dir} finished training at step {run.start_step} but its {' and '.join(missing)} "
+               f"{'is' if len(missing) == 1 else 'are'} missing (interrupted?); completing from {final}")
+    hf_dir = None
+    if cfg.export_hf:
+        hf_dir = ckpt.export_hf(run.model, run.model_config, run_dir / "hf", run.tokenizer_dir, info)
+    if info.is_main:
+        write_summary(run, final, hf_dir, t_start)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 training failure, 2 bad input)."""
+    """Entry point; returns the exit status: 0 finished / already complete / stopped cleanly by a signal, 1 a failure
+    during the run, 2 bad input found at startup, 130 a second Ctrl-C (see ``--help``)."""
     if argv is None:
         argv = sys.argv[1:]
     try:
@@ -386,10 +512,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return train(cfg)
-    except ValueError as exc:
+    except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TrainingError as exc:
+    except (TrainingError, ckpt.StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except RunFailure as exc:
+        cause = exc.__cause__
+        if cause is not None and not isinstance(cause, OSError):  # a bug or an unexpected state: keep the trace
+            traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -137,10 +137,13 @@ class SourceSpec:
             unknown = set(entry) - {"path", "weight", "text_field"}
             if unknown:
                 raise ValueError(f"--{flag}: unknown keys {sorted(unknown)} in source {entry!r}")
-            spec = cls(str(entry["path"]), float(entry.get("weight", 1.0)), str(entry.get("text_field", "text")))
-            if not spec.weight > 0:
-                raise ValueError(f"--{flag}: source {spec.path} has weight {spec.weight}; weights must be positive")
-            return spec
+            from xmodel.training.config import ConfigError, to_float
+
+            try:
+                weight = to_float(flag.replace("-", "_"), entry.get("weight", 1.0), 0, lo_open=True)
+            except ConfigError as exc:
+                raise ValueError(f"{exc} (the weight of source {entry['path']})") from None
+            return cls(str(entry["path"]), weight, str(entry.get("text_field", "text")))
         raise ValueError(f"--{flag}: a source is a path or {{path, weight, text_field}}, got {entry!r}")
 
     def files(self, flag: str = "data") -> list[Path]:

@@ -63,7 +63,11 @@ def init_distributed(device_flag: str) -> tuple[DistInfo, torch.device]:
             device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device_flag}: CUDA is not available on this machine")
+            raise ValueError(f"--device {device_flag}: CUDA is not available on this machine; use --device cpu "
+                             "(or auto)")
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device_flag}: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"numbered 0-{torch.cuda.device_count() - 1}")
         torch.cuda.set_device(device)
     info = DistInfo(rank=rank, world=world, local_rank=local_rank)
     if world > 1 and not dist.is_initialized():

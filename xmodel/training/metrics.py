@@ -61,7 +61,15 @@ class MetricsLogger:
         assert run_dir is not None
         self.path = Path(run_dir) / "metrics.jsonl"
         # a resumed run appends (the plot keeps each step's last record); a fresh start replaces a failed attempt's
+        if append and self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:  # a process killed mid-line left no newline: end that line first
+                f.seek(-1, 2)
+                torn = f.read(1) != b"\n"
+        else:
+            torn = False
         self.file = open(self.path, "a" if append else "w", encoding="utf-8")
+        if torn:
+            self.file.write("\n")
         if progress:
             from tqdm import tqdm
 
@@ -121,11 +129,15 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; a line cut short by a killed process is skipped."""
     records = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                records.append(json.loads(line))
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
     return records
 
 

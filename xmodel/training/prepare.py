@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,16 +26,25 @@ def log0(info: DistInfo, *args) -> None:
 
 
 def build_model_config(cfg: TrainConfig):
-    from xmodel.config import XmodelConfig
+    return cfg.model_config()  # validated when the config was built; errors name the --model. field
 
-    try:
-        return XmodelConfig.from_preset(cfg.preset, **cfg.model)
-    except TypeError as exc:  # unknown field name
-        known = ", ".join(f.name for f in dataclasses.fields(XmodelConfig) if f.name != "extra")
-        raise ValueError(f"--model.*: {exc}; XmodelConfig fields: {known}") from None
-    except ValueError as exc:
-        flag = "--preset" if "preset" in str(exc) else "--model.*"
-        raise ValueError(f"{flag}: {exc}") from None
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Raise ``ValueError`` naming ``flag`` unless ``path`` is a directory this process can write, or can be created
+    (its nearest existing parent is a writable directory).  Creates nothing."""
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():  # a dangling link
+            raise ValueError(f"{flag}: cannot create {path}: {probe} is a broken symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "the path itself" if probe == path else f"its parent {probe}"
+        raise ValueError(f"{flag}: cannot use {path}: {what} is a file, not a directory; choose another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "it" if probe == path else f"its parent {probe}"
+        raise ValueError(f"{flag}: cannot write {path}: permission denied on {what}; choose a directory you can "
+                         f"write, or fix its permissions")
 
 
 def load_data(cfg: TrainConfig, info: DistInfo):
@@ -138,22 +148,89 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
         )
 
 
-def resolve_resume(cfg: TrainConfig) -> Path | None:
-    if cfg.resume == "never":
-        existing = ckpt.latest_checkpoint(cfg.run_dir)
-        if existing is not None:
-            raise ValueError(
-                f"--resume never: {cfg.run_dir} already holds checkpoints ({existing.name}); it will not be "
-                "overwritten. Choose another --name, or --resume auto to continue it"
-            )
-        return None
-    if cfg.resume == "auto":
-        return ckpt.latest_checkpoint(cfg.run_dir)
-    path = Path(cfg.resume)
-    if (path / "checkpoints").is_dir():  # a run directory
-        found = ckpt.latest_checkpoint(path)
-        if found is None:
-            raise ValueError(f"--resume: {path} holds no complete checkpoint")
-        return found
-    ckpt.read_meta(path)
-    return path
+def choose_checkpoint(cfg: TrainConfig, log) -> ckpt.Checked | None:
+    """The checkpoint to resume from (``--resume``): None for a fresh run.  ``auto``: the newest valid checkpoint of
+    the run directory, each newer damaged one reported and skipped; a path: exactly that checkpoint (or the newest
+    valid one of that run directory), which must be usable."""
+    try:
+        if cfg.resume == "never":
+            existing = ckpt.latest_checkpoint(cfg.run_dir)
+            if existing is not None:
+                raise ValueError(
+                    f"--resume never: {cfg.run_dir} already holds checkpoints ({existing.name}); it will not be "
+                    "overwritten. Choose another --name, or --resume auto to continue it"
+                )
+            return None
+        if cfg.resume == "auto":
+            return ckpt.select_checkpoint(cfg.run_dir, log)
+        path = Path(cfg.resume)
+        if (path / "checkpoints").is_dir():  # a run directory
+            found = ckpt.select_checkpoint(path, log)
+            if found is None:
+                raise ValueError(f"--resume: {path} holds no complete checkpoint")
+            return found
+        return ckpt.check_checkpoint(path)
+    except ckpt.CheckpointError as exc:
+        text = str(exc)
+        raise ckpt.CheckpointError(text if text.startswith("--resume") else f"--resume: {text}") from None
+
+
+# The settings that define the lr schedule and the optimizer phase of every step.
+SCHEDULE_KEYS = ("steps", "warmup", "decay", "decay_start", "decay_shape", "min_lr_ratio", "decay_optimizer")
+HYPER_KEYS = ("lr", "lr_embed", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "muon_momentum",
+              "muon_nesterov", "muon_ns_steps", "muon_adjust_lr", "muon_dtype")
+
+
+def _phase_after(cfg: TrainConfig, step: int) -> str:
+    """The optimizer phase after ``step`` completed steps (the switch happens before step index decay_start)."""
+    muon = cfg.decay_optimizer == "muon" and cfg.decay_steps > 0 and step > cfg.decay_start_step
+    return "muon" if muon else "adamw"
+
+
+def check_schedule_change(saved: dict, cfg: TrainConfig, step: int, phase: str, path: Path, log) -> None:
+    """Resuming keeps the steps already taken, so a changed schedule is accepted only when it agrees with the saved
+    one on every step before ``step`` (and on the optimizer phase); then it governs the rest of the run and a note
+    says so.  Otherwise refuse, saying what would change and how to continue instead (``--init-from``).
+
+    The rule, in short: *the past is fixed, only the future may change*.  Typical accepted change: a longer run whose
+    decay is placed by absolute steps after the checkpoint.  Typical refusal: ``--steps`` raised with a fractional
+    ``--decay`` after the decay started -- the lr would jump from the floor back to the peak.
+    """
+    changed = [k for k in SCHEDULE_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    hyper = [k for k in HYPER_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    if hyper:
+        log("note: changed since the checkpoint (applies from step {}): {}".format(
+            step, ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in hyper)))
+    if not changed:
+        return
+    try:
+        old = cfg.replace(**{k: saved[k] for k in SCHEDULE_KEYS if k in saved})
+    except ValueError:
+        log(f"warning: the checkpoint's schedule settings are not valid today; cannot compare them with this run's")
+        return
+    from xmodel.training.schedule import WSDSchedule
+
+    def schedule(c: TrainConfig) -> WSDSchedule:
+        return WSDSchedule(c.warmup_steps, c.decay_start_step, c.decay_steps, c.min_lr_ratio, c.decay_shape)
+
+    s_old, s_new = schedule(old), schedule(cfg)
+    first = next((s for s in range(min(step, max(old.steps, cfg.steps))) if s_old.factor(s) != s_new.factor(s)), None)
+    flags = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+    if first is None and _phase_after(cfg, step) == phase:
+        log(f"note: schedule changed on resume ({flags}); steps before {step} are unchanged, from step {step} on the "
+            f"lr follows the new schedule (x{s_new.factor(step):.4g} of the peak at step {step}, "
+            f"was x{s_old.factor(step):.4g})")
+        return
+    if first is not None:
+        what = (f"step {first} ran at x{s_old.factor(first):.4g} of the peak lr ({s_old.phase(first)}) but the new "
+                f"schedule puts it at x{s_new.factor(first):.4g} ({s_new.phase(first)})")
+    else:
+        what = f"the checkpoint is in the {phase} phase, the new schedule has {_phase_after(cfg, step)} at step {step}"
+    raise ValueError(
+        f"--steps/--warmup/--decay: resuming {path} (step {step}) with a changed schedule ({flags}) would rewrite "
+        f"the steps already taken: {what}; the lr would continue at x{s_new.factor(step):.4g} instead of "
+        f"x{s_old.factor(step):.4g}. Resuming keeps the past, so only the future may change: restore "
+        + ", ".join(f"--{k.replace('_', '-')} {saved[k]!r}" for k in changed)
+        + " (schedule lengths given in steps, e.g. --decay-start N, can extend a run without moving past steps), "
+        f"or train on from this checkpoint as a new phase with its own schedule: --init-from {path} --name NEW"
+    )
