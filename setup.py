@@ -37,6 +37,7 @@ setup(
     entry_points={
         "console_scripts": [
             "xmodel-train=xmodel.train:main",
+            "xmodel-export=xmodel.export:main",
             "xmodel-generate=xmodel.generate:main",
             "xmodel-eval=xmodel.lm_eval_adapter:main",
         ]
