@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 from train_support import _fast_cpu, cli_env, tiny, tiny_args, train_losses  # noqa: F401  (fixtures)
 
@@ -62,6 +63,12 @@ def test_two_process_gloo_matches_one_process(tiny, tmp_path, parallel):  # noqa
     for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
         rel = ((p1 - p2).norm() / p1.norm()).item()
         assert rel < 5e-5, (name, rel)
+    # the standalone exporter reads the sharded checkpoint in one process (safe reader) and writes the same model
+    from xmodel.export import export_checkpoint
+
+    out = export_checkpoint(tmp_path / "two", tmp_path / "two-export")
+    again = Xmodel.from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), again.state_dict().values()))
     # resume the 2-process run from its sharded checkpoint for 2 more steps
     more = run(tiny_args(tiny, tmp_path, *common[:-1], "--name", "two", "--batch-size", "2", "--parallel", parallel,
                          "--steps", "8"), 2)

@@ -122,3 +122,17 @@ def test_two_process_fsdp_kill_9_then_resume_equals_the_uninterrupted_run(tiny, 
     assert_same_run(tmp_path / "ref", tmp_path / "crash", steps, used)
     meta = ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "crash"))
     assert meta["world"] == 2 and meta["format"] == "dcp" and meta["phase"] == "muon"
+
+
+def test_fault_spec_is_checked_and_counts_per_point(monkeypatch):
+    from xmodel.training import faults
+
+    monkeypatch.setattr(faults, "_counts", faults.Counter())
+    monkeypatch.setenv("XMODEL_FAULT", "stp:1")
+    with pytest.raises(ValueError, match="bad entry 'stp:1'; expected POINT:N"):
+        faults.fault_point("step")
+    monkeypatch.setenv("XMODEL_FAULT", "save:3@1,step:99")
+    for _ in range(3):
+        faults.fault_point("save", rank=0)  # the 3rd visit, but on rank 0: no kill
+    faults.fault_point("step")
+    assert faults._counts == {"save": 3, "step": 1}

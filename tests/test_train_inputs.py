@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 from train_support import _fast_cpu, run_cli, tiny, tiny_args  # noqa: F401  (fixtures)
 
 from xmodel.train import main
@@ -121,6 +122,14 @@ def test_muon_settings_checked_at_startup_by_muon_itself(tiny, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "--muon-momentum" in err and "0.9" in err and "decay start (step 3)" in err
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="expects a machine without CUDA")
+def test_device_cuda_without_cuda(tmp_path, capsys):
+    assert main(["--device", "cuda", "--out-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda: CUDA is not available") and "--device cpu" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_device_gpu_via_cli_has_no_traceback(tiny, tmp_path):  # noqa: F811

@@ -121,13 +121,15 @@ def setup(cfg: TrainConfig) -> Run:
 
     check_writable_dir(cfg.run_dir, "--out-dir")
     if not cfg.cache_path.is_dir():  # an existing cache may be read-only (shared and complete)
-        check_writable_dir(cfg.cache_path, "--cache-dir")
+        check_writable_dir(cfg.cache_path, "--cache-dir" if cfg.cache_dir else
+                           "--cache-dir (unset: $XMODEL_CACHE or ~/.cache/xmodel)")
     model_config = build_model_config(cfg)
     chosen = choose_checkpoint(cfg, log)
     if info.active:  # every rank validated the same files; make sure they agree before loading
         step = -1 if chosen is None else int(chosen.meta["step"])
-        lo, hi = info.all_reduce_sum([float(step), -float(step)], device)
-        if lo != step * info.world or hi != -step * info.world:
+        t = torch.tensor([step, -step], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)  # (max step, -min step)
+        if t.tolist() != [step, -step]:
             raise ValueError("--resume: the ranks found different checkpoints (is the run directory on a "
                              "filesystem every rank sees?)")
     tokenizer, train, val, train_specs, val_specs = load_data(cfg, info)

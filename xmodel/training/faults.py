@@ -46,7 +46,8 @@ def fault_point(name: str, rank: int = 0) -> None:
     spec = os.environ.get("XMODEL_FAULT")
     if not spec:
         return
+    plan = _plan(spec)
     _counts[name] += 1
-    for point, hits, only_rank in _plan(spec):
+    for point, hits, only_rank in plan:
         if point == name and hits == _counts[name] and only_rank in (None, rank):
             os.kill(os.getpid(), signal.SIGKILL)
