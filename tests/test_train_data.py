@@ -93,6 +93,10 @@ def test_bad_sources(tmp_path, tok):
         SourceSpec(str(tmp_path / "x.csv")).files()
     with pytest.raises(ValueError, match="weights must be positive"):
         SourceSpec.parse({"path": "a.txt", "weight": 0})
+    for bad in ("abc", "nan", float("inf")):
+        with pytest.raises(ValueError, match=r"--data: source a.txt has weight .*; weights must be positive finite"):
+            SourceSpec.parse({"path": "a.txt", "weight": bad})
+    assert SourceSpec.parse({"path": "a.txt", "weight": "2.5e-1"}).weight == 0.25  # YAML 1.1 reads 2.5e-1 as text
     (tmp_path / "tiny.txt").write_text("hi")
     with pytest.raises(ValueError, match="fewer than one sequence"):
         load_source(SourceSpec(str(tmp_path / "tiny.txt")), tok, tmp_path / "cache", seq_len=64)

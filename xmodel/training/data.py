@@ -141,8 +141,9 @@ class SourceSpec:
 
             try:
                 weight = to_float(flag.replace("-", "_"), entry.get("weight", 1.0), 0, lo_open=True)
-            except ConfigError as exc:
-                raise ValueError(f"{exc} (the weight of source {entry['path']})") from None
+            except ConfigError:
+                raise ValueError(f"--{flag}: source {entry['path']} has weight {entry.get('weight')!r}; weights must "
+                                 "be positive finite numbers (e.g. 1 or 2.5e-1)") from None
             return cls(str(entry["path"]), weight, str(entry.get("text_field", "text")))
         raise ValueError(f"--{flag}: a source is a path or {{path, weight, text_field}}, got {entry!r}")
 
