@@ -317,9 +317,15 @@ def _dcp_planner():
 
 
 def dcp_load(state: dict[str, Any], path: Path, no_dist: bool = False) -> None:
+    """``torch.distributed.checkpoint.load`` through the safe reader and planner; ``no_dist``: in one process."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(state, storage_reader=_dcp_reader(path), planner=_dcp_planner(), no_dist=no_dist)
+    with warnings.catch_warnings():
+        if no_dist:  # intended: reading a sharded checkpoint in one process (the exporter)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=_dcp_reader(path), planner=_dcp_planner(), no_dist=no_dist)
 
 
 def read_dcp_metadata(path: Path):
