@@ -219,3 +219,50 @@ def test_normalise_transposes_tall_and_scales_to_unit_frobenius():
 def test_bad_input(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         newton_schulz(**kwargs)
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [70, 33, 129])
+def test_gram_is_exactly_symmetric(device, k):
+    """A = Y Yᵀ and B = c·A A + b·A come out bit-symmetric (the diagonal tiles mirror their lower half)."""
+    from xkernels.newton_schulz import _gram
+
+    Y = torch.randn(2, k, 45, device=device)
+    A = torch.empty(2, k, k, device=device)
+    _gram(Y, A, 1.0)
+    assert torch.equal(A, A.mT)
+    B = torch.empty_like(A)
+    _gram(A, B, 2.0315, C=A, beta=-4.775)
+    assert torch.equal(B, B.mT)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_newton_schulz_compiles_fullgraph(backend):
+    """newton_schulz traces with torch.compile(fullgraph=True) on both paths (the kernel loop is the
+    ``xkernels::newton_schulz_batched`` custom op with a fake impl) and matches eager."""
+    if backend == "triton" and not interpreting():
+        pytest.skip("CPU kernels need TRITON_INTERPRET=1")
+    from xkernels.testing import count_launches
+
+    def f(g):
+        return newton_schulz(g, 3, dtype=torch.float32).float().sum()
+
+    G = torch.randn(2, 20, 30)
+    torch._dynamo.reset()
+    with force_backend(backend):
+        explained = torch._dynamo.explain(f)(G)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        with count_launches() as launches:
+            out = torch.compile(f, fullgraph=True, backend="aot_eager")(G)
+        eager = f(G)
+    assert (launches["_ns_gram_kernel"] > 0) == (backend == "triton")
+    torch.testing.assert_close(out, eager)
+
+
+@needs_kernels
+def test_newton_schulz_custom_op_opcheck():
+    from xkernels.newton_schulz import _ns_batched_op
+
+    X = torch.randn(2, 12, 20) / 20
+    a, b, c = (list(v) for v in zip(*MUON_COEFFICIENTS * 2))
+    torch.library.opcheck(_ns_batched_op, (X, a, b, c))

@@ -25,8 +25,9 @@ and the result is transposed back.  Coefficient sets:
 Kernels (one program per output tile, the batch on grid axis 1, 64-bit batch offsets):
 
 * :func:`_ns_gram_kernel` computes ``OUT = α·Y Yᵀ + β·C`` on the lower triangle of tiles only (a lookup
-  table maps program id → tile (i, j), i ≥ j) and stores each off-diagonal tile twice, at (i, j) and
-  mirrored at (j, i): ``t(t+1)/2`` of ``t²`` tiles, about half the FLOPs of a plain bmm.  It serves both ``A = X Xᵀ`` (α = 1, β = 0) and the
+  table maps program id → tile (i, j), i ≥ j) and stores the lower triangle of what it computed twice, at
+  (r, c) and mirrored at (c, r): ``t(t+1)/2`` of ``t²`` tiles, about half the FLOPs of a plain bmm, and
+  the result is exactly symmetric (the diagonal tiles' upper halves are mirrored too).  It serves both ``A = X Xᵀ`` (α = 1, β = 0) and the
   polynomial ``B = c·A A + b·A`` (Y = C = A, valid because A is symmetric).
 * :func:`_ns_update_kernel` computes ``OUT = a·X + B X``, a tiled GEMM with the axpy fused in the epilogue.
 
@@ -242,10 +243,14 @@ if triton_available():
             out += beta * c.to(tl.float32)
         out = out.to(OUT.dtype.element_ty)
         o = OUT + batch * stride_ob
-        tl.store(o + ri[:, None] * stride_or + rj[None, :] * stride_oc, out, mask=mask)
-        # mirror: element (ri, rj) also goes to (rj, ri); the diagonal tile is written once
-        if ti != tj:
-            tl.store(o + rj[None, :] * stride_or + ri[:, None] * stride_oc, out, mask=mask)
+        # Exact symmetry: only the lower triangle (row >= column) of what was computed is kept, stored at
+        # (r, c) and mirrored at (c, r).  On an off-diagonal tile (i > j) that is the whole tile; on a
+        # diagonal tile the strict upper half is the transpose of the lower half rather than its own
+        # dot products (whose accumulation order may differ on tensor cores), so OUT == OUTᵀ bit for bit
+        # -- the next product (A A = A Aᵀ) relies on it.  Two masked stores, no shuffle.
+        keep = mask & (ri[:, None] >= rj[None, :])
+        tl.store(o + ri[:, None] * stride_or + rj[None, :] * stride_oc, out, mask=keep)
+        tl.store(o + rj[None, :] * stride_or + ri[:, None] * stride_oc, out, mask=keep)
 
     @triton.jit
     def _ns_update_kernel(
@@ -311,8 +316,9 @@ _MAX_GRID_Y = 65535
 def _tile_table(n_tiles: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Row/column tile indices of the lower triangle (i ≥ j), row-major: the gram kernel's program map.
     A table instead of an in-kernel sqrt keeps the map exact for any size (it is n(n+1)/2 int32 pairs)."""
-    ii, jj = torch.tril_indices(n_tiles, n_tiles)
-    return ii.to(torch.int32).to(device), jj.to(torch.int32).to(device)
+    # built on the device (no host-to-device copy: fine inside CUDA-graph capture)
+    ii, jj = torch.tril_indices(n_tiles, n_tiles, dtype=torch.int32, device=device)
+    return ii, jj
 
 
 def _launch_config(k: int, n: int, dtype: torch.dtype) -> dict:
@@ -387,6 +393,27 @@ def newton_schulz_triton_batched(X: torch.Tensor, coeffs: Sequence[tuple[float, 
 # ----------------------------------------------------------------------------------------------------
 
 
+# torch.compile: the kernel loop as one opaque custom op with a shape-only fake impl, so a compiled caller
+# (newton_schulz, a Muon step) traces it without graph breaks; eager calls go through it too (the op's
+# dispatch costs microseconds next to 3·steps GEMM launches).  The coefficients travel as three float lists.
+_CUSTOM_OP = triton_available() and hasattr(torch.library, "custom_op")
+if _CUSTOM_OP:
+
+    @torch.library.custom_op(
+        "xkernels::newton_schulz_batched",
+        mutates_args=(),
+        schema="(Tensor X, float[] a, float[] b, float[] c) -> Tensor",
+    )
+    def _ns_batched_op(X, a, b, c):
+        """The iteration (kernels) on a normalised ``(b, k, N)`` batch, ``k ≤ N``; X is not modified."""
+        out = newton_schulz_triton_batched(X, list(zip(a, b, c)))
+        return out.clone() if out is X else out  # steps >= 1 never returns X itself; outputs may not alias
+
+    @_ns_batched_op.register_fake
+    def _(X, a, b, c):
+        return torch.empty_like(X, memory_format=torch.contiguous_format)
+
+
 def orthogonalize_batched(
     X: torch.Tensor, coeffs: Sequence[tuple[float, float, float]], *, use_kernel: bool | None = None
 ) -> torch.Tensor:
@@ -399,7 +426,12 @@ def orthogonalize_batched(
     if use_kernel and X.shape[-2] > X.shape[-1]:
         raise ValueError(f"the kernels take (b, k, N) batches with k <= N, got {tuple(X.shape)}")
     with torch.no_grad():
-        return newton_schulz_triton_batched(X, coeffs) if use_kernel else newton_schulz_ref_batched(X, coeffs)
+        if not use_kernel:
+            return newton_schulz_ref_batched(X, coeffs)
+        if _CUSTOM_OP:
+            a, b, c = ([float(t[i]) for t in coeffs] for i in range(3))
+            return _ns_batched_op(X, a, b, c)
+        return newton_schulz_triton_batched(X, coeffs)
 
 
 def newton_schulz(
