@@ -174,6 +174,7 @@ if triton_available():
         HAS_SCALE: tl.constexpr,
         BLOCK: tl.constexpr,
         ONE_BLOCK: tl.constexpr,
+        NUM_STAGES: tl.constexpr,  # software-pipelining depth of the row loop (chunk loop for long rows)
     ):
         """Per row, with ``n = x * rstd`` and ``g = dy * w`` (fp32):
 
@@ -186,28 +187,34 @@ if triton_available():
         gradient of ``x``, computed from the rounded ``dx`` exactly as autograd through the reference does.
         """
         pid = tl.program_id(0)
-        row_start = pid.to(tl.int64) * rows_per_program
+        # int32 row indices (n_rows < 2**31); every address is formed in int64 (row.to(int64) * stride).
+        row_start = pid * rows_per_program
         row_end = tl.minimum(row_start + rows_per_program, n_rows)
         dw_row = DW_PARTIAL + pid.to(tl.int64) * n_cols
         if ONE_BLOCK:
             cols = tl.arange(0, BLOCK)
             mask = cols < n_cols
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
             dw = tl.zeros([BLOCK], dtype=tl.float32)
-            for row in range(row_start, row_end):
-                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                rstd = tl.load(RSTD + row)
+            # Rows are independent: tl.range software-pipelines the loop (NUM_STAGES - 1 rows of x / dy / ds
+            # prefetched through shared memory with cp.async on sm_80+), hiding the load latency that one
+            # program per row-chunk would otherwise expose.  w is re-read per row (an L1 hit) rather than
+            # held in registers across the loop: that keeps the kernel at <= 64 registers per thread.
+            for row in tl.range(row_start, row_end, num_stages=NUM_STAGES):
+                r64 = tl.cast(row, tl.int64)  # tl.cast: the interpreter yields Python ints here
+                x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(RSTD + r64)
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
                 n = x * rstd
                 g = dy * w
                 c = tl.sum(g * n, axis=0) / n_cols
                 dx = rstd * (g - n * c)
                 if HAS_DS:
-                    dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                    dx += tl.load(DS + r64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + r64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
                 if HAS_SCALE:
                     dxs = dx.to(DX.dtype.element_ty).to(tl.float32) * scale
-                    tl.store(DXS + row * n_cols + cols, dxs.to(DXS.dtype.element_ty), mask=mask)
+                    tl.store(DXS + r64 * n_cols + cols, dxs.to(DXS.dtype.element_ty), mask=mask)
                 dw += dy * n.to(X.dtype.element_ty).to(tl.float32)
             tl.store(dw_row + cols, dw, mask=mask)
         else:
@@ -218,30 +225,33 @@ if triton_available():
                 tl.store(dw_row + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=cols < n_cols)
             tl.debug_barrier()  # the zeros are visible to every thread before the read-modify-writes
             for row in range(row_start, row_end):
-                rstd = tl.load(RSTD + row)
+                r64 = tl.cast(row, tl.int64)  # tl.cast: the interpreter yields Python ints here
+                rstd = tl.load(RSTD + r64)
                 acc = tl.zeros([BLOCK], dtype=tl.float32)
-                for start in range(0, n_cols, BLOCK):
+                for start in tl.range(0, n_cols, BLOCK, num_stages=NUM_STAGES):
                     cols = start + tl.arange(0, BLOCK)
                     mask = cols < n_cols
-                    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                    x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                    dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
                     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
                     acc += dy * w * x
                 c = tl.sum(acc, axis=0) * rstd / n_cols
+                # not pipelined: this loop read-modify-writes DW_PARTIAL, and a cp.async prefetch issued by
+                # one thread is not ordered after another thread's store without a barrier
                 for start in range(0, n_cols, BLOCK):
                     cols = start + tl.arange(0, BLOCK)
                     mask = cols < n_cols
-                    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                    x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                    dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
                     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
                     n = x * rstd
                     dx = rstd * (dy * w - n * c)
                     if HAS_DS:
-                        dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
-                    tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                        dx += tl.load(DS + r64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+                    tl.store(DX + r64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
                     if HAS_SCALE:
                         dxs = dx.to(DX.dtype.element_ty).to(tl.float32) * scale
-                        tl.store(DXS + row * n_cols + cols, dxs.to(DXS.dtype.element_ty), mask=mask)
+                        tl.store(DXS + r64 * n_cols + cols, dxs.to(DXS.dtype.element_ty), mask=mask)
                     dw = tl.load(dw_row + cols, mask=mask, other=0.0)
                     tl.store(dw_row + cols, dw + dy * n.to(X.dtype.element_ty).to(tl.float32), mask=mask)
 
@@ -266,6 +276,7 @@ _CHUNK = 4096
 
 
 def _launch_config(n_cols: int) -> _Launch:
+    """The forward's configuration."""
     block = triton.next_power_of_2(n_cols)
     one_block = block <= _MAX_ONE_BLOCK
     if not one_block:
@@ -274,22 +285,68 @@ def _launch_config(n_cols: int) -> _Launch:
     return _Launch(block, one_block, num_warps)
 
 
+# Backward: 8 elements of a row per thread (num_warps = BLOCK / 256, 4..32).  The backward keeps more per
+# element live than the forward (x, dy, the dweight accumulator, n, g), and at 16 elements per thread
+# it needed 95-127 registers on sm_90a (Triton 3.6); at 8 it fits the 64-register budget with no
+# spills, so more programs share an SM.  Checked ahead of time by tests/test_rmsnorm.py.
+_BWD_ELEMENTS_PER_THREAD = 8
+# Row-loop pipelining depth: 2 = one row (x, dy, ds) prefetched into shared memory while this one is
+# computed.  Deeper costs shared memory per program (2-3 x BLOCK x 2 B per stage) that the occupancy
+# computation below then charges against programs per SM.
+_BWD_STAGES = 2
+
+
+def _bwd_launch_config(n_cols: int) -> tuple[_Launch, int]:
+    """``(config, num_stages)`` of the backward."""
+    fwd = _launch_config(n_cols)
+    num_warps = max(4, min(32, fwd.block // (32 * _BWD_ELEMENTS_PER_THREAD)))
+    return _Launch(fwd.block, fwd.one_block, num_warps), _BWD_STAGES
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _bwd_programs(n_rows: int, device: torch.device) -> int:
-    """Programs in the backward.  Each accumulates dweight over its rows and writes one fp32 row of
-    partials, so more programs = more memory parallelism but more partial traffic (2 x 4 B x H per
-    program).  Up to 8 per SM and at least 8 rows each keeps that traffic under ~1/6 of the row traffic
-    (bf16: 3 x 2 B x H per row); not tuned on a GPU yet.  The interpreter runs programs one after
-    another, so a handful suffices there."""
-    if device.type == "cuda":
-        target = 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        target = 4
-    return max(1, min(triton.cdiv(n_rows, 8), target))
+def programs_per_sm(n_regs: int, shared_bytes: int, num_warps: int, device_index: int) -> int:
+    """How many programs of a compiled kernel fit on one SM at once: the least of the register file
+    (registers are allocated per warp in units of 256), the shared memory, the thread limit and the
+    resident-block limit of ``device_index``'s architecture."""
+    props = torch.cuda.get_device_properties(device_index)
+    regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    threads_per_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+    smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = (regs_per_sm // regs_per_warp) // num_warps
+    by_threads = threads_per_sm // (32 * num_warps)
+    # each resident block also reserves 1 KiB of shared memory for the system on sm_80+
+    by_smem = smem_per_sm // (shared_bytes + 1024) if shared_bytes else 32
+    return max(1, min(by_regs, by_threads, by_smem, 32))
+
+
+_BWD_OCCUPANCY: dict = {}
+
+
+def _bwd_programs(n_rows: int, device: torch.device, compiled=None, key=None) -> int:
+    """Programs in the backward: one wave of as many programs as fit on the GPU at once, from the
+    compiled kernel's registers and shared memory (``compiled``, cached under ``key``), and at least 8 rows
+    each.  Each program accumulates dweight over its rows and writes one fp32 row of partials (2 x 4 B x H
+    of traffic), so a single full wave, rather than more programs, is the target.  The interpreter runs
+    programs one after another: a handful suffices there."""
+    if device.type != "cuda":
+        return max(1, min(triton.cdiv(n_rows, 8), 4))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    per_sm = _BWD_OCCUPANCY.get(key)
+    if per_sm is None:
+        if compiled is None:
+            per_sm = 4
+        else:
+            if getattr(compiled, "n_regs", None) is None and hasattr(compiled, "_init_handles"):
+                compiled._init_handles()
+            cfg_warps = compiled.metadata.num_warps
+            per_sm = programs_per_sm(compiled.n_regs, compiled.metadata.shared, cfg_warps, index)
+            _BWD_OCCUPANCY[key] = per_sm
+    return max(1, min(triton.cdiv(n_rows, 8), per_sm * _sm_count(index)))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -335,36 +392,48 @@ def _rmsnorm_bwd(dy2, x2, weight, rstd, ds2, scale: float | None = None):
     """Returns ``(dx, dweight, dx_scaled_or_None)`` for 2-D rows; ``ds2`` is the gradient of ``s`` (fused
     add) or None; with ``scale`` the third output is ``scale * dx``, the gradient of the scaled input."""
     n_rows, n_cols = x2.shape
-    cfg = _launch_config(n_cols)
-    programs = _bwd_programs(n_rows, x2.device)
-    rows_per_program = triton.cdiv(n_rows, programs)
-    programs = triton.cdiv(n_rows, rows_per_program)
+    cfg, stages = _bwd_launch_config(n_cols)
     weight = weight.contiguous()
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     dxs = torch.empty_like(dx) if scale is not None else None
-    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
-    _rmsnorm_bwd_kernel[(programs,)](
-        dy2,
-        x2,
-        weight,
-        rstd,
-        ds2 if ds2 is not None else dy2,
-        dx,
-        dxs if dxs is not None else dx,
-        dw_partial,
-        dy2.stride(0),
-        x2.stride(0),
-        ds2.stride(0) if ds2 is not None else 0,
-        n_rows,
-        n_cols,
-        rows_per_program,
-        1.0 if scale is None else scale,
+    consts = dict(
         HAS_DS=ds2 is not None,
         HAS_SCALE=scale is not None,
         BLOCK=cfg.block,
         ONE_BLOCK=cfg.one_block,
+        NUM_STAGES=stages,
         num_warps=cfg.num_warps,
     )
+
+    def args(dw_partial, rows_per_program):
+        return (
+            dy2,
+            x2,
+            weight,
+            rstd,
+            ds2 if ds2 is not None else dy2,
+            dx,
+            dxs if dxs is not None else dx,
+            dw_partial,
+            dy2.stride(0),
+            x2.stride(0),
+            ds2.stride(0) if ds2 is not None else 0,
+            n_rows,
+            n_cols,
+            rows_per_program,
+            1.0 if scale is None else scale,
+        )
+
+    compiled = key = None
+    if x2.device.type == "cuda":
+        key = (x2.device.index, x2.dtype, tuple(sorted(consts.items())))
+        if key not in _BWD_OCCUPANCY:  # once per configuration: compile without launching, read its resources
+            compiled = _rmsnorm_bwd_kernel.warmup(*args(dx, 1), grid=(1,), **consts)
+    programs = _bwd_programs(n_rows, x2.device, compiled, key)
+    rows_per_program = triton.cdiv(n_rows, programs)
+    programs = triton.cdiv(n_rows, rows_per_program)
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
+    _rmsnorm_bwd_kernel[(programs,)](*args(dw_partial, rows_per_program), **consts)
     return dx, dw_partial.sum(0).to(weight.dtype), dxs
 
 
