@@ -4,7 +4,8 @@ CUDA tensors run the Triton kernels, CPU tensors the PyTorch references (or the 
 Triton's interpreter when ``TRITON_INTERPRET=1``); see :mod:`xkernels.dispatch`.
 """
 
-from xkernels.dispatch import force_backend, use_triton
+from xkernels._checks import check_inputs
+from xkernels.dispatch import force_backend, launch_on, use_triton
 
 # --- public ops (one line per module; keep alphabetical within each group) ---
 from xkernels.rmsnorm import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_bwd_ref, rms_norm_ref
@@ -16,7 +17,9 @@ from xkernels.swiglu import swiglu, swiglu_fused, swiglu_fused_ref, swiglu_ref
 from xkernels import fp8  # subpackage: from xkernels.fp8 import FP8Linear, convert_to_fp8, quantize, fp8_gemm, FP8Recipe
 
 __all__ = [
+    "check_inputs",
     "force_backend",
+    "launch_on",
     "use_triton",
     "RMSNorm",
     "add_rms_norm",

@@ -30,3 +30,38 @@ def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tens
 def check_nonempty(name: str, t: torch.Tensor) -> None:
     if t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); expected at least one element")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Opt-in value checks (they read device values on the host, i.e. synchronise)
+# ----------------------------------------------------------------------------------------------------
+# By default the ops never read tensor *values* on the host: an out-of-range target (linear_cross_entropy)
+# or position id (apply_rotary) is not detected, and gives an unspecified result (the kernels clamp the
+# index, so no out-of-bounds memory is touched).  Turn the checks on while debugging with
+# ``XKERNELS_CHECK_INPUTS=1`` or ``with xkernels.check_inputs(): ...``; each costs one device->host sync per
+# call, and they are skipped while torch.compile traces.
+
+import contextlib  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+_check_override: bool | None = None
+
+
+def checking_inputs() -> bool:
+    """Whether the opt-in value checks run: a :func:`check_inputs` block, else ``XKERNELS_CHECK_INPUTS=1``."""
+    if _check_override is not None:
+        return _check_override
+    return os.environ.get("XKERNELS_CHECK_INPUTS", "0") == "1"
+
+
+@contextlib.contextmanager
+def check_inputs(enabled: bool = True) -> Iterator[None]:
+    """``with xkernels.check_inputs(): ...`` -- validate input *values* (target / position ranges) inside the
+    block, at the price of one host sync per op call.  ``check_inputs(False)`` turns them off in the block."""
+    global _check_override
+    previous, _check_override = _check_override, bool(enabled)
+    try:
+        yield
+    finally:
+        _check_override = previous

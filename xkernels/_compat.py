@@ -26,3 +26,10 @@ if triton_available():
     TRITON_VERSION = _version(triton.__version__)
 else:
     TRITON_VERSION = (0, 0, 0)
+
+
+# ---- GEMM with an fp32 output from half-precision inputs (cross_entropy's dW accumulation) ------------------
+# ``torch.addmm(self, mat1, mat2, out_dtype=torch.float32, out=...)`` exists as the aten overload
+# ``addmm.dtype_out`` (torch >= 2.8, CUDA only; torch 2.11 accepts an fp32 ``self`` with bf16/fp16 mats).
+# Detected from the operator schema rather than a version number.
+ADDMM_OUT_DTYPE = any("dtype_out" in str(s) for s in torch._C._jit_get_schemas_for_operator("aten::addmm"))

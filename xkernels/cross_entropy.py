@@ -33,7 +33,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor
+from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor, checking_inputs
+from xkernels._compat import ADDMM_OUT_DTYPE
 from xkernels.dispatch import compiling, triton_available, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -90,7 +91,8 @@ def _ce_chunk_torch(logits, targets, logit_scale, ignore_index, z_loss, compute_
     done in place (max, subtract, exp, sum) so at most one fp32 copy of the chunk exists."""
     z = logits.mul_(logit_scale) if logits.dtype == torch.float32 else logits.float().mul_(logit_scale)
     valid = targets != ignore_index
-    safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+    # out-of-range targets (unchecked by default) are clamped, as in the kernel: no out-of-bounds gather
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets)).clamp_(0, z.shape[1] - 1)
     z_t = z.gather(1, safe_t[:, None]).squeeze(1)
     m = z.amax(dim=-1)
     e = z.sub_(m[:, None]).exp_()  # exp(z - max), in z's storage
@@ -137,12 +139,19 @@ if triton_available():
         """One program per row.  Pass 1: online max / sum-exp over ``z = s * l`` in fp32 -> ``lse``;
         loss ``lse - z[t] + z_loss lse^2``.  Pass 2 (COMPUTE_GRAD): overwrite the row with
         ``dl = s * g * (softmax(z) * (1 + 2 z_loss lse) - onehot(t))`` where ``g`` is 1 or ``ROW_GRAD[row]``,
-        and 0 for ignored rows.  The target logit is read before pass 2 overwrites it."""
+        and 0 for ignored rows.
+
+        Ordering: the target logit ``z[t]`` is read FIRST, before pass 1, and a barrier separates pass 1
+        from pass 2.  Pass 2 overwrites the row in place, and the threads of one program run ahead of
+        each other: a read of ``z[t]`` after pass 1 could see another warp's ``dl`` already stored there.
+        Targets outside ``[0, V)`` are clamped into it (unspecified loss, but no out-of-bounds access;
+        the range check is opt-in, see :func:`xkernels.check_inputs`)."""
         row = tl.program_id(0).to(tl.int64)
         ptr = LOGITS + row * stride_l
         t = tl.load(TARGETS + row)
         valid = t != ignore_index
-        safe_t = tl.where(valid, t, 0)
+        safe_t = tl.minimum(tl.maximum(tl.where(valid, t, 0), 0), n_cols - 1)
+        z_t = tl.load(ptr + safe_t).to(tl.float32) * logit_scale
 
         m = tl.full([], float("-inf"), tl.float32)
         d = tl.full([], 0.0, tl.float32)
@@ -156,7 +165,6 @@ if triton_available():
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new
         lse = m + tl.log(d)
-        z_t = tl.load(ptr + safe_t).to(tl.float32) * logit_scale
         loss = lse - z_t + z_loss * lse * lse
         tl.store(LOSS + row, tl.where(valid, loss, 0.0))
 
@@ -165,6 +173,7 @@ if triton_available():
             if HAS_ROW_GRAD:
                 scale = scale * tl.load(ROW_GRAD + row).to(tl.float32)
             p_scale = 1.0 + 2.0 * z_loss * lse
+            tl.debug_barrier()  # every thread has read the row (and z[t]) before any overwrites it
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
@@ -235,14 +244,26 @@ def _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, nee
         if need_dh:
             torch.mm(logits, weight, out=dh[start:end])
         if need_dw:
-            if h_c.dtype == torch.float32:
-                dw.addmm_(logits.t(), h_c)
-            else:
-                # the half-precision product is summed into fp32 in slabs of _DW_SLAB vocab rows, so the
-                # temporary is (_DW_SLAB, H) instead of a second (V, H) matrix
-                for v in range(0, dw.shape[0], _DW_SLAB):
-                    dw[v : v + _DW_SLAB] += logits[:, v : v + _DW_SLAB].t() @ h_c
+            _accumulate_dw(dw, logits, h_c)
     return loss, dh, dw
+
+
+def _accumulate_dw(dw: torch.Tensor, dl: torch.Tensor, h_c: torch.Tensor, fused: bool | None = None) -> None:
+    """``dw += dl.T @ h_c`` with ``dw`` fp32.
+
+    fp32 inputs: one in-place ``addmm_``.  CUDA half precision: ``addmm(..., out_dtype=float32, out=dw)``,
+    so the GEMM reads ``dw`` in its epilogue and accumulates in fp32 -- no half-precision ``(V, H)``
+    product written then re-read (at vocab 129k x H 1536 that was ~19 GB of traffic per 16k-token step).
+    Elsewhere (CPU has no ``out_dtype`` GEMM; older torch) the half-precision product is summed into
+    fp32 in slabs of ``_DW_SLAB`` vocab rows, so the temporary is ``(_DW_SLAB, H)``, not a second ``(V, H)``.
+    """
+    if h_c.dtype == torch.float32:
+        dw.addmm_(dl.t(), h_c)
+    elif fused if fused is not None else (dl.device.type == "cuda" and ADDMM_OUT_DTYPE):
+        torch.addmm(dw, dl.t(), h_c, out_dtype=torch.float32, out=dw)
+    else:
+        for v in range(0, dw.shape[0], _DW_SLAB):
+            dw[v : v + _DW_SLAB] += dl[:, v : v + _DW_SLAB].t() @ h_c
 
 
 def _step(use_kernel: bool):
@@ -454,9 +475,10 @@ def _validate(hidden, weight, targets, logit_scale, ignore_index, reduction, z_l
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    # Host-side range check of the targets (one device->host sync); skipped while torch.compile traces.
-    # An out-of-range target there gives an undefined loss instead of an error.
-    if not compiling():
+    # Range check of the target values: opt-in (xkernels.check_inputs() / XKERNELS_CHECK_INPUTS=1) because it
+    # reads them on the host (one device->host sync per call); never while torch.compile traces.  Unchecked,
+    # an out-of-range target gives an unspecified loss (clamped index, no out-of-bounds access).
+    if checking_inputs() and not compiling():
         valid = targets != ignore_index
         lo = torch.where(valid, targets, 0).min()
         hi = torch.where(valid, targets, 0).max()
@@ -482,8 +504,11 @@ def linear_cross_entropy(
     """``cross_entropy((hidden @ weight.T) * logit_scale, targets)`` without the full logits.
 
     ``hidden`` ``(..., H)``, ``weight`` ``(V, H)`` (same float dtype and device), ``targets`` ``(...)``
-    int64/int32 in ``[0, V)`` or ``ignore_index`` -- checked on the host (one sync; skipped under
-    ``torch.compile``).  ``reduction``: ``"mean"`` over non-ignored targets (0 when there are none),
+    int64/int32 in ``[0, V)`` or ``ignore_index``.  By default the target *values* are NOT checked (that
+    would read them on the host: a sync every call): an out-of-range target gives an unspecified loss
+    (its index is clamped; no out-of-bounds memory access).  Enable the check with
+    ``with xkernels.check_inputs(): ...`` or ``XKERNELS_CHECK_INPUTS=1`` (a ``ValueError`` then names the
+    range; skipped under ``torch.compile``).  ``reduction``: ``"mean"`` over non-ignored targets (0 when there are none),
     ``"sum"`` or ``"none"``.  ``z_loss`` adds ``z_loss * lse^2`` per token.  Returns fp32.
     ``chunk_size`` (tokens per chunk) defaults to :func:`default_chunk_size`.  See the module docstring.
     """

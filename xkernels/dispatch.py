@@ -84,3 +84,14 @@ def use_triton(tensor: torch.Tensor) -> bool:
             + "; use a CUDA tensor, set TRITON_INTERPRET=1 before importing xkernels, or use the torch backend"
         )
     return can_run
+
+
+def launch_on(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """``with launch_on(x): kernel[grid](...)`` -- makes ``x``'s GPU the current device for the launch.
+
+    Triton launches on the *current* CUDA device, not on the device of the pointers it is given: a process
+    that drives two GPUs (or calls an op on ``cuda:1`` while ``cuda:0`` is current) would otherwise launch
+    on the wrong one.  A no-op (``nullcontext``) for CPU tensors (the interpreter)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
