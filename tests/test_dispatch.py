@@ -146,3 +146,52 @@ def test_ops_trace_under_torch_compile_fullgraph(device, backend):
     assert len(graphs) == 1
     for op in ("rms_norm_fwd", "rotary"):
         assert (f"xkernels.{op}" in graphs[0]) == uses_kernels, op
+
+
+def test_launch_on_is_a_device_guard():
+    import contextlib
+
+    from xkernels.dispatch import launch_on
+
+    assert isinstance(launch_on(torch.zeros(1)), contextlib.nullcontext)
+    if torch.cuda.is_available():
+        guard = launch_on(torch.zeros(1, device="cuda"))
+        assert isinstance(guard, torch.cuda.device)
+
+
+@pytest.mark.parametrize("module", ["rmsnorm", "rotary", "swiglu", "cross_entropy", "newton_schulz"])
+def test_every_launch_is_inside_launch_on(module):
+    """Structural: each ``kernel[grid](...)`` call in the module sits inside ``with launch_on(...)``, so a
+    process driving several GPUs launches on the tensors' GPU (Triton uses the *current* device)."""
+    import ast
+    import importlib
+    import inspect
+
+    tree = ast.parse(inspect.getsource(importlib.import_module(f"xkernels.{module}")))
+    parents = {}
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            parents[child] = node
+    launches = [
+        n for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript)
+        and isinstance(n.func.value, ast.Name) and n.func.value.id.endswith("_kernel")
+    ]
+    assert launches, module
+    for call in launches:
+        node, guarded = call, False
+        while node in parents:
+            node = parents[node]
+            if isinstance(node, ast.With) and any("launch_on" in ast.unparse(i.context_expr) for i in node.items):
+                guarded = True
+                break
+        assert guarded, f"{module}: {ast.unparse(call)[:60]} is not inside `with launch_on(...)`"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_ops_on_second_gpu_while_first_is_current():
+    x = torch.randn(8, 64, device="cuda:1")
+    w = torch.rand(64, device="cuda:1") + 0.5
+    with torch.cuda.device(0):
+        out = xkernels.rms_norm(x, w)
+    torch.testing.assert_close(out, xkernels.rms_norm_ref(x, w), rtol=1e-5, atol=1e-5)

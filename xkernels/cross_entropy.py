@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor, checking_inputs
 from xkernels._compat import ADDMM_OUT_DTYPE
-from xkernels.dispatch import compiling, triton_available, use_triton
+from xkernels.dispatch import compiling, launch_on, triton_available, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 # vocab rows per slab when a half-precision dW product is added into the fp32 accumulator: big enough
@@ -186,21 +186,22 @@ if triton_available():
         loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
         # 4096 fp32 per block: 32 elements per thread at 4 warps; fewer for tiny vocabularies.
         block = min(4096, triton.next_power_of_2(n_cols))
-        _ce_chunk_kernel[(n_rows,)](
-            logits,
-            targets,
-            loss,
-            row_grad if row_grad is not None else loss,
-            logits.stride(0),
-            n_cols,
-            ignore_index,
-            float(logit_scale),
-            float(z_loss),
-            COMPUTE_GRAD=compute_grad,
-            HAS_ROW_GRAD=row_grad is not None,
-            BLOCK=block,
-            num_warps=8 if block >= 4096 else 4,
-        )
+        with launch_on(logits):  # the launch goes to logits's GPU, not the current one
+            _ce_chunk_kernel[(n_rows,)](
+                logits,
+                targets,
+                loss,
+                row_grad if row_grad is not None else loss,
+                logits.stride(0),
+                n_cols,
+                ignore_index,
+                float(logit_scale),
+                float(z_loss),
+                COMPUTE_GRAD=compute_grad,
+                HAS_ROW_GRAD=row_grad is not None,
+                BLOCK=block,
+                num_warps=8 if block >= 4096 else 4,
+            )
         return loss
 
 

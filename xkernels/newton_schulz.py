@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import torch
 
 from xkernels._checks import check_float, check_nonempty
-from xkernels.dispatch import interpreting, triton_available, use_triton
+from xkernels.dispatch import interpreting, launch_on, triton_available, use_triton
 
 Coefficients = str | Sequence[Sequence[float]]
 
@@ -341,13 +341,14 @@ def _gram(Y: torch.Tensor, out: torch.Tensor, alpha: float, C: torch.Tensor | No
     ti, tj = _tile_table(n_tiles, str(Y.device))
     c = C if C is not None else out  # never read when HAS_C is False
     precision = "ieee" if Y.dtype == torch.float32 else "tf32"
-    _ns_gram_kernel[(ti.numel(), nb)](
-        Y, c, out, ti, tj, k, n,
-        *Y.stride(), *c.stride(), *out.stride(),
-        float(alpha), float(beta),
-        HAS_C=C is not None, BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], UPCAST=interpreting(),
-        PRECISION=precision, num_warps=cfg["num_warps"],
-    )  # fmt: skip
+    with launch_on(Y):  # the launch goes to Y's GPU, not the current one
+        _ns_gram_kernel[(ti.numel(), nb)](
+            Y, c, out, ti, tj, k, n,
+            *Y.stride(), *c.stride(), *out.stride(),
+            float(alpha), float(beta),
+            HAS_C=C is not None, BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], UPCAST=interpreting(),
+            PRECISION=precision, num_warps=cfg["num_warps"],
+        )  # fmt: skip
 
 
 def _update(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float) -> None:
@@ -358,13 +359,14 @@ def _update(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float) -> No
     block_k = max(16, min(cfg["BLOCK_K"], triton.next_power_of_2(k)))
     grid = (triton.cdiv(k, block_m) * triton.cdiv(n, block_n), nb)
     precision = "ieee" if X.dtype == torch.float32 else "tf32"
-    _ns_update_kernel[grid](
-        B, X, out, k, n,
-        *B.stride(), *X.stride(), *out.stride(),
-        float(a),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=interpreting(), PRECISION=precision,
-        num_warps=cfg["num_warps"],
-    )  # fmt: skip
+    with launch_on(X):  # the launch goes to X's GPU, not the current one
+        _ns_update_kernel[grid](
+            B, X, out, k, n,
+            *B.stride(), *X.stride(), *out.stride(),
+            float(a),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=interpreting(), PRECISION=precision,
+            num_warps=cfg["num_warps"],
+        )  # fmt: skip
 
 
 def newton_schulz_triton_batched(X: torch.Tensor, coeffs: Sequence[tuple[float, float, float]]) -> torch.Tensor:

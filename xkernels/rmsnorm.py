@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from xkernels._checks import check_float, check_nonempty, check_same_device
-from xkernels.dispatch import compiling, triton_available, use_triton
+from xkernels.dispatch import compiling, launch_on, triton_available, use_triton
 
 # ----------------------------------------------------------------------------------------------------
 # PyTorch reference (CPU path, tests, benchmarks)
@@ -365,26 +365,27 @@ def _rmsnorm_fwd(
     y = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     s = torch.empty_like(y) if r2 is not None else None
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
-    _rmsnorm_fwd_kernel[(n_rows,)](
-        x2,
-        r2 if r2 is not None else x2,
-        weight,
-        y,
-        s if s is not None else y,
-        rstd,
-        x2.stride(0),
-        r2.stride(0) if r2 is not None else 0,
-        n_cols,
-        eps,
-        1.0 if scale is None else scale,
-        HAS_RESIDUAL=r2 is not None,
-        HAS_SCALE=scale is not None,
-        BLOCK=cfg.block,
-        ONE_BLOCK=cfg.one_block,
-        num_warps=cfg.num_warps,
-        # no FMA contraction of ``scale * x + r``: the product rounds first, as in eager torch
-        **({"enable_fp_fusion": False} if scale is not None else {}),
-    )
+    with launch_on(x2):  # the launch goes to x2's GPU, not the current one
+        _rmsnorm_fwd_kernel[(n_rows,)](
+            x2,
+            r2 if r2 is not None else x2,
+            weight,
+            y,
+            s if s is not None else y,
+            rstd,
+            x2.stride(0),
+            r2.stride(0) if r2 is not None else 0,
+            n_cols,
+            eps,
+            1.0 if scale is None else scale,
+            HAS_RESIDUAL=r2 is not None,
+            HAS_SCALE=scale is not None,
+            BLOCK=cfg.block,
+            ONE_BLOCK=cfg.one_block,
+            num_warps=cfg.num_warps,
+            # no FMA contraction of ``scale * x + r``: the product rounds first, as in eager torch
+            **({"enable_fp_fusion": False} if scale is not None else {}),
+        )
     return y, s, rstd
 
 
@@ -425,15 +426,17 @@ def _rmsnorm_bwd(dy2, x2, weight, rstd, ds2, scale: float | None = None):
         )
 
     compiled = key = None
-    if x2.device.type == "cuda":
-        key = (x2.device.index, x2.dtype, tuple(sorted(consts.items())))
-        if key not in _BWD_OCCUPANCY:  # once per configuration: compile without launching, read its resources
-            compiled = _rmsnorm_bwd_kernel.warmup(*args(dx, 1), grid=(1,), **consts)
-    programs = _bwd_programs(n_rows, x2.device, compiled, key)
+    with launch_on(x2):  # compiling loads the module onto the current device: make it x2's
+        if x2.device.type == "cuda":
+            key = (x2.device.index, x2.dtype, tuple(sorted(consts.items())))
+            if key not in _BWD_OCCUPANCY:  # once per configuration: compile without launching, read its resources
+                compiled = _rmsnorm_bwd_kernel.warmup(*args(dx, 1), grid=(1,), **consts)
+        programs = _bwd_programs(n_rows, x2.device, compiled, key)
     rows_per_program = triton.cdiv(n_rows, programs)
     programs = triton.cdiv(n_rows, rows_per_program)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
-    _rmsnorm_bwd_kernel[(programs,)](*args(dw_partial, rows_per_program), **consts)
+    with launch_on(x2):  # the launch goes to x2's GPU, not the current one
+        _rmsnorm_bwd_kernel[(programs,)](*args(dw_partial, rows_per_program), **consts)
     return dx, dw_partial.sum(0).to(weight.dtype), dxs
 
 

@@ -12,7 +12,7 @@ import weakref
 import torch
 
 from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor
-from xkernels.dispatch import compiling, triton_available, use_triton
+from xkernels.dispatch import compiling, launch_on, triton_available, use_triton
 
 # ----------------------------------------------------------------------------------------------------
 # Tables and PyTorch reference
@@ -350,19 +350,20 @@ def _rotary(q, k, cos, sin, position_ids, inplace: bool, backward: bool):
     else:
         stride_pb = stride_ps = 0
     block_hq, block_hk, block_d, num_warps = _rotary_launch_config(n_q_heads, n_k_heads, head_dim)
-    _rotary_kernel[(batch * seq,)](
-        q, k, q_out, k_out, cos, sin, position_ids if has_pos else cos,
-        seq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2),
-        k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        cos.stride(0), stride_pb, stride_ps,
-        n_q_heads, n_k_heads, head_dim // 2,
-        HAS_POS=has_pos, BACKWARD=backward,
-        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
-        num_warps=num_warps,
-    )  # fmt: skip
+    with launch_on(q):  # the launch goes to q's GPU, not the current one
+        _rotary_kernel[(batch * seq,)](
+            q, k, q_out, k_out, cos, sin, position_ids if has_pos else cos,
+            seq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            q_out.stride(0), q_out.stride(1), q_out.stride(2),
+            k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            cos.stride(0), stride_pb, stride_ps,
+            n_q_heads, n_k_heads, head_dim // 2,
+            HAS_POS=has_pos, BACKWARD=backward,
+            BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
+            num_warps=num_warps,
+        )  # fmt: skip
     return q_out, (None if k_out_none else k_out)
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from xkernels._checks import check_float, check_nonempty, check_same_device
-from xkernels.dispatch import compiling, triton_available, use_triton
+from xkernels.dispatch import compiling, launch_on, triton_available, use_triton
 
 # ----------------------------------------------------------------------------------------------------
 # PyTorch reference (CPU path, tests, benchmarks)
@@ -129,18 +129,20 @@ def _swiglu_fwd(g2: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
     n_rows, n_cols = g2.shape
     y = torch.empty((n_rows, n_cols), dtype=g2.dtype, device=g2.device)
     block, warps = _block(n_cols)
-    _swiglu_fwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
-        g2, u2, y, g2.stride(0), u2.stride(0), n_cols, BLOCK=block, num_warps=warps
-    )
+    with launch_on(g2):  # the launch goes to g2's GPU, not the current one
+        _swiglu_fwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            g2, u2, y, g2.stride(0), u2.stride(0), n_cols, BLOCK=block, num_warps=warps
+        )
     return y
 
 
 def _swiglu_bwd(dy2, g2, u2, dg, du, stride_dgu):
     n_rows, n_cols = g2.shape
     block, warps = _block(n_cols)
-    _swiglu_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
-        dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), stride_dgu, n_cols, BLOCK=block, num_warps=warps
-    )
+    with launch_on(g2):  # the launch goes to g2's GPU, not the current one
+        _swiglu_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), stride_dgu, n_cols, BLOCK=block, num_warps=warps
+        )
 
 
 class _SwiGLUFunction(torch.autograd.Function):
