@@ -272,3 +272,27 @@ def test_unsupported_architecture():
         xkernels.patch("llama")
     with pytest.raises(TypeError, match="fp8 must be None"):
         xkernels.patch(_tiny("llama"), fp8="e4m3")
+
+
+def test_rotary_reuses_one_position_tensor_across_layers(monkeypatch):
+    """Per-sample positions (cos/sin with a batch dim): every layer, and the next forward of the same shape,
+    passes the same cached position tensor to apply_rotary (no new tensor per layer, so rotary's per-tensor
+    range cache holds when the opt-in checks are on)."""
+    rotary_mod = importlib.import_module("xkernels.rotary")
+    seen = []
+    original = rotary_mod.apply_rotary
+
+    def spy(q, k, cos, sin, position_ids=None, *args, **kwargs):
+        seen.append(position_ids)
+        return original(q, k, cos, sin, position_ids, *args, **kwargs)
+
+    monkeypatch.setattr(rotary_mod, "apply_rotary", spy)
+    model = _tiny("llama")
+    xkernels.patch(model)
+    ids, _ = _batch(batch=3, seq=8)
+    pos = torch.stack([torch.arange(8), torch.arange(8) + 5, torch.arange(8) + 2])
+    with xkernels.check_inputs():
+        model(ids, position_ids=pos)
+        model(ids, position_ids=pos + 1)
+    assert len(seen) == 2 * TINY["num_hidden_layers"]
+    assert all(p is seen[0] for p in seen) and seen[0] is not None

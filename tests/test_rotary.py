@@ -338,7 +338,7 @@ def _args(**over):
          "pos_float", "pos_shape", "pos_list"],
 )  # fmt: skip
 def test_bad_input(over, exc, match):
-    with pytest.raises(exc, match=match):
+    with xkernels.check_inputs(), pytest.raises(exc, match=match):  # position values: opt-in check
         apply_rotary(**_args(**over))
 
 
@@ -367,7 +367,9 @@ def test_public_names():
 
 
 def test_position_range_checked_once_per_tensor(device, monkeypatch):
-    """Layers of one forward share position_ids: the host sync happens once, and again after a change."""
+    """With the opt-in checks on, layers of one forward share position_ids: the host sync happens once,
+    and again after a change."""
+    monkeypatch.setenv("XKERNELS_CHECK_INPUTS", "1")
     cos, sin = rotary_cos_sin(8, 16, device=device)
     q, k = make_qk(device, torch.float32, 1, 3, 2, 1, 16)
     pos = torch.tensor([[0, 1, 2]], device=device)
@@ -387,3 +389,21 @@ def test_position_range_checked_once_per_tensor(device, monkeypatch):
     with pytest.raises(ValueError, match="position_ids must lie in"):
         apply_rotary(q, k, cos, sin, pos)
     assert len(syncs) == 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_positions_unchecked_by_default_no_host_sync(device, backend):
+    """Default: no host read of position_ids (no sync); an out-of-range position is clamped to the table
+    on both paths, so they agree."""
+    from xkernels.testing import count_launches, no_host_sync
+
+    cos, sin = rotary_cos_sin(8, 16, device=device)
+    q, k = make_qk(device, torch.float32, 2, 4, 2, 1, 16)
+    pos = torch.tensor([[0, 1, 2, 3], [5, 9, -2, 7]], device=device)
+    with xkernels.force_backend(backend), count_launches() as launches, no_host_sync():
+        q_out, k_out = apply_rotary(q, k, cos, sin, pos)
+    assert (launches["_rotary_kernel"] == 1) == (backend == "triton")
+    clamped = pos.clamp(0, 7)
+    q_ref, k_ref = apply_rotary_ref(q, k, cos, sin, clamped)
+    torch.testing.assert_close(q_out, q_ref)
+    torch.testing.assert_close(k_out, k_ref)

@@ -111,6 +111,27 @@ def _leave_attention(module, args, output):
     _rotary_state.depth = max(0, getattr(_rotary_state, "depth", 0) - 1)
 
 
+_row_positions_cache: tuple = (None, None)  # ((batch, seq, device), arange tensor) of the last call
+
+
+def _row_positions(batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """``arange(batch * seq).view(batch, seq)``, the same tensor for every layer of a forward (and every
+    step of that shape): no allocation per layer, and with the opt-in range check on
+    (:func:`xkernels.check_inputs`) rotary's per-tensor cache makes it one host sync, not one per layer.
+    Never modified in place by xkernels; the tensor is fresh under torch.compile (no global state traced)."""
+    global _row_positions_cache
+    from xkernels.dispatch import compiling
+
+    if compiling():
+        return torch.arange(batch * seq, device=device).view(batch, seq)
+    key = (batch, seq, torch.device(device))
+    cached_key, cached = _row_positions_cache
+    if cached_key != key:
+        cached = torch.arange(batch * seq, device=device).view(batch, seq)
+        _row_positions_cache = (key, cached)
+    return cached
+
+
 def _xkernels_rotary(q, k, cos, sin):
     """HF layout: q, k ``(B, heads, S, D)``; cos, sin ``(B or 1, S, D)`` already gathered per position
     (and multiplied by HF's ``attention_scaling``).  The per-token rows become the rotary table."""
@@ -121,7 +142,7 @@ def _xkernels_rotary(q, k, cos, sin):
         cos_t, sin_t, pos = cos[0].float(), sin[0].float(), None  # (S, D) rows in order: no position sync
     else:
         cos_t, sin_t = cos.reshape(-1, dim).float(), sin.reshape(-1, dim).float()
-        pos = torch.arange(batch * seq, device=q.device).view(batch, seq)
+        pos = _row_positions(batch, seq, q.device)
     q_out, k_out = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos_t, sin_t, pos)
     return q_out.transpose(1, 2), k_out.transpose(1, 2)
 

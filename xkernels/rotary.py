@@ -11,7 +11,7 @@ import weakref
 
 import torch
 
-from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor
+from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor, checking_inputs
 from xkernels.dispatch import compiling, launch_on, triton_available, use_triton
 
 # ----------------------------------------------------------------------------------------------------
@@ -50,6 +50,8 @@ def _gather_tables(cos, sin, seq_len, position_ids):
     """Rows of the tables per token, shaped to broadcast over ``(batch, seq, heads, head_dim)``."""
     if position_ids is None:
         return cos[:seq_len][None, :, None, :], sin[:seq_len][None, :, None, :]
+    # clamped like the kernel: position values are not range-checked by default (that needs a host sync)
+    position_ids = position_ids.clamp(0, cos.shape[0] - 1)
     return cos[position_ids][:, :, None, :], sin[position_ids][:, :, None, :]
 
 
@@ -118,10 +120,11 @@ def _validate(q, k, cos, sin, position_ids, inplace):
         if position_ids.shape not in ((batch, seq), (1, seq)):
             raise ValueError(f"position_ids must have shape ({batch}, {seq}) or (1, {seq}), got {tuple(position_ids.shape)}")
         check_same_device("position_ids", position_ids, "q", q)
-        # Host-side range check: one device->host sync, remembered for the last position_ids tensor so the
-        # layers of one forward pay it once.  Skipped while torch.compile traces (it would break the
-        # graph); an out-of-range position there indexes out of bounds.
-        if not compiling():
+        # Range check of the position values: opt-in (xkernels.check_inputs() / XKERNELS_CHECK_INPUTS=1)
+        # because it reads them on the host (a device->host sync, remembered for the last position_ids
+        # tensor so the layers of one forward pay it once); never while torch.compile traces.  Unchecked,
+        # an out-of-range position is clamped to the table (unspecified result, no out-of-bounds read).
+        if checking_inputs() and not compiling():
             lo, hi = _position_range(position_ids)
             if lo < 0 or hi >= n_pos:
                 raise ValueError(
@@ -160,8 +163,10 @@ def apply_rotary(
     """Rotate ``q`` (batch, seq, n_q_heads, head_dim) and ``k`` (batch, seq, n_kv_heads, head_dim) by RoPE.
 
     ``cos``/``sin``: fp32 ``(max_positions, head_dim)`` (:func:`rotary_cos_sin`).  ``position_ids``:
-    ``(batch, seq)`` (or ``(1, seq)``) integer positions, default ``arange(seq)``; its range is checked on
-    the host (one sync).  q and k may be strided along batch/seq/head (views of a fused QKV output); the
+    ``(batch, seq)`` (or ``(1, seq)``) integer positions, default ``arange(seq)``.  Position *values* are
+    not checked by default (that would read them on the host, a sync): one outside ``[0, max_positions)``
+    is clamped into it (unspecified result, no out-of-bounds read).  ``with xkernels.check_inputs():`` or
+    ``XKERNELS_CHECK_INPUTS=1`` turns on a ``ValueError`` for them.  q and k may be strided along batch/seq/head (views of a fused QKV output); the
     last dim must be contiguous or it is copied.  ``inplace=True`` overwrites q and k and returns them.
     """
     _validate(q, k, cos, sin, position_ids, inplace)
@@ -263,6 +268,7 @@ if triton_available():
         n_q_heads,
         n_k_heads,
         half,  # head_dim // 2
+        n_positions,  # rows of COS / SIN: positions are clamped into [0, n_positions)
         HAS_POS: tl.constexpr,
         BACKWARD: tl.constexpr,
         BLOCK_HQ: tl.constexpr,
@@ -281,6 +287,7 @@ if triton_available():
         s = tok % seq_len
         if HAS_POS:
             pos = tl.load(POS + b * stride_pb + s * stride_ps).to(tl.int64)
+            pos = tl.minimum(tl.maximum(pos, 0), n_positions - 1)  # unchecked by default: stay in the table
         else:
             pos = s
         d = tl.arange(0, BLOCK_D)
@@ -359,7 +366,7 @@ def _rotary(q, k, cos, sin, position_ids, inplace: bool, backward: bool):
             q_out.stride(0), q_out.stride(1), q_out.stride(2),
             k_out.stride(0), k_out.stride(1), k_out.stride(2),
             cos.stride(0), stride_pb, stride_ps,
-            n_q_heads, n_k_heads, head_dim // 2,
+            n_q_heads, n_k_heads, head_dim // 2, cos.shape[0],
             HAS_POS=has_pos, BACKWARD=backward,
             BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
             num_warps=num_warps,
