@@ -448,3 +448,36 @@ def test_switch_adamw_to_muon_carries_state_and_hyper_parameters():
 def test_bad_input(build, exc, match):
     with pytest.raises(exc, match=match):
         build()
+
+
+@pytest.mark.parametrize("use_kernels", [None, True])
+def test_step_has_no_host_sync_and_compiles_fullgraph(use_kernels):
+    """Muon and the hybrid step: no host read (AdamW's step counter lives on the device, bias corrections
+    are tensor math) and one graph under torch._dynamo.explain (0 breaks); the compiled step equals eager."""
+    from xkernels.dispatch import interpreting
+    from xkernels.testing import no_host_sync
+
+    if use_kernels and not interpreting():
+        pytest.skip("CPU kernels need TRITON_INTERPRET=1")
+
+    def build():
+        torch.manual_seed(0)
+        m = _LM()
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        groups = muon_param_groups(m, lr=0.01, embed_lr=0.02, weight_decay=0.1)
+        return m, MuonWithAuxAdamW(groups, compute_dtype=torch.float32, use_kernels=use_kernels)
+
+    m, opt = build()
+    with no_host_sync():
+        opt.step()
+        opt.step()
+    m2, opt2 = build()
+    opt2.step()  # state created eagerly, then the traced step
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(opt2.step)()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    for p, q in zip(m.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+    for p in m2.parameters():
+        assert opt2.state[p].get("step", torch.zeros(())).device == p.device

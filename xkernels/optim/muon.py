@@ -471,9 +471,20 @@ def _check_adamw_group(group: dict[str, Any]) -> None:
 
 
 def _adamw_group_step(opt: torch.optim.Optimizer, group: dict[str, Any]) -> None:
-    """AdamW exactly as ``torch.optim.AdamW`` (no amsgrad), with ``torch._foreach`` ops over the parameters that
-    share device, dtype and step count.  State keys ``exp_avg``, ``exp_avg_sq`` and a CPU float32 ``step``
-    tensor, so states move freely between this and ``torch.optim.AdamW``."""
+    """AdamW as ``torch.optim.AdamW`` (no amsgrad), with ``torch._foreach`` ops over the parameters that share
+    device and dtype.  State keys ``exp_avg``, ``exp_avg_sq`` and an fp32 ``step`` tensor, so states move
+    freely between this and ``torch.optim.AdamW``.
+
+    No host reads: ``step`` lives on the parameter's device (as in AdamW's ``capturable`` mode; a CPU step,
+    e.g. from a ``torch.optim.AdamW`` state, is moved there once) and the bias corrections are tensor math::
+
+        t ← t + 1;   c1 = 1 − β1^t;   c2 = √(1 − β2^t)
+        W ← W(1 − γλ);   m ← lerp(m, g, 1 − β1);   v ← β2·v + (1 − β2)·g²
+        W ← W − γ · m / (c1 · (√v / c2 + ε))
+
+    so the step never waits for the device, can be captured in a CUDA graph and traces under torch.compile
+    without a break (``float(step)`` would be both a host read and a graph break).  Equal to the
+    non-capturable formula ``W − (γ/c1)·m/(√v/c2 + ε)`` up to fp32 rounding of the product."""
     lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
     beta1, beta2 = group["betas"]
     buckets: dict[tuple, list[list[torch.Tensor]]] = {}
@@ -483,28 +494,36 @@ def _adamw_group_step(opt: torch.optim.Optimizer, group: dict[str, Any]) -> None
         if p.grad.is_sparse:
             raise RuntimeError("AdamW groups do not support sparse gradients")
         state = opt.state[p]
+        param = _local(p)
         if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        step = float(state["step"])
-        param = _local(p)
-        lists = buckets.setdefault((param.device, param.dtype, step), [[], [], [], []])
-        for lst, t in zip(lists, (param, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]))):
+        elif state["step"].device != param.device:  # e.g. a torch.optim.AdamW state (CPU step): moved once
+            state["step"] = state["step"].to(param.device, torch.float32)
+        lists = buckets.setdefault((param.device, param.dtype), [[], [], [], [], []])
+        tensors = (param, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), state["step"])
+        for lst, t in zip(lists, tensors):
             lst.append(t)
-    for (_, _, step), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
-        bias_correction1 = 1.0 - beta1**step
-        bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
+    for params, grads, exp_avgs, exp_avg_sqs, steps in buckets.values():
+        torch._foreach_add_(steps, 1.0)
+        c1 = torch._foreach_pow(beta1, steps)  # β1^t -> 1 − β1^t
+        torch._foreach_neg_(c1)
+        torch._foreach_add_(c1, 1.0)
+        c2 = torch._foreach_pow(beta2, steps)  # β2^t -> √(1 − β2^t)
+        torch._foreach_neg_(c2)
+        torch._foreach_add_(c2, 1.0)
+        torch._foreach_sqrt_(c2)
         if wd != 0.0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
         denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_div_(denom, c2)
         torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / bias_correction1)
+        torch._foreach_mul_(denom, c1)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr)
 
 
 class MuonWithAuxAdamW(Muon):
@@ -693,8 +712,8 @@ def switch_adamw_to_muon(
             if not group["use_muon"]:
                 if old:
                     new.state[p] = {k: old[k] for k in ("exp_avg", "exp_avg_sq") if k in old}
-                    # fused/capturable AdamW keeps step on the GPU: a CPU scalar avoids a sync per parameter
-                    new.state[p]["step"] = old["step"].detach().to("cpu", torch.float32).clone()
+                    # the hybrid keeps step on the parameter's device (no host read in its step)
+                    new.state[p]["step"] = old["step"].detach().to(p.device, torch.float32).clone()
             elif momentum_init == "exp_avg" and "exp_avg" in old:
                 new.state[p] = {"momentum_buffer": old["exp_avg"].detach().clone()}
     return new
