@@ -179,6 +179,7 @@ _LOWERING_SCRIPT = textwrap.dedent(
                       BM=128, BK=128)
         ptx = build(quant._cast_kernel, cast_ptrs, consts, 90).asm["ptx"]
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx
+        assert "div.full.f32" not in ptx, "approximate divide where the code asks for IEEE"
     print("lowered")
     """
 )

@@ -4,8 +4,20 @@ Math (every granularity, every backend)::
 
     amax = max |x| over the scaling group          (a group holding inf/NaN has amax = NaN)
     s    = max(amax, AMAX_EPS) / fp8_max            (fp32, IEEE division; the dequantisation scale)
-    q    = fp8_rne(clamp(x / s, -fp8_max, fp8_max)) (IEEE division, round to nearest even, saturating)
+    r    = 1 / s                                    (fp32, IEEE division, ONCE per group)
+    q    = fp8_rne(clamp(x * r, -fp8_max, fp8_max)) (one multiply per element, round to nearest even, saturating)
     q    = NaN where x is inf/NaN or s is NaN      (non-finite input is reported, never made finite)
+
+Why ``x * (1/s)`` and not ``x / s``: it is torchao's convention (its float8 casts multiply by the scale
+``fp8_max / amax``) and the cheap one on a GPU -- one correctly rounded divide per group (``div.rn.f32``, a
+~20-instruction sequence) instead of one per element, and no division in the hot loop, which is what made
+the cast-transpose kernel run out of registers. Both divides are IEEE (``tl.div_rn`` lowers to ``div.rn.f32`` on
+Triton 3.6 and 3.9, unlike ``tl.fdiv(ieee_rounding=True)`` which 3.6 lowers to the approximate ``div.full.f32``),
+and the reference below does the very same two fp32 operations, so codes and scales are bit-equal to it on every
+backend. Why not power-of-two scales (exact multiplies): rounding ``s`` up to a power of two maps amax anywhere in
+``(fp8_max/2, fp8_max]``, wasting up to one binade of E4M3's small range (and changing the documented
+``s = amax / fp8_max`` the delayed-scaling history and checkpoints rely on); ``x * r`` costs at most half an
+fp32 ulp before the fp8 rounding, far below the fp8 step.
 
 so ``x ≈ q * s``; the GEMM multiplies its accumulator by ``s`` directly. Groups (``formats.scale_shape``):
 ``tensor`` (one scale), ``row`` (one per row), ``block_1x128`` (per row, per 128 columns), ``block_128x128``.
@@ -96,9 +108,16 @@ def infer_granularity(rows: int, cols: int, scale: torch.Tensor) -> str | None:
     return None
 
 
-def _codes_ref(x: torch.Tensor, s: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+def reciprocal_scale(s: torch.Tensor) -> torch.Tensor:
+    """``1 / s`` in fp32 with IEEE division: the per-group multiplier the kernels compute with ``tl.div_rn``."""
+    s = s.float()
+    return torch.div(torch.ones_like(s), s)
+
+
+def _codes_ref(x: torch.Tensor, r: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """fp8 codes of ``x * r`` (``r`` the reciprocal scale, broadcast to x): saturating, NaN for inf/NaN."""
     fmax = fp8_format(fp8_dtype).max
-    q = x.float() / s
+    q = x.float() * r
     y = q.clamp(-fmax, fmax)
     bad = torch.isnan(q) | torch.isinf(x)
     return torch.where(bad, torch.full_like(y, float("nan")), y).to(fp8_dtype)
@@ -111,7 +130,8 @@ def quantize_ref(
     m, k = x.shape
     if scale is None:
         scale = scale_from_amax(amax_ref(x, granularity), fp8_dtype)
-    q = _codes_ref(x, expand_scale(scale, m, k, granularity), fp8_dtype)
+    # The reciprocal is taken per group, then broadcast: exactly what the kernels compute.
+    q = _codes_ref(x, expand_scale(reciprocal_scale(scale), m, k, granularity), fp8_dtype)
     return q, scale
 
 
@@ -171,9 +191,18 @@ def _finite_abs(x):
 
 @triton.jit
 def _scale_of(amax, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
-    """s = max(amax, EPS) / FP8_MAX with IEEE division (bit-equal to torch); NaN when amax flags inf/NaN."""
-    s = tl.fdiv(tl.maximum(amax, EPS), FP8_MAX, ieee_rounding=True)
+    """s = max(amax, EPS) / FP8_MAX with IEEE division (bit-equal to torch); NaN when amax flags inf/NaN.
+
+    ``tl.div_rn``, not ``tl.fdiv(ieee_rounding=True)``: Triton 3.6 lowers the latter to div.full.f32.
+    """
+    s = tl.div_rn(tl.maximum(amax, EPS), tl.full(amax.shape, FP8_MAX, tl.float32))
     return tl.where(amax < float("inf"), s, float("nan"))
+
+
+@triton.jit
+def _recip(s):
+    """1 / s with IEEE division (``div.rn.f32``), computed once per scaling group."""
+    return tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
 
 
 @triton.jit
@@ -190,13 +219,16 @@ def _round_to_grid(y, MBITS: tl.constexpr, EMIN: tl.constexpr):
     e = tl.maximum(e, EMIN)
     magic = ((e - MBITS + 150) << 23).to(tl.float32, bitcast=True) * 1.5
     r = (a + magic) - magic
-    return tl.where(y.to(tl.int32, bitcast=True) < 0, -r, r)
+    # Copy y's sign bit onto r with integer ops: `-r` is `0 - r` in Triton, which turns -0.0 into +0.0.
+    sign = (y.to(tl.int32, bitcast=True) >> 31) << 31
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _codes(x, s, FP8_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EXACT_ROUND: tl.constexpr):
-    """fp32 values of the fp8 codes of x / s: saturated at ±FP8_MAX, NaN where x is inf/NaN or s is NaN."""
-    q = tl.fdiv(x, s, ieee_rounding=True)
+def _codes(x, r, FP8_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """fp32 values of the fp8 codes of x * r (r = 1/s, per group, broadcast): saturated at ±FP8_MAX, NaN where x
+    is inf/NaN or s is NaN."""
+    q = x * r
     y = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
     if EXACT_ROUND:
         y = _round_to_grid(y, MBITS, EMIN)
@@ -209,10 +241,13 @@ def _to_fp8(y, dtype: tl.constexpr, EXACT_ROUND: tl.constexpr):
     """Cast fp32 code values to fp8; under the interpreter as raw bytes with NaN fixed up.
 
     The interpreter turns NaN into a finite fp8 code, so there (EXACT_ROUND) NaN is written as the byte 0x7F,
-    a NaN in both E4M3FN and E5M2, and callers store through a uint8 view of the output.
+    a NaN in both E4M3FN and E5M2, and callers store through a uint8 view of the output. Triton 3.6's
+    interpreter also drops the sign of -0.0 (a tiny negative value rounds to the code 0x00, torch gives 0x80),
+    so the sign bit is copied from the fp32 value (idempotent for every other negative code).
     """
     if EXACT_ROUND:
         bits = y.to(dtype).to(tl.uint8, bitcast=True)
+        bits = tl.where(y.to(tl.int32, bitcast=True) < 0, bits | 0x80, bits)
         return tl.where(y != y, 0x7F, bits).to(tl.uint8)
     else:
         return y.to(dtype)
@@ -312,7 +347,7 @@ def _cast_kernel(
     else:
         s = _scale_of(tl.max(tl.max(a, axis=1), axis=0), FP8_MAX, EPS)
         tl.store(s_ptr + pid_m * s_sr + pid_k * s_sc, s)
-    y = _codes(x, s, FP8_MAX, MBITS, EMIN, EXACT_ROUND)
+    y = _codes(x, _recip(s), FP8_MAX, MBITS, EMIN, EXACT_ROUND)
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], _to_fp8(y, FP8_DTYPE, EXACT_ROUND), mask=mask)
 
     if T_MODE != 0:
@@ -320,11 +355,11 @@ def _cast_kernel(
             yt = y
         elif T_MODE == 2:
             st = tl.load(st_ptr + (cols // ST_ROWS)[None, :] * st_sr + pid_m * st_sc, mask=cmask[None, :], other=1.0)
-            yt = _codes(x, st, FP8_MAX, MBITS, EMIN, EXACT_ROUND)
+            yt = _codes(x, _recip(st), FP8_MAX, MBITS, EMIN, EXACT_ROUND)
         else:
             st_col = _scale_of(tl.max(a, axis=0), FP8_MAX, EPS)
             tl.store(st_ptr + cols * st_sr + pid_m * st_sc, st_col, mask=cmask)
-            yt = _codes(x, st_col[None, :], FP8_MAX, MBITS, EMIN, EXACT_ROUND)
+            yt = _codes(x, _recip(st_col)[None, :], FP8_MAX, MBITS, EMIN, EXACT_ROUND)
         yt = tl.trans(_to_fp8(yt, FP8_DTYPE, EXACT_ROUND))  # (BK, BM)
         tl.store(yt_ptr + cols[:, None] * stride_ytk + rows[None, :], yt, mask=cmask[:, None] & rmask[None, :])
 
