@@ -87,6 +87,17 @@ def test_persistent_grid_and_tma_descriptors(use_tma):
     assert _rel_err(out, _dequantised_product(a, b, sa, sb)) < 1e-3
 
 
+@pytest.mark.parametrize("ga", ["tensor", "row"])
+def test_fast_accum_keyword(device, ga):
+    """fast_accum reaches every backend; the interpreter and the reference accumulate in fp32 either way."""
+    a, b, sa, sb = _operands(40, 48, 256, ga, ga, device)
+    ref = _dequantised_product(a, b, sa, sb)
+    for fast in (False, True):
+        assert _rel_err(fp8_gemm(a, b, sa, sb, out_dtype=torch.float32, fast_accum=fast), ref) < 1e-3
+    with pytest.raises(TypeError, match="fast_accum must be a bool"):
+        fp8_gemm(a, b, sa, sb, fast_accum=1)
+
+
 def test_strided_operands(device):
     a, b, sa, sb = _operands(48, 32, 128, "row", "row", device)
     at = a.view(torch.uint8).t().contiguous().t().view(E4M3)  # column-major A
@@ -167,10 +178,18 @@ _LOWERING_SCRIPT = textwrap.dedent(
                  "sa_ptr": "*fp32", "sb_ptr": "*fp32"}
     for cc, tma, mode in ((90, True, 2), (90, False, 0), (89, False, 1)):
         consts = dict(stride_ak=1, stride_bk=1, stride_cn=1, SCALE_MODE=mode, SB_ROWS=128, HAS_BIAS=True,
-                      USE_TMA=tma, BM=128, BN=128, BK=128, GROUP_M=8)
+                      USE_TMA=tma, FAST_ACCUM=False, BM=128, BN=128, BK=128, GROUP_M=8)
         k = build(gemm._fp8_gemm_kernel, gemm_ptrs, consts, cc)
         assert ("wgmma" in k.asm["ptx"]) == (cc == 90), cc
         assert k.metadata.shared >= 2 * 2 * 128 * 128, "K loop not software-pipelined (single-buffered)"
+    # Accumulation precision on Hopper: by default the tensor/row pairings promote the wgmma accumulator into
+    # fp32 after every K tile (fp32 adds of the partial product); fast_accum keeps the whole loop in wgmma.
+    adds = {}
+    for fast in (True, False):
+        consts = dict(stride_ak=1, stride_bk=1, stride_cn=1, SCALE_MODE=0, SB_ROWS=1, HAS_BIAS=False,
+                      USE_TMA=True, FAST_ACCUM=fast, BM=128, BN=128, BK=128, GROUP_M=8)
+        adds[fast] = build(gemm._fp8_gemm_kernel, gemm_ptrs, consts, 90).asm["ptx"].count("add.f32")
+    assert adds[False] >= adds[True] + 128 * 128 // 256, adds  # one fp32 add per accumulator register
     cast_ptrs = {"x_ptr": "*bf16", "y_ptr": "*fp8e4nv", "yt_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                  "st_ptr": "*fp32", "amax_ptr": "*fp32"}
     for mode, t_mode in ((0, 1), (1, 3), (2, 2)):

@@ -96,6 +96,7 @@ def _fp8_gemm_kernel(
     SB_ROWS: tl.constexpr,  # block mode: rows of b sharing one scale row (1 for 1x128, 128 for 128x128)
     HAS_BIAS: tl.constexpr,
     USE_TMA: tl.constexpr,  # A/B tiles through TMA tensor descriptors (needs K-contiguous, 16B-aligned operands)
+    FAST_ACCUM: tl.constexpr,  # tensor/row pairing: keep the whole K loop in Hopper's reduced-precision accumulator
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -105,6 +106,8 @@ def _fp8_gemm_kernel(
 
     acc = Σ_k a[m, k] b[n, k] in fp32 (fp8 tensor-core dot); tensor/row scales multiply acc once in the epilogue,
     block scales multiply each 128-wide K block's partial product before it is added (exact promotion).
+    Accumulation precision on sm_90: promoted to fp32 every BK = 128 of K unless FAST_ACCUM (tensor/row only;
+    the block pairing always promotes per K block).
     """
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
@@ -154,8 +157,14 @@ def _fp8_gemm_kernel(
                 sa = tl.load(sa_ptr + rm * stride_sam + kt * stride_sak, mask=m_mask, other=0.0)
                 sb = tl.load(sb_ptr + (rn // SB_ROWS) * stride_sbn + kt * stride_sbk, mask=n_mask, other=0.0)
                 acc += tl.dot(a, bt) * (sa[:, None] * sb[None, :])
-            else:
+            elif FAST_ACCUM:
                 acc = tl.dot(a, bt, acc)
+            else:
+                # Hopper's FP8 wgmma accumulates in a reduced-precision (~22-bit mantissa) register format; by
+                # default Triton keeps the whole K loop there (max_num_imprecise_acc = 2**30). Bounding it to BK
+                # promotes into the fp32 accumulator after every 128 of K (DeepGEMM / DeepSeek-V3's interval);
+                # ignored on sm_89 and in the interpreter, whose fp8 accumulation is already fp32.
+                acc = tl.dot(a, bt, acc, max_num_imprecise_acc=BK)
 
         if SCALE_MODE == 0:
             acc = acc * s_ab
@@ -210,7 +219,7 @@ def _autotuned_kernel():
         triton.Config({"BM": c.BM, "BN": c.BN, "BK": c.BK, "GROUP_M": c.GROUP_M}, num_warps=c.num_warps, num_stages=c.num_stages)
         for c in _CUDA_CONFIGS
     ]
-    key = ["M", "N", "K", "SCALE_MODE", "SB_ROWS", "HAS_BIAS", "USE_TMA"]
+    key = ["M", "N", "K", "SCALE_MODE", "SB_ROWS", "HAS_BIAS", "USE_TMA", "FAST_ACCUM"]
     return triton.autotune(configs=configs, key=key)(_fp8_gemm_kernel)
 
 
@@ -258,6 +267,7 @@ def _launch(
     config: GemmConfig | None = None,
     num_programs: int | None = None,
     use_tma: bool | None = None,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """Run the Triton kernel (no validation). ``config``/``num_programs``/``use_tma`` override the heuristics."""
     global _tma_broken
@@ -274,7 +284,7 @@ def _launch(
 
     args = (a, b, c, bias_f, sa, sb, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     args += (sa.stride(0), sa.stride(1) if sa.dim() > 1 else 0, sb.stride(0), sb.stride(1) if sb.dim() > 1 else 0)
-    flags = dict(SCALE_MODE=mode, SB_ROWS=sb_rows, HAS_BIAS=bias is not None)
+    flags = dict(SCALE_MODE=mode, SB_ROWS=sb_rows, HAS_BIAS=bias is not None, FAST_ACCUM=bool(fast_accum))
 
     if config is not None or a.device.type != "cuda":
         cfg = config or INTERPRETER_CONFIG
@@ -307,7 +317,7 @@ def _launch(
 # --- cuBLASLt backend -----------------------------------------------------------------------------------------------
 
 
-def _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode):
+def _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode, fast_accum=False):
     """``torch._scaled_mm`` (cuBLASLt): a row-major, bᵀ column-major; scales () or (M,1)/(1,N)."""
     if mode == 2:
         raise ValueError("backend='scaled_mm' supports tensor and row scales only; use backend='triton' for blocks")
@@ -322,7 +332,9 @@ def _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode):
         sa, sb = a_scale.reshape(m, 1).contiguous(), b_scale.reshape(1, n).contiguous()
     # cuBLASLt's row-wise scaling only writes bf16: compute in bf16 and cast for other out dtypes.
     mm_dtype = torch.bfloat16 if mode == 1 else out_dtype
-    out = torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=sa, scale_b=sb, out_dtype=mm_dtype)
+    out = torch._scaled_mm(
+        a.contiguous(), b.contiguous().t(), scale_a=sa, scale_b=sb, out_dtype=mm_dtype, use_fast_accum=fast_accum
+    )
     if isinstance(out, tuple):  # torch < 2.5 also returned amax
         out = out[0]
     out = out.to(out_dtype)
@@ -405,16 +417,24 @@ def fp8_gemm(
     bias: torch.Tensor | None = None,
     *,
     backend: str = "auto",
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """``(a · bᵀ) ⊙ scales + bias`` for fp8 ``a (M, K)``, ``b (N, K)``; see the module docstring for the scale
-    pairings, alignment rules and backends. Returns ``(M, N)`` in ``out_dtype`` (fp32, bf16 or fp16)."""
+    pairings, alignment rules and backends. Returns ``(M, N)`` in ``out_dtype`` (fp32, bf16 or fp16).
+
+    ``fast_accum``: on Hopper, let the tensor/row pairings keep the whole K loop in the tensor cores'
+    reduced-precision accumulator (faster; ``use_fast_accum`` of ``torch._scaled_mm``). The default promotes to
+    fp32 every 128 of K, which long contractions need (the weight gradient sums over all tokens). The block pairing
+    always promotes per 128-block; the torch backend always accumulates in fp32."""
+    if not isinstance(fast_accum, bool):
+        raise TypeError(f"fast_accum must be a bool, got {type(fast_accum).__name__}")
     mode, sb_rows = _validate(a, b, a_scale, b_scale, out_dtype, bias, backend)
     if backend == "auto":
         backend = "triton" if use_triton(a) and _fp8_tensor_cores(a.device) else "torch"
     if backend == "torch":
         return fp8_gemm_ref(a, b, a_scale, b_scale, out_dtype, bias)
     if backend == "scaled_mm":
-        return _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode)
+        return _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode, fast_accum)
     if a.device.type != "cuda" and not interpreting():
         raise ValueError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 (set before importing xkernels)")
-    return _launch(a, b, a_scale, b_scale, out_dtype, bias, mode, sb_rows)
+    return _launch(a, b, a_scale, b_scale, out_dtype, bias, mode, sb_rows, fast_accum=fast_accum)
