@@ -4,12 +4,16 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
+import triton
+import triton.runtime._allocation
 
 from xkernels.dispatch import force_backend
 from xkernels.fp8 import E4M3, E5M2, fp8_gemm, quantize
+from xkernels.fp8 import gemm
 from xkernels.fp8.gemm import GemmConfig, _launch, _scale_mode, fp8_gemm_ref
 
 PAIRS = [
@@ -96,6 +100,63 @@ def test_fast_accum_keyword(device, ga):
         assert _rel_err(fp8_gemm(a, b, sa, sb, out_dtype=torch.float32, fast_accum=fast), ref) < 1e-3
     with pytest.raises(TypeError, match="fast_accum must be a bool"):
         fp8_gemm(a, b, sa, sb, fast_accum=1)
+
+
+def test_tma_launch_from_another_thread():
+    """triton.set_allocator is a ContextVar: a TMA launch on autograd's backward thread (here: a plain worker
+    thread, after the main thread has launched) must set the descriptor allocator itself (on a GPU the launch
+    fails with "no allocator was set" otherwise; the interpreter does not need it, so the test checks the
+    allocator the worker's context holds after its launch)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA descriptors need sm_90+")
+    a, b, sa, sb = _operands(40, 32, 128, "tensor", "tensor", device)
+    mode = _scale_mode(a, b, sa, sb)
+    cfg = GemmConfig(BM=32, BN=32)
+    ref = _dequantised_product(a, b, sa, sb)
+    _launch(a, b, sa, sb, torch.float32, None, *mode, config=cfg, use_tma=True)  # main thread first
+    result = {}
+
+    def worker():
+        try:
+            result["out"] = _launch(a, b, sa, sb, torch.float32, None, *mode, config=cfg, use_tma=True)
+            result["alloc"] = triton.runtime._allocation._allocator.get()
+        except Exception as err:  # noqa: BLE001 - reported to the main thread
+            result["err"] = err
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert "err" not in result, result.get("err")
+    assert _rel_err(result["out"], ref) < 1e-3
+    # The launch installed our allocator in the worker's own context (the main thread's is invisible there).
+    assert result["alloc"] is gemm._tma_scratch_allocator(torch.device(device))
+
+
+def test_tma_falls_back_only_on_compile_errors(monkeypatch):
+    from triton.compiler.errors import CompilationError
+
+    monkeypatch.setattr(gemm, "_tma_broken", False)
+    calls = []
+
+    def plain():
+        calls.append("plain")
+        return "plain"
+
+    def runtime_failure():
+        raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        gemm._run_tma_with_fallback(runtime_failure, plain)
+    assert not gemm._tma_broken and calls == []  # a runtime error never switches TMA off
+
+    def compile_failure():
+        raise CompilationError("", None, "descriptor lowering failed")
+
+    with pytest.warns(UserWarning, match="TMA kernel failed to compile"):
+        assert gemm._run_tma_with_fallback(compile_failure, plain) == "plain"
+    assert gemm._tma_broken and calls == ["plain"]
+    assert gemm._run_tma_with_fallback(lambda: "tma", plain) == "tma"
 
 
 def test_strided_operands(device):

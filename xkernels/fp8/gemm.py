@@ -233,16 +233,61 @@ def tma_available() -> bool:
     return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
-_allocator_set = False
-_tma_broken = False
+_tma_broken = False  # set only when the TMA variant fails to COMPILE (see _run_tma_with_fallback)
 
 
-def _ensure_tma_allocator(device: torch.device) -> None:
-    """Device-side descriptors need scratch memory from a global allocator (set once, on first TMA launch)."""
-    global _allocator_set
-    if not _allocator_set:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
-        _allocator_set = True
+@functools.cache
+def _tma_scratch_allocator(device: torch.device):
+    """Scratch memory for device-side tensor descriptors, from torch's caching allocator on ``device``."""
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, device=device, dtype=torch.int8)
+
+    return alloc
+
+
+def _set_tma_allocator(device: torch.device) -> None:
+    """Install the descriptor scratch allocator for THIS thread/context, on every TMA launch.
+
+    ``triton.set_allocator`` stores a ContextVar: autograd runs the CUDA backward on its own thread, which does
+    not see an allocator set on the main thread (the first backward TMA GEMM would fail with "no allocator was
+    set"). Setting it per launch costs one ContextVar write.
+    """
+    triton.set_allocator(_tma_scratch_allocator(device))
+
+
+def _is_compile_error(err: BaseException) -> bool:
+    """Whether ``err`` comes from building the kernel (frontend, MLIR passes, ptxas), not from running it."""
+    from triton.compiler.errors import CompilationError
+
+    try:
+        from triton.runtime.errors import PTXASError
+    except ImportError:  # older Triton
+        PTXASError = CompilationError
+    if isinstance(err, (CompilationError, PTXASError)):
+        return True
+    return isinstance(err, RuntimeError) and "PassManager" in str(err)
+
+
+def _run_tma_with_fallback(run_tma, run_plain):
+    """Run the TMA variant; if (and only if) it fails to compile, warn once and use pointer loads from then on.
+
+    A runtime error (out of memory, a bad launch) is raised as is and does not switch TMA off: the old policy of
+    disabling TMA for good on any exception turned a one-off problem into a permanent slowdown.
+    """
+    global _tma_broken
+    try:
+        return run_tma()
+    except Exception as err:
+        if not _is_compile_error(err):
+            raise
+        _tma_broken = True
+        warnings.warn(
+            f"fp8_gemm: the TMA kernel failed to compile ({type(err).__name__}: {str(err)[:300]}); "
+            "using pointer loads from now on",
+            stacklevel=3,
+        )
+        return run_plain()
 
 
 def _tma_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -270,7 +315,6 @@ def _launch(
     fast_accum: bool = False,
 ) -> torch.Tensor:
     """Run the Triton kernel (no validation). ``config``/``num_programs``/``use_tma`` override the heuristics."""
-    global _tma_broken
     m, k = a.shape
     n = b.shape[0]
     c = torch.empty(m, n, device=a.device, dtype=out_dtype)
@@ -280,7 +324,7 @@ def _launch(
     if use_tma is None:
         use_tma = _tma_ok(a, b)
     if use_tma:  # (the interpreter emulates descriptors in host memory, so it needs the allocator too)
-        _ensure_tma_allocator(a.device)
+        _set_tma_allocator(a.device)
 
     args = (a, b, c, bias_f, sa, sb, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     args += (sa.stride(0), sa.stride(1) if sa.dim() > 1 else 0, sb.stride(0), sb.stride(1) if sb.dim() > 1 else 0)
@@ -303,13 +347,12 @@ def _launch(
         tiles = triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])
         return (min(sms, tiles) if persistent else tiles,)
 
-    try:
-        _autotuned_kernel()[grid](*args, **flags, USE_TMA=use_tma)
-    except Exception as err:  # a Triton build whose descriptor lowering fails: fall back once, loudly
-        if not use_tma:
-            raise
-        _tma_broken = True
-        warnings.warn(f"fp8_gemm: TMA path failed ({type(err).__name__}: {err}); using pointer loads", stacklevel=3)
+    if use_tma:
+        _run_tma_with_fallback(
+            lambda: _autotuned_kernel()[grid](*args, **flags, USE_TMA=True),
+            lambda: _autotuned_kernel()[grid](*args, **flags, USE_TMA=False),
+        )
+    else:
         _autotuned_kernel()[grid](*args, **flags, USE_TMA=False)
     return c
 
