@@ -5,7 +5,7 @@ one Triton ships) for the facts that decide performance: registers per thread, s
 It needs a ``@triton.jit`` function, not an interpreted one, so call it in a process started without
 ``TRITON_INTERPRET=1`` (the tests run it in a subprocess).
 
-    python -m xkernels.fp8._aot           # table of every FP8 kernel variant a launch can pick, for sm_90a
+    TRITON_INTERPRET=0 python -m xkernels.fp8._aot [--cc 90] [--kernels cast,gemm] [--modes tensor,row,block,block_1x128]
 """
 
 from __future__ import annotations
@@ -84,21 +84,21 @@ GEMM_ALIGNED = ("stride_am", "stride_bn", "stride_cm", "K")
 CAST_PTRS = {"x_ptr": "*bf16", "y_ptr": "*fp8e4nv", "yt_ptr": "*fp8e4nv", "s_ptr": "*fp32", "st_ptr": "*fp32",
              "amax_ptr": "*fp32"}
 CAST_ALIGNED = ("stride_xm", "stride_ym", "stride_ytk")
-SCALE_MODES = {0: "tensor", 1: "row", 2: "block"}
 
 
-def gemm_variants(cc: int = 90, modes=(0, 1, 2), use_tma=(True, False)):
-    """(name, constexprs, num_warps, num_stages) for every config the autotuner can pick per scale mode."""
-    from xkernels.fp8.gemm import gemm_configs
+def gemm_variants(cc: int = 90, modes=("tensor", "row", "block", "block_1x128"), use_tma=(True, False)):
+    """(name, constexprs, num_warps, num_stages) for every config the autotuner can pick, per scale pairing."""
+    from xkernels.fp8.gemm import SCALE_MODES, gemm_configs
 
     for mode in modes:
         for tma in use_tma:
-            for fast in ((True, False) if mode != 2 else (False,)):
-                for c in gemm_configs(SCALE_MODES[mode], cc=cc):
-                    consts = dict(stride_ak=1, stride_bk=1, stride_cn=1, SCALE_MODE=mode, SB_ROWS=128 if mode == 2 else 1,
-                                  HAS_BIAS=False, USE_TMA=tma, FAST_ACCUM=fast, BM=c.BM, BN=c.BN, BK=c.BK, GROUP_M=c.GROUP_M)
-                    name = f"fp8_gemm_{SCALE_MODES[mode]}_{c.BM}x{c.BN}x{c.BK}_w{c.num_warps}_s{c.num_stages}" \
-                           f"_tma{int(tma)}_fast{int(fast)}"
+            for fast in ((True, False) if SCALE_MODES[mode] != 2 else (False,)):
+                for c in gemm_configs(mode, fast_accum=fast, cc=cc):
+                    consts = dict(stride_ak=1, stride_bk=1, stride_cn=1, SCALE_MODE=SCALE_MODES[mode],
+                                  SB_ROWS=128 if mode == "block" else 1, HAS_BIAS=True, USE_TMA=tma, FAST_ACCUM=fast,
+                                  BM=c.BM, BN=c.BN, BK=c.BK, GROUP_M=c.GROUP_M)
+                    name = f"fp8_gemm_{mode}_{c.BM}x{c.BN}x{c.BK}_w{c.num_warps}_s{c.num_stages}_tma{int(tma)}" \
+                           f"_fast{int(fast)}"
                     yield name, consts, c.num_warps, c.num_stages
 
 
@@ -111,28 +111,36 @@ def cast_variants():
     pairs = [(0, 0, True), (0, 1, True), (0, 2, False), (1, 0, False), (1, 3, False), (2, 0, False), (2, 1, False)]
     for mode, t_mode, amax in pairs:
         consts = dict(stride_xk=1, FP8_DTYPE=tl.float8e4nv, FP8_MAX=448.0, MBITS=3, EMIN=-6, EPS=1e-12, MODE=mode,
-                      T_MODE=t_mode, S_ROWS=1, ST_ROWS=1, WRITE_AMAX=amax, EXACT_ROUND=False, **CAST_LAUNCH.constexprs)
-        yield f"fp8_cast_mode{mode}_t{t_mode}_amax{int(amax)}", consts, CAST_LAUNCH.num_warps, 1
+                      T_MODE=t_mode, S_ROWS=1, ST_ROWS=1, WRITE_AMAX=amax, EXACT_ROUND=False, OFF64=False,
+                      **CAST_LAUNCH.constexprs)
+        yield f"fp8_cast_mode{mode}_t{t_mode}_amax{int(amax)}", consts, CAST_LAUNCH.num_warps, CAST_LAUNCH.num_stages
 
 
-def table(cc: int = 90) -> list[tuple[str, KernelStats]]:
+def table(cc: int = 90, kernels=("cast", "gemm"), modes=("tensor", "row", "block", "block_1x128")):
+    """Yield (name, KernelStats) for every variant of the chosen kernels."""
     from xkernels.fp8 import gemm, quant
 
-    rows = []
-    for name, consts, warps, stages in cast_variants():
-        rows.append((name, compile_kernel(quant._cast_kernel, CAST_PTRS, consts, num_warps=warps, num_stages=stages,
-                                          aligned=CAST_ALIGNED, cc=cc)))
-    for name, consts, warps, stages in gemm_variants(cc):
-        rows.append((name, compile_kernel(gemm._fp8_gemm_kernel, GEMM_PTRS, consts, num_warps=warps,
-                                          num_stages=stages, aligned=GEMM_ALIGNED, cc=cc)))
-    return rows
+    if "cast" in kernels:
+        for name, consts, warps, stages in cast_variants():
+            yield name, compile_kernel(quant._cast_kernel, CAST_PTRS, consts, num_warps=warps, num_stages=stages,
+                                       aligned=CAST_ALIGNED, cc=cc)
+    if "gemm" in kernels:
+        for name, consts, warps, stages in gemm_variants(cc, modes):
+            yield name, compile_kernel(gemm._fp8_gemm_kernel, GEMM_PTRS, consts, num_warps=warps,
+                                       num_stages=stages, aligned=GEMM_ALIGNED, cc=cc)
 
 
 if __name__ == "__main__":
+    import argparse
+
     import triton
 
-    cc = int(sys.argv[1]) if len(sys.argv) > 1 else 90
-    print(f"| kernel (sm_{cc}a, triton {triton.__version__}) | regs | spill st/ld B | smem B |")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cc", type=int, default=90)
+    parser.add_argument("--kernels", default="cast,gemm")
+    parser.add_argument("--modes", default="tensor,row,block,block_1x128")
+    ns = parser.parse_args()
+    print(f"| kernel (sm_{ns.cc}, triton {triton.__version__}) | regs | spill st/ld B | smem B |")
     print("|---|---|---|---|")
-    for name, st in table(cc):
+    for name, st in table(ns.cc, ns.kernels.split(","), ns.modes.split(",")):
         print(f"| {name} | {st.registers} | {st.spill_stores}/{st.spill_loads} | {st.shared} |", flush=True)

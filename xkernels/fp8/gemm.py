@@ -82,6 +82,7 @@ def _fp8_gemm_kernel(
     M,
     N,
     K,
+    M_BUCKET,  # autotune key only: next power of two of M (a new token count must not re-tune)
     stride_am,
     stride_ak,
     stride_bn,
@@ -132,8 +133,10 @@ def _fp8_gemm_kernel(
         pid_n = (tile % tiles_per_group) // group_m
         rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
         rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
-        m_mask = rm < M
-        n_mask = rn < N
+        rm32 = pid_m * BM + tl.arange(0, BM)
+        rn32 = pid_n * BN + tl.arange(0, BN)
+        m_mask = rm32 < M
+        n_mask = rn32 < N
 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for kt in range(0, k_tiles):
@@ -154,9 +157,13 @@ def _fp8_gemm_kernel(
                     other=0.0,
                 )
             if SCALE_MODE == 2:
-                sa = tl.load(sa_ptr + rm * stride_sam + kt * stride_sak, mask=m_mask, other=0.0)
-                sb = tl.load(sb_ptr + (rn // SB_ROWS) * stride_sbn + kt * stride_sbk, mask=n_mask, other=0.0)
-                acc += tl.dot(a, bt) * (sa[:, None] * sb[None, :])
+                # 32-bit scale offsets (scale tensors are small): 64-bit per-element pointers for the BN scales
+                # of b each thread needs were what spilled the 1x128 (wgrad) variant.
+                sa = tl.load(sa_ptr + kt * stride_sak + rm32 * stride_sam, mask=m_mask, other=0.0)
+                sb = tl.load(sb_ptr + kt * stride_sbk + (rn32 // SB_ROWS) * stride_sbn, mask=n_mask, other=0.0)
+                # (dot * sa) * sb, not dot * (sa ⊗ sb): no (BM, BN) outer product of the scales is held in
+                # registers next to the accumulator and the dot's result (that extra tile is what spilled).
+                acc += (tl.dot(a, bt) * sa[:, None]) * sb[None, :]
             elif FAST_ACCUM:
                 acc = tl.dot(a, bt, acc)
             else:
@@ -169,11 +176,11 @@ def _fp8_gemm_kernel(
         if SCALE_MODE == 0:
             acc = acc * s_ab
         elif SCALE_MODE == 1:
-            sa = tl.load(sa_ptr + rm * stride_sam, mask=m_mask, other=0.0)
-            sb = tl.load(sb_ptr + rn * stride_sbn, mask=n_mask, other=0.0)
+            sa = tl.load(sa_ptr + rm32 * stride_sam, mask=m_mask, other=0.0)
+            sb = tl.load(sb_ptr + rn32 * stride_sbn, mask=n_mask, other=0.0)
             acc = acc * (sa[:, None] * sb[None, :])
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
+            acc += tl.load(bias_ptr + rn32, mask=n_mask, other=0.0)[None, :]
         tl.store(
             c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
             acc.to(c_ptr.dtype.element_ty),
@@ -199,27 +206,58 @@ class GemmConfig:
 # Interpreter: small tiles keep the numpy emulation cheap; several tiles still exercise masking and grouping.
 INTERPRETER_CONFIG = GemmConfig()
 
-# CUDA autotune space. fp8 operands are 1 byte, so 128x256x128 at 3 stages is 144 KiB of shared memory (fits
-# H100/H200's 227 KiB); the smaller tiles serve skinny shapes and sm_89 (100 KiB). Chosen from the shapes the
-# Triton persistent-matmul tutorial and FBGEMM's fp8 Triton GEMMs tune over; to be re-measured on H100/H200.
-_CUDA_CONFIGS = [
-    GemmConfig(128, 256, 128, 8, 8, 3),
-    GemmConfig(256, 128, 128, 8, 8, 3),
-    GemmConfig(128, 128, 128, 8, 8, 4),
-    GemmConfig(128, 128, 128, 8, 4, 4),
-    GemmConfig(64, 128, 128, 8, 4, 4),
-    GemmConfig(128, 64, 128, 8, 4, 4),
-    GemmConfig(64, 64, 128, 8, 4, 3),
-]
+# CUDA autotune space, pruned per scale pairing so that every config a launch can pick compiles without register
+# spills on sm_90a with Triton 3.6 and 3.9 (ptxas -v; `TRITON_INTERPRET=0 python -m xkernels.fp8._aot` prints the
+# table, tests/test_fp8_gemm.py checks a pairing). A thread holds BM*BN/(32*num_warps) fp32 accumulators; fast
+# accumulation holds one tile, promotion (the default) and block scales hold a second one (the wgmma result before
+# it is added) plus the per-column scales of b, so the big tiles only serve the fast tensor pairing. Measured
+# spills that set the lists (Triton 3.9, bytes): 256x128/w8 tensor-fast 12-48; row-fast 128x256/w8 28-116,
+# 256x128/w8 60-76, 128x128/w4 36; block with 1x128 b scales 128x128/w8 12-92, 128x64/w4 8-40. Shared memory is
+# stages*(BM+BN)*BK bytes: H100/H200 have 227 KiB, sm_89 ~99 KiB. Tile shapes from the Triton persistent-matmul
+# tutorial / FBGEMM's fp8 Triton GEMMs; to be re-measured on the H200.
+_BIG = [GemmConfig(128, 256, 128, 8, 8, 3), GemmConfig(128, 128, 128, 8, 4, 4)]
+_MID = [GemmConfig(128, 128, 128, 8, 8, 4)]
+_SMALL = [GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(128, 64, 128, 8, 4, 4), GemmConfig(64, 64, 128, 8, 4, 3)]
+_CUDA_CONFIGS = _BIG + _MID + _SMALL
+# block: b scaled per 128x128 tile (forward and input-gradient GEMMs); block_1x128: b per 1x128 group (wgrad)
+SCALE_MODES = {"tensor": 0, "row": 1, "block": 2, "block_1x128": 2}
+_SMEM_LIMIT = {90: 227 * 1024, 89: 99 * 1024, 80: 163 * 1024}
+
+
+def gemm_configs(mode: str, *, fast_accum: bool = False, cc: int = 90) -> list[GemmConfig]:
+    """The autotune configs a launch with scale pairing ``mode`` may pick on ``sm_cc``.
+
+    ``mode``: ``tensor | row | block | block_1x128`` (``block``: 128x128 scales of b; ``block_1x128``: 1x128).
+    """
+    if mode not in SCALE_MODES:
+        raise ValueError(f"mode must be one of {tuple(SCALE_MODES)}, got {mode!r}")
+    if mode == "tensor" and fast_accum:
+        configs = _CUDA_CONFIGS
+    elif mode == "block_1x128":
+        configs = [c for c in _SMALL if (c.BM, c.BN) != (128, 64)]
+    else:
+        configs = _MID + _SMALL
+    smem = _SMEM_LIMIT.get(cc, 99 * 1024)
+    return [c for c in configs if c.num_stages * (c.BM + c.BN) * c.BK + 1024 <= smem]
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: the next power of two (16 at least), so token counts 4097..8192 share one tuning."""
+    return max(16, 1 << (m - 1).bit_length())
+
+
+def _mode_name(mode: int, sb_rows: int) -> str:
+    return ("tensor", "row", "block" if sb_rows > 1 else "block_1x128")[mode]
 
 
 @functools.cache
-def _autotuned_kernel():
+def _autotuned_kernel(name: str, fast_accum: bool, cc: int):
+    """One autotuner per (scale pairing, accumulation, arch): each sees only the configs that are spill-free for it."""
     configs = [
         triton.Config({"BM": c.BM, "BN": c.BN, "BK": c.BK, "GROUP_M": c.GROUP_M}, num_warps=c.num_warps, num_stages=c.num_stages)
-        for c in _CUDA_CONFIGS
+        for c in gemm_configs(name, fast_accum=fast_accum, cc=cc)
     ]
-    key = ["M", "N", "K", "SCALE_MODE", "SB_ROWS", "HAS_BIAS", "USE_TMA", "FAST_ACCUM"]
+    key = ["M_BUCKET", "N", "K", "SCALE_MODE", "SB_ROWS", "HAS_BIAS", "USE_TMA", "FAST_ACCUM"]
     return triton.autotune(configs=configs, key=key)(_fp8_gemm_kernel)
 
 
@@ -326,7 +364,7 @@ def _launch(
     if use_tma:  # (the interpreter emulates descriptors in host memory, so it needs the allocator too)
         _set_tma_allocator(a.device)
 
-    args = (a, b, c, bias_f, sa, sb, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    args = (a, b, c, bias_f, sa, sb, m, n, k, m_bucket(m), a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     args += (sa.stride(0), sa.stride(1) if sa.dim() > 1 else 0, sb.stride(0), sb.stride(1) if sb.dim() > 1 else 0)
     flags = dict(SCALE_MODE=mode, SB_ROWS=sb_rows, HAS_BIAS=bias is not None, FAST_ACCUM=bool(fast_accum))
 
@@ -340,7 +378,9 @@ def _launch(
         )
         return c
 
-    persistent = torch.cuda.get_device_capability(a.device) >= (9, 0)
+    major, minor = torch.cuda.get_device_capability(a.device)
+    persistent = major >= 9
+    tuned = _autotuned_kernel(_mode_name(mode, sb_rows), bool(fast_accum) and mode != 2, min(major * 10 + minor, 90))
     sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
 
     def grid(meta):
@@ -349,11 +389,11 @@ def _launch(
 
     if use_tma:
         _run_tma_with_fallback(
-            lambda: _autotuned_kernel()[grid](*args, **flags, USE_TMA=True),
-            lambda: _autotuned_kernel()[grid](*args, **flags, USE_TMA=False),
+            lambda: tuned[grid](*args, **flags, USE_TMA=True),
+            lambda: tuned[grid](*args, **flags, USE_TMA=False),
         )
     else:
-        _autotuned_kernel()[grid](*args, **flags, USE_TMA=False)
+        tuned[grid](*args, **flags, USE_TMA=False)
     return c
 
 
