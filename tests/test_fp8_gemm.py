@@ -159,6 +159,32 @@ def test_tma_falls_back_only_on_compile_errors(monkeypatch):
     assert gemm._run_tma_with_fallback(lambda: "tma", plain) == "tma"
 
 
+def test_launchers_run_on_the_operands_device(monkeypatch):
+    """Every launcher enters its tensors' CUDA device (a process driving two GPUs); a no-op on CPU."""
+    import contextlib
+
+    from xkernels.fp8 import _device, quant
+
+    class _FakeCuda:
+        device = torch.device("cuda", 1)
+
+    guard = _device.on_device(_FakeCuda())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # constructed lazily: no GPU needed
+    assert isinstance(_device.on_device(torch.ones(1)), contextlib.nullcontext)
+    seen = []
+
+    def spy(t):
+        seen.append(t.device)
+        return contextlib.nullcontext()
+
+    a, b, sa, sb = _operands(32, 32, 128, "tensor", "tensor", "cpu")
+    monkeypatch.setattr(gemm, "on_device", spy)
+    monkeypatch.setattr(quant, "on_device", spy)
+    gemm._launch(a, b, sa, sb, torch.float32, None, 0, 1, config=GemmConfig(BM=32, BN=32))
+    quant._cast_transpose_triton(torch.randn(8, 32), E4M3, "tensor", None, True, 16, True)
+    assert seen == [a.device, a.device]
+
+
 def test_strided_operands(device):
     a, b, sa, sb = _operands(48, 32, 128, "row", "row", device)
     at = a.view(torch.uint8).t().contiguous().t().view(E4M3)  # column-major A

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from xkernels._checks import check_nonempty, check_same_device, check_tensor
 from xkernels.dispatch import interpreting, use_triton
+from xkernels.fp8._device import on_device
 from xkernels.fp8.formats import BLOCK, FP8_DTYPES, cdiv
 from xkernels.fp8.quant import dequantize
 
@@ -337,7 +338,13 @@ def _tma_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
 
 
-def _launch(
+def _launch(*args, **kwargs) -> torch.Tensor:
+    """:func:`_run` on ``a``'s device (see :func:`xkernels.fp8._device.on_device`)."""
+    with on_device(args[0]):
+        return _run(*args, **kwargs)
+
+
+def _run(
     a: torch.Tensor,
     b: torch.Tensor,
     a_scale: torch.Tensor,
@@ -401,6 +408,11 @@ def _launch(
 
 
 def _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode, fast_accum=False):
+    with on_device(a):
+        return _scaled_mm_run(a, b, a_scale, b_scale, out_dtype, bias, mode, fast_accum)
+
+
+def _scaled_mm_run(a, b, a_scale, b_scale, out_dtype, bias, mode, fast_accum):
     """``torch._scaled_mm`` (cuBLASLt): a row-major, bᵀ column-major; scales () or (M,1)/(1,N)."""
     if mode == 2:
         raise ValueError("backend='scaled_mm' supports tensor and row scales only; use backend='triton' for blocks")

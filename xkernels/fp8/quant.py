@@ -43,6 +43,7 @@ import triton.language as tl
 
 from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor
 from xkernels.dispatch import interpreting, use_triton
+from xkernels.fp8._device import on_device
 from xkernels.fp8.formats import (
     AMAX_EPS,
     BLOCK,
@@ -474,6 +475,20 @@ def _scale_strides(scale: torch.Tensor, granularity: str) -> tuple[int, int, int
 
 
 def _cast_transpose_triton(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    granularity: str,
+    scale: torch.Tensor | None,
+    transpose: bool,
+    pad_to: int,
+    want_amax: bool,
+):
+    """Launch the cast (and transpose) kernel on x's device; returns ``(q, s, qt, st, amax)`` (some maybe None)."""
+    with on_device(x):
+        return _cast_transpose_launch(x, fp8_dtype, granularity, scale, transpose, pad_to, want_amax)
+
+
+def _cast_transpose_launch(
     x: torch.Tensor,
     fp8_dtype: torch.dtype,
     granularity: str,
