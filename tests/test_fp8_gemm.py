@@ -4,12 +4,16 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
+import triton
+import triton.runtime._allocation
 
 from xkernels.dispatch import force_backend
 from xkernels.fp8 import E4M3, E5M2, fp8_gemm, quantize
+from xkernels.fp8 import gemm
 from xkernels.fp8.gemm import GemmConfig, _launch, _scale_mode, fp8_gemm_ref
 
 PAIRS = [
@@ -85,6 +89,100 @@ def test_persistent_grid_and_tma_descriptors(use_tma):
     cfg = GemmConfig(BM=32, BN=32, GROUP_M=3)
     out = _launch(a, b, sa, sb, torch.float32, None, *mode, config=cfg, num_programs=5, use_tma=use_tma)
     assert _rel_err(out, _dequantised_product(a, b, sa, sb)) < 1e-3
+
+
+@pytest.mark.parametrize("ga", ["tensor", "row"])
+def test_fast_accum_keyword(device, ga):
+    """fast_accum reaches every backend; the interpreter and the reference accumulate in fp32 either way."""
+    a, b, sa, sb = _operands(40, 48, 256, ga, ga, device)
+    ref = _dequantised_product(a, b, sa, sb)
+    for fast in (False, True):
+        assert _rel_err(fp8_gemm(a, b, sa, sb, out_dtype=torch.float32, fast_accum=fast), ref) < 1e-3
+    with pytest.raises(TypeError, match="fast_accum must be a bool"):
+        fp8_gemm(a, b, sa, sb, fast_accum=1)
+
+
+def test_tma_launch_from_another_thread():
+    """triton.set_allocator is a ContextVar: a TMA launch on autograd's backward thread (here: a plain worker
+    thread, after the main thread has launched) must set the descriptor allocator itself (on a GPU the launch
+    fails with "no allocator was set" otherwise; the interpreter does not need it, so the test checks the
+    allocator the worker's context holds after its launch)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA descriptors need sm_90+")
+    a, b, sa, sb = _operands(40, 32, 128, "tensor", "tensor", device)
+    mode = _scale_mode(a, b, sa, sb)
+    cfg = GemmConfig(BM=32, BN=32)
+    ref = _dequantised_product(a, b, sa, sb)
+    _launch(a, b, sa, sb, torch.float32, None, *mode, config=cfg, use_tma=True)  # main thread first
+    result = {}
+
+    def worker():
+        try:
+            result["out"] = _launch(a, b, sa, sb, torch.float32, None, *mode, config=cfg, use_tma=True)
+            result["alloc"] = triton.runtime._allocation._allocator.get()
+        except Exception as err:  # noqa: BLE001 - reported to the main thread
+            result["err"] = err
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert "err" not in result, result.get("err")
+    assert _rel_err(result["out"], ref) < 1e-3
+    # The launch installed our allocator in the worker's own context (the main thread's is invisible there).
+    assert result["alloc"] is gemm._tma_scratch_allocator(torch.device(device))
+
+
+def test_tma_falls_back_only_on_compile_errors(monkeypatch):
+    from triton.compiler.errors import CompilationError
+
+    monkeypatch.setattr(gemm, "_tma_broken", False)
+    calls = []
+
+    def plain():
+        calls.append("plain")
+        return "plain"
+
+    def runtime_failure():
+        raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        gemm._run_tma_with_fallback(runtime_failure, plain)
+    assert not gemm._tma_broken and calls == []  # a runtime error never switches TMA off
+
+    def compile_failure():
+        raise CompilationError("", None, "descriptor lowering failed")
+
+    with pytest.warns(UserWarning, match="TMA kernel failed to compile"):
+        assert gemm._run_tma_with_fallback(compile_failure, plain) == "plain"
+    assert gemm._tma_broken and calls == ["plain"]
+    assert gemm._run_tma_with_fallback(lambda: "tma", plain) == "tma"
+
+
+def test_launchers_run_on_the_operands_device(monkeypatch):
+    """Every launcher enters its tensors' CUDA device (a process driving two GPUs); a no-op on CPU."""
+    import contextlib
+
+    from xkernels.fp8 import _device, quant
+
+    class _FakeCuda:
+        device = torch.device("cuda", 1)
+
+    guard = _device.on_device(_FakeCuda())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # constructed lazily: no GPU needed
+    assert isinstance(_device.on_device(torch.ones(1)), contextlib.nullcontext)
+    seen = []
+
+    def spy(t):
+        seen.append(t.device)
+        return contextlib.nullcontext()
+
+    a, b, sa, sb = _operands(32, 32, 128, "tensor", "tensor", "cpu")
+    monkeypatch.setattr(gemm, "on_device", spy)
+    monkeypatch.setattr(quant, "on_device", spy)
+    gemm._launch(a, b, sa, sb, torch.float32, None, 0, 1, config=GemmConfig(BM=32, BN=32))
+    quant._cast_transpose_triton(torch.randn(8, 32), E4M3, "tensor", None, True, 16, True)
+    assert seen == [a.device, a.device]
 
 
 def test_strided_operands(device):
@@ -167,18 +265,23 @@ _LOWERING_SCRIPT = textwrap.dedent(
                  "sa_ptr": "*fp32", "sb_ptr": "*fp32"}
     for cc, tma, mode in ((90, True, 2), (90, False, 0), (89, False, 1)):
         consts = dict(stride_ak=1, stride_bk=1, stride_cn=1, SCALE_MODE=mode, SB_ROWS=128, HAS_BIAS=True,
-                      USE_TMA=tma, BM=128, BN=128, BK=128, GROUP_M=8)
+                      USE_TMA=tma, FAST_ACCUM=False, BM=128, BN=128, BK=128, GROUP_M=8)
         k = build(gemm._fp8_gemm_kernel, gemm_ptrs, consts, cc)
         assert ("wgmma" in k.asm["ptx"]) == (cc == 90), cc
         assert k.metadata.shared >= 2 * 2 * 128 * 128, "K loop not software-pipelined (single-buffered)"
-    cast_ptrs = {"x_ptr": "*bf16", "y_ptr": "*fp8e4nv", "yt_ptr": "*fp8e4nv", "s_ptr": "*fp32",
-                 "st_ptr": "*fp32", "amax_ptr": "*fp32"}
-    for mode, t_mode in ((0, 1), (1, 3), (2, 2)):
-        consts = dict(stride_xk=1, FP8_DTYPE=tl.float8e4nv, FP8_MAX=448.0, MBITS=3, EMIN=-6, EPS=1e-12,
-                      MODE=mode, T_MODE=t_mode, S_ROWS=1, ST_ROWS=1, WRITE_AMAX=True, EXACT_ROUND=False,
-                      BM=128, BK=128)
-        ptx = build(quant._cast_kernel, cast_ptrs, consts, 90).asm["ptx"]
-        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx
+    # Accumulation precision on Hopper: by default the tensor/row pairings promote the wgmma accumulator into
+    # fp32 after every K tile (fp32 adds of the partial product); fast_accum keeps the whole loop in wgmma.
+    adds = {}
+    for fast in (True, False):
+        consts = dict(stride_ak=1, stride_bk=1, stride_cn=1, SCALE_MODE=0, SB_ROWS=1, HAS_BIAS=False,
+                      USE_TMA=True, FAST_ACCUM=fast, BM=128, BN=128, BK=128, GROUP_M=8)
+        adds[fast] = build(gemm._fp8_gemm_kernel, gemm_ptrs, consts, 90).asm["ptx"].count("add.f32")
+    assert adds[False] >= adds[True] + 128 * 128 // 256, adds  # one fp32 add per accumulator register
+    from xkernels.fp8 import _aot
+    for name, consts, warps, stages in _aot.cast_variants():
+        ptx = build(quant._cast_kernel, _aot.CAST_PTRS, consts, 90).asm["ptx"]
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx, name
+        assert "div.full.f32" not in ptx, "approximate divide where the code asks for IEEE"
     print("lowered")
     """
 )
@@ -196,3 +299,69 @@ def test_kernels_lower_for_hopper_and_ada():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", _LOWERING_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "lowered" in proc.stdout, proc.stderr[-3000:]
+
+
+def _aot_rows(script: str) -> list[tuple]:
+    """Run an _aot script without the interpreter (kernels must be compiled, not interpreted); parse its rows."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"this Triton has no ASTSource/GPUTarget to compile ahead of time: {err}")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    assert rows, proc.stdout
+    return [(r[1], int(r[2]), int(r[3])) for r in rows]
+
+
+@pytest.mark.slow
+def test_cast_kernel_registers_sm90():
+    """Every cast/cast-transpose variant: <= 144 registers and no spills on sm_90a (the whole-tile kernel took
+    209-255, one program per SM), with the launch's own num_warps/num_stages."""
+    rows = _aot_rows(
+        """
+        from xkernels.fp8 import _aot
+        for name, st in _aot.table(90, kernels=("cast",)):
+            print("ROW", name, st.registers, st.spill_stores)
+        """
+    )
+    assert len(rows) == 7
+    for name, regs, spills in rows:
+        assert spills == 0 and regs <= 144, (name, regs, spills)
+
+
+@pytest.mark.slow
+def test_block_scaled_gemm_configs_are_spill_free_sm90():
+    """Every autotune config a block-scaled launch can pick (1x128 b scales with and without TMA: the wgrad GEMM,
+    which spilled worst; 128x128 b scales with TMA: forward and dgrad) compiles for sm_90a without spills."""
+    rows = _aot_rows(
+        """
+        from xkernels.fp8 import _aot, gemm
+        variants = [*_aot.gemm_variants(90, ("block_1x128",)), *_aot.gemm_variants(90, ("block",), use_tma=(True,))]
+        for name, consts, warps, stages in variants:
+            st = _aot.compile_kernel(gemm._fp8_gemm_kernel, _aot.GEMM_PTRS, consts, num_warps=warps,
+                                     num_stages=stages, aligned=_aot.GEMM_ALIGNED)
+            print("ROW", name, st.registers, st.spill_stores)
+        """
+    )
+    assert len(rows) == 2 * 2 + 4
+    for name, regs, spills in rows:
+        assert spills == 0, (name, regs, spills)
+
+
+def test_gemm_configs_per_mode_and_m_bucket():
+    from xkernels.fp8.gemm import gemm_configs, m_bucket
+
+    for mode in ("tensor", "row", "block", "block_1x128"):
+        for fast in (False, True):
+            configs = gemm_configs(mode, fast_accum=fast)
+            assert configs and all(c.BK == 128 for c in configs)
+            # sm_89 (~99 KiB of shared memory) gets only configs that fit
+            assert all(c.num_stages * (c.BM + c.BN) * c.BK <= 99 * 1024 for c in gemm_configs(mode, cc=89))
+    assert len(gemm_configs("tensor", fast_accum=True)) > len(gemm_configs("tensor"))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        gemm_configs("blocks")
+    assert [m_bucket(m) for m in (1, 16, 17, 4096, 4097, 8192)] == [16, 16, 32, 4096, 8192, 8192]

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from xkernels._checks import check_nonempty, check_same_device, check_tensor
 from xkernels.dispatch import interpreting, use_triton
+from xkernels.fp8._device import on_device
 from xkernels.fp8.formats import BLOCK, FP8_DTYPES, cdiv
 from xkernels.fp8.quant import dequantize
 
@@ -82,6 +83,7 @@ def _fp8_gemm_kernel(
     M,
     N,
     K,
+    M_BUCKET,  # autotune key only: next power of two of M (a new token count must not re-tune)
     stride_am,
     stride_ak,
     stride_bn,
@@ -96,6 +98,7 @@ def _fp8_gemm_kernel(
     SB_ROWS: tl.constexpr,  # block mode: rows of b sharing one scale row (1 for 1x128, 128 for 128x128)
     HAS_BIAS: tl.constexpr,
     USE_TMA: tl.constexpr,  # A/B tiles through TMA tensor descriptors (needs K-contiguous, 16B-aligned operands)
+    FAST_ACCUM: tl.constexpr,  # tensor/row pairing: keep the whole K loop in Hopper's reduced-precision accumulator
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -105,6 +108,8 @@ def _fp8_gemm_kernel(
 
     acc = Σ_k a[m, k] b[n, k] in fp32 (fp8 tensor-core dot); tensor/row scales multiply acc once in the epilogue,
     block scales multiply each 128-wide K block's partial product before it is added (exact promotion).
+    Accumulation precision on sm_90: promoted to fp32 every BK = 128 of K unless FAST_ACCUM (tensor/row only;
+    the block pairing always promotes per K block).
     """
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
@@ -129,8 +134,10 @@ def _fp8_gemm_kernel(
         pid_n = (tile % tiles_per_group) // group_m
         rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
         rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
-        m_mask = rm < M
-        n_mask = rn < N
+        rm32 = pid_m * BM + tl.arange(0, BM)
+        rn32 = pid_n * BN + tl.arange(0, BN)
+        m_mask = rm32 < M
+        n_mask = rn32 < N
 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for kt in range(0, k_tiles):
@@ -151,20 +158,30 @@ def _fp8_gemm_kernel(
                     other=0.0,
                 )
             if SCALE_MODE == 2:
-                sa = tl.load(sa_ptr + rm * stride_sam + kt * stride_sak, mask=m_mask, other=0.0)
-                sb = tl.load(sb_ptr + (rn // SB_ROWS) * stride_sbn + kt * stride_sbk, mask=n_mask, other=0.0)
-                acc += tl.dot(a, bt) * (sa[:, None] * sb[None, :])
-            else:
+                # 32-bit scale offsets (scale tensors are small): 64-bit per-element pointers for the BN scales
+                # of b each thread needs were what spilled the 1x128 (wgrad) variant.
+                sa = tl.load(sa_ptr + kt * stride_sak + rm32 * stride_sam, mask=m_mask, other=0.0)
+                sb = tl.load(sb_ptr + kt * stride_sbk + (rn32 // SB_ROWS) * stride_sbn, mask=n_mask, other=0.0)
+                # (dot * sa) * sb, not dot * (sa ⊗ sb): no (BM, BN) outer product of the scales is held in
+                # registers next to the accumulator and the dot's result (that extra tile is what spilled).
+                acc += (tl.dot(a, bt) * sa[:, None]) * sb[None, :]
+            elif FAST_ACCUM:
                 acc = tl.dot(a, bt, acc)
+            else:
+                # Hopper's FP8 wgmma accumulates in a reduced-precision (~22-bit mantissa) register format; by
+                # default Triton keeps the whole K loop there (max_num_imprecise_acc = 2**30). Bounding it to BK
+                # promotes into the fp32 accumulator after every 128 of K (DeepGEMM / DeepSeek-V3's interval);
+                # ignored on sm_89 and in the interpreter, whose fp8 accumulation is already fp32.
+                acc = tl.dot(a, bt, acc, max_num_imprecise_acc=BK)
 
         if SCALE_MODE == 0:
             acc = acc * s_ab
         elif SCALE_MODE == 1:
-            sa = tl.load(sa_ptr + rm * stride_sam, mask=m_mask, other=0.0)
-            sb = tl.load(sb_ptr + rn * stride_sbn, mask=n_mask, other=0.0)
+            sa = tl.load(sa_ptr + rm32 * stride_sam, mask=m_mask, other=0.0)
+            sb = tl.load(sb_ptr + rn32 * stride_sbn, mask=n_mask, other=0.0)
             acc = acc * (sa[:, None] * sb[None, :])
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
+            acc += tl.load(bias_ptr + rn32, mask=n_mask, other=0.0)[None, :]
         tl.store(
             c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
             acc.to(c_ptr.dtype.element_ty),
@@ -190,27 +207,58 @@ class GemmConfig:
 # Interpreter: small tiles keep the numpy emulation cheap; several tiles still exercise masking and grouping.
 INTERPRETER_CONFIG = GemmConfig()
 
-# CUDA autotune space. fp8 operands are 1 byte, so 128x256x128 at 3 stages is 144 KiB of shared memory (fits
-# H100/H200's 227 KiB); the smaller tiles serve skinny shapes and sm_89 (100 KiB). Chosen from the shapes the
-# Triton persistent-matmul tutorial and FBGEMM's fp8 Triton GEMMs tune over; to be re-measured on H100/H200.
-_CUDA_CONFIGS = [
-    GemmConfig(128, 256, 128, 8, 8, 3),
-    GemmConfig(256, 128, 128, 8, 8, 3),
-    GemmConfig(128, 128, 128, 8, 8, 4),
-    GemmConfig(128, 128, 128, 8, 4, 4),
-    GemmConfig(64, 128, 128, 8, 4, 4),
-    GemmConfig(128, 64, 128, 8, 4, 4),
-    GemmConfig(64, 64, 128, 8, 4, 3),
-]
+# CUDA autotune space, pruned per scale pairing so that every config a launch can pick compiles without register
+# spills on sm_90a with Triton 3.6 and 3.9 (ptxas -v; `TRITON_INTERPRET=0 python -m xkernels.fp8._aot` prints the
+# table, tests/test_fp8_gemm.py checks a pairing). A thread holds BM*BN/(32*num_warps) fp32 accumulators; fast
+# accumulation holds one tile, promotion (the default) and block scales hold a second one (the wgmma result before
+# it is added) plus the per-column scales of b, so the big tiles only serve the fast tensor pairing. Measured
+# spills that set the lists (Triton 3.9, bytes): 256x128/w8 tensor-fast 12-48; row-fast 128x256/w8 28-116,
+# 256x128/w8 60-76, 128x128/w4 36; block with 1x128 b scales 128x128/w8 12-92, 128x64/w4 8-40. Shared memory is
+# stages*(BM+BN)*BK bytes: H100/H200 have 227 KiB, sm_89 ~99 KiB. Tile shapes from the Triton persistent-matmul
+# tutorial / FBGEMM's fp8 Triton GEMMs; to be re-measured on the H200.
+_BIG = [GemmConfig(128, 256, 128, 8, 8, 3), GemmConfig(128, 128, 128, 8, 4, 4)]
+_MID = [GemmConfig(128, 128, 128, 8, 8, 4)]
+_SMALL = [GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(128, 64, 128, 8, 4, 4), GemmConfig(64, 64, 128, 8, 4, 3)]
+_CUDA_CONFIGS = _BIG + _MID + _SMALL
+# block: b scaled per 128x128 tile (forward and input-gradient GEMMs); block_1x128: b per 1x128 group (wgrad)
+SCALE_MODES = {"tensor": 0, "row": 1, "block": 2, "block_1x128": 2}
+_SMEM_LIMIT = {90: 227 * 1024, 89: 99 * 1024, 80: 163 * 1024}
+
+
+def gemm_configs(mode: str, *, fast_accum: bool = False, cc: int = 90) -> list[GemmConfig]:
+    """The autotune configs a launch with scale pairing ``mode`` may pick on ``sm_cc``.
+
+    ``mode``: ``tensor | row | block | block_1x128`` (``block``: 128x128 scales of b; ``block_1x128``: 1x128).
+    """
+    if mode not in SCALE_MODES:
+        raise ValueError(f"mode must be one of {tuple(SCALE_MODES)}, got {mode!r}")
+    if mode == "tensor" and fast_accum:
+        configs = _CUDA_CONFIGS
+    elif mode == "block_1x128":
+        configs = [c for c in _SMALL if (c.BM, c.BN) != (128, 64)]
+    else:
+        configs = _MID + _SMALL
+    smem = _SMEM_LIMIT.get(cc, 99 * 1024)
+    return [c for c in configs if c.num_stages * (c.BM + c.BN) * c.BK + 1024 <= smem]
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: the next power of two (16 at least), so token counts 4097..8192 share one tuning."""
+    return max(16, 1 << (m - 1).bit_length())
+
+
+def _mode_name(mode: int, sb_rows: int) -> str:
+    return ("tensor", "row", "block" if sb_rows > 1 else "block_1x128")[mode]
 
 
 @functools.cache
-def _autotuned_kernel():
+def _autotuned_kernel(name: str, fast_accum: bool, cc: int):
+    """One autotuner per (scale pairing, accumulation, arch): each sees only the configs that are spill-free for it."""
     configs = [
         triton.Config({"BM": c.BM, "BN": c.BN, "BK": c.BK, "GROUP_M": c.GROUP_M}, num_warps=c.num_warps, num_stages=c.num_stages)
-        for c in _CUDA_CONFIGS
+        for c in gemm_configs(name, fast_accum=fast_accum, cc=cc)
     ]
-    key = ["M", "N", "K", "SCALE_MODE", "SB_ROWS", "HAS_BIAS", "USE_TMA"]
+    key = ["M_BUCKET", "N", "K", "SCALE_MODE", "SB_ROWS", "HAS_BIAS", "USE_TMA", "FAST_ACCUM"]
     return triton.autotune(configs=configs, key=key)(_fp8_gemm_kernel)
 
 
@@ -224,16 +272,61 @@ def tma_available() -> bool:
     return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
-_allocator_set = False
-_tma_broken = False
+_tma_broken = False  # set only when the TMA variant fails to COMPILE (see _run_tma_with_fallback)
 
 
-def _ensure_tma_allocator(device: torch.device) -> None:
-    """Device-side descriptors need scratch memory from a global allocator (set once, on first TMA launch)."""
-    global _allocator_set
-    if not _allocator_set:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
-        _allocator_set = True
+@functools.cache
+def _tma_scratch_allocator(device: torch.device):
+    """Scratch memory for device-side tensor descriptors, from torch's caching allocator on ``device``."""
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, device=device, dtype=torch.int8)
+
+    return alloc
+
+
+def _set_tma_allocator(device: torch.device) -> None:
+    """Install the descriptor scratch allocator for THIS thread/context, on every TMA launch.
+
+    ``triton.set_allocator`` stores a ContextVar: autograd runs the CUDA backward on its own thread, which does
+    not see an allocator set on the main thread (the first backward TMA GEMM would fail with "no allocator was
+    set"). Setting it per launch costs one ContextVar write.
+    """
+    triton.set_allocator(_tma_scratch_allocator(device))
+
+
+def _is_compile_error(err: BaseException) -> bool:
+    """Whether ``err`` comes from building the kernel (frontend, MLIR passes, ptxas), not from running it."""
+    from triton.compiler.errors import CompilationError
+
+    try:
+        from triton.runtime.errors import PTXASError
+    except ImportError:  # older Triton
+        PTXASError = CompilationError
+    if isinstance(err, (CompilationError, PTXASError)):
+        return True
+    return isinstance(err, RuntimeError) and "PassManager" in str(err)
+
+
+def _run_tma_with_fallback(run_tma, run_plain):
+    """Run the TMA variant; if (and only if) it fails to compile, warn once and use pointer loads from then on.
+
+    A runtime error (out of memory, a bad launch) is raised as is and does not switch TMA off: the old policy of
+    disabling TMA for good on any exception turned a one-off problem into a permanent slowdown.
+    """
+    global _tma_broken
+    try:
+        return run_tma()
+    except Exception as err:
+        if not _is_compile_error(err):
+            raise
+        _tma_broken = True
+        warnings.warn(
+            f"fp8_gemm: the TMA kernel failed to compile ({type(err).__name__}: {str(err)[:300]}); "
+            "using pointer loads from now on",
+            stacklevel=3,
+        )
+        return run_plain()
 
 
 def _tma_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -245,7 +338,13 @@ def _tma_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
 
 
-def _launch(
+def _launch(*args, **kwargs) -> torch.Tensor:
+    """:func:`_run` on ``a``'s device (see :func:`xkernels.fp8._device.on_device`)."""
+    with on_device(args[0]):
+        return _run(*args, **kwargs)
+
+
+def _run(
     a: torch.Tensor,
     b: torch.Tensor,
     a_scale: torch.Tensor,
@@ -258,9 +357,9 @@ def _launch(
     config: GemmConfig | None = None,
     num_programs: int | None = None,
     use_tma: bool | None = None,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """Run the Triton kernel (no validation). ``config``/``num_programs``/``use_tma`` override the heuristics."""
-    global _tma_broken
     m, k = a.shape
     n = b.shape[0]
     c = torch.empty(m, n, device=a.device, dtype=out_dtype)
@@ -270,11 +369,11 @@ def _launch(
     if use_tma is None:
         use_tma = _tma_ok(a, b)
     if use_tma:  # (the interpreter emulates descriptors in host memory, so it needs the allocator too)
-        _ensure_tma_allocator(a.device)
+        _set_tma_allocator(a.device)
 
-    args = (a, b, c, bias_f, sa, sb, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    args = (a, b, c, bias_f, sa, sb, m, n, k, m_bucket(m), a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     args += (sa.stride(0), sa.stride(1) if sa.dim() > 1 else 0, sb.stride(0), sb.stride(1) if sb.dim() > 1 else 0)
-    flags = dict(SCALE_MODE=mode, SB_ROWS=sb_rows, HAS_BIAS=bias is not None)
+    flags = dict(SCALE_MODE=mode, SB_ROWS=sb_rows, HAS_BIAS=bias is not None, FAST_ACCUM=bool(fast_accum))
 
     if config is not None or a.device.type != "cuda":
         cfg = config or INTERPRETER_CONFIG
@@ -286,28 +385,34 @@ def _launch(
         )
         return c
 
-    persistent = torch.cuda.get_device_capability(a.device) >= (9, 0)
+    major, minor = torch.cuda.get_device_capability(a.device)
+    persistent = major >= 9
+    tuned = _autotuned_kernel(_mode_name(mode, sb_rows), bool(fast_accum) and mode != 2, min(major * 10 + minor, 90))
     sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
 
     def grid(meta):
         tiles = triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])
         return (min(sms, tiles) if persistent else tiles,)
 
-    try:
-        _autotuned_kernel()[grid](*args, **flags, USE_TMA=use_tma)
-    except Exception as err:  # a Triton build whose descriptor lowering fails: fall back once, loudly
-        if not use_tma:
-            raise
-        _tma_broken = True
-        warnings.warn(f"fp8_gemm: TMA path failed ({type(err).__name__}: {err}); using pointer loads", stacklevel=3)
-        _autotuned_kernel()[grid](*args, **flags, USE_TMA=False)
+    if use_tma:
+        _run_tma_with_fallback(
+            lambda: tuned[grid](*args, **flags, USE_TMA=True),
+            lambda: tuned[grid](*args, **flags, USE_TMA=False),
+        )
+    else:
+        tuned[grid](*args, **flags, USE_TMA=False)
     return c
 
 
 # --- cuBLASLt backend -----------------------------------------------------------------------------------------------
 
 
-def _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode):
+def _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode, fast_accum=False):
+    with on_device(a):
+        return _scaled_mm_run(a, b, a_scale, b_scale, out_dtype, bias, mode, fast_accum)
+
+
+def _scaled_mm_run(a, b, a_scale, b_scale, out_dtype, bias, mode, fast_accum):
     """``torch._scaled_mm`` (cuBLASLt): a row-major, bᵀ column-major; scales () or (M,1)/(1,N)."""
     if mode == 2:
         raise ValueError("backend='scaled_mm' supports tensor and row scales only; use backend='triton' for blocks")
@@ -322,7 +427,9 @@ def _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode):
         sa, sb = a_scale.reshape(m, 1).contiguous(), b_scale.reshape(1, n).contiguous()
     # cuBLASLt's row-wise scaling only writes bf16: compute in bf16 and cast for other out dtypes.
     mm_dtype = torch.bfloat16 if mode == 1 else out_dtype
-    out = torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=sa, scale_b=sb, out_dtype=mm_dtype)
+    out = torch._scaled_mm(
+        a.contiguous(), b.contiguous().t(), scale_a=sa, scale_b=sb, out_dtype=mm_dtype, use_fast_accum=fast_accum
+    )
     if isinstance(out, tuple):  # torch < 2.5 also returned amax
         out = out[0]
     out = out.to(out_dtype)
@@ -405,16 +512,24 @@ def fp8_gemm(
     bias: torch.Tensor | None = None,
     *,
     backend: str = "auto",
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """``(a · bᵀ) ⊙ scales + bias`` for fp8 ``a (M, K)``, ``b (N, K)``; see the module docstring for the scale
-    pairings, alignment rules and backends. Returns ``(M, N)`` in ``out_dtype`` (fp32, bf16 or fp16)."""
+    pairings, alignment rules and backends. Returns ``(M, N)`` in ``out_dtype`` (fp32, bf16 or fp16).
+
+    ``fast_accum``: on Hopper, let the tensor/row pairings keep the whole K loop in the tensor cores'
+    reduced-precision accumulator (faster; ``use_fast_accum`` of ``torch._scaled_mm``). The default promotes to
+    fp32 every 128 of K, which long contractions need (the weight gradient sums over all tokens). The block pairing
+    always promotes per 128-block; the torch backend always accumulates in fp32."""
+    if not isinstance(fast_accum, bool):
+        raise TypeError(f"fast_accum must be a bool, got {type(fast_accum).__name__}")
     mode, sb_rows = _validate(a, b, a_scale, b_scale, out_dtype, bias, backend)
     if backend == "auto":
         backend = "triton" if use_triton(a) and _fp8_tensor_cores(a.device) else "torch"
     if backend == "torch":
         return fp8_gemm_ref(a, b, a_scale, b_scale, out_dtype, bias)
     if backend == "scaled_mm":
-        return _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode)
+        return _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode, fast_accum)
     if a.device.type != "cuda" and not interpreting():
         raise ValueError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 (set before importing xkernels)")
-    return _launch(a, b, a_scale, b_scale, out_dtype, bias, mode, sb_rows)
+    return _launch(a, b, a_scale, b_scale, out_dtype, bias, mode, sb_rows, fast_accum=fast_accum)

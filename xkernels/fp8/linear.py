@@ -68,7 +68,9 @@ class _FP8LinearFn(torch.autograd.Function):
                 want_amax=mod._delayed,
             )
             wq, sw, wtq, swt = mod._weight_fp8(weight)
-            out = fp8_gemm(xq, wq, sx, sw, out_dtype=out_dtype, bias=bias, backend=gemm_backend)
+            # Forward: K = in_features (a few thousand) -- Hopper's fast accumulation is accurate enough here (as
+            # torchao's default Float8Linear config does); both backward GEMMs below promote every 128 of K.
+            out = fp8_gemm(xq, wq, sx, sw, out_dtype=out_dtype, bias=bias, backend=gemm_backend, fast_accum=True)
         if mod._delayed and mod.training:
             mod._record(INPUT, x_amax)
         ctx.save_for_backward(xtq, sxt, wtq, swt)
@@ -94,10 +96,12 @@ class _FP8LinearFn(torch.autograd.Function):
                 transpose=need_dw,
                 want_amax=mod._delayed,
             )
+            # fast_accum=False: the weight gradient contracts over every token of the batch (K = tokens, 10^4..10^5)
+            # and the input gradient over out_features; both promote to fp32 every 128 of K.
             if need_dx:
-                dx = fp8_gemm(dyq, wtq, sdy, swt, out_dtype=ctx.x_dtype, backend=mod._gemm_backend)
+                dx = fp8_gemm(dyq, wtq, sdy, swt, out_dtype=ctx.x_dtype, backend=mod._gemm_backend, fast_accum=False)
             if need_dw:
-                dw = fp8_gemm(dytq, xtq, sdyt, sxt, out_dtype=ctx.w_dtype, backend=mod._gemm_backend)
+                dw = fp8_gemm(dytq, xtq, sdyt, sxt, out_dtype=ctx.w_dtype, backend=mod._gemm_backend, fast_accum=False)
             if need_db:
                 db = dy.float().sum(0).to(ctx.bias_dtype)
         if mod._delayed:

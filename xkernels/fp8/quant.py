@@ -4,8 +4,20 @@ Math (every granularity, every backend)::
 
     amax = max |x| over the scaling group          (a group holding inf/NaN has amax = NaN)
     s    = max(amax, AMAX_EPS) / fp8_max            (fp32, IEEE division; the dequantisation scale)
-    q    = fp8_rne(clamp(x / s, -fp8_max, fp8_max)) (IEEE division, round to nearest even, saturating)
+    r    = 1 / s                                    (fp32, IEEE division, ONCE per group)
+    q    = fp8_rne(clamp(x * r, -fp8_max, fp8_max)) (one multiply per element, round to nearest even, saturating)
     q    = NaN where x is inf/NaN or s is NaN      (non-finite input is reported, never made finite)
+
+Why ``x * (1/s)`` and not ``x / s``: it is torchao's convention (its float8 casts multiply by the scale
+``fp8_max / amax``) and the cheap one on a GPU -- one correctly rounded divide per group (``div.rn.f32``, a
+~20-instruction sequence) instead of one per element, and no division in the hot loop, which is what made
+the cast-transpose kernel run out of registers. Both divides are IEEE (``tl.div_rn`` lowers to ``div.rn.f32`` on
+Triton 3.6 and 3.9, unlike ``tl.fdiv(ieee_rounding=True)`` which 3.6 lowers to the approximate ``div.full.f32``),
+and the reference below does the very same two fp32 operations, so codes and scales are bit-equal to it on every
+backend. Why not power-of-two scales (exact multiplies): rounding ``s`` up to a power of two maps amax anywhere in
+``(fp8_max/2, fp8_max]``, wasting up to one binade of E4M3's small range (and changing the documented
+``s = amax / fp8_max`` the delayed-scaling history and checkpoints rely on); ``x * r`` costs at most half an
+fp32 ulp before the fp8 rounding, far below the fp8 step.
 
 so ``x ≈ q * s``; the GEMM multiplies its accumulator by ``s`` directly. Groups (``formats.scale_shape``):
 ``tensor`` (one scale), ``row`` (one per row), ``block_1x128`` (per row, per 128 columns), ``block_128x128``.
@@ -23,12 +35,15 @@ codes of ``x`` transposed; for ``row`` and ``block_1x128`` ``xᵀ`` is quantised
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from xkernels._checks import check_float, check_nonempty, check_same_device, check_tensor
 from xkernels.dispatch import interpreting, use_triton
+from xkernels.fp8._device import on_device
 from xkernels.fp8.formats import (
     AMAX_EPS,
     BLOCK,
@@ -96,9 +111,16 @@ def infer_granularity(rows: int, cols: int, scale: torch.Tensor) -> str | None:
     return None
 
 
-def _codes_ref(x: torch.Tensor, s: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+def reciprocal_scale(s: torch.Tensor) -> torch.Tensor:
+    """``1 / s`` in fp32 with IEEE division: the per-group multiplier the kernels compute with ``tl.div_rn``."""
+    s = s.float()
+    return torch.div(torch.ones_like(s), s)
+
+
+def _codes_ref(x: torch.Tensor, r: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """fp8 codes of ``x * r`` (``r`` the reciprocal scale, broadcast to x): saturating, NaN for inf/NaN."""
     fmax = fp8_format(fp8_dtype).max
-    q = x.float() / s
+    q = x.float() * r
     y = q.clamp(-fmax, fmax)
     bad = torch.isnan(q) | torch.isinf(x)
     return torch.where(bad, torch.full_like(y, float("nan")), y).to(fp8_dtype)
@@ -111,7 +133,8 @@ def quantize_ref(
     m, k = x.shape
     if scale is None:
         scale = scale_from_amax(amax_ref(x, granularity), fp8_dtype)
-    q = _codes_ref(x, expand_scale(scale, m, k, granularity), fp8_dtype)
+    # The reciprocal is taken per group, then broadcast: exactly what the kernels compute.
+    q = _codes_ref(x, expand_scale(reciprocal_scale(scale), m, k, granularity), fp8_dtype)
     return q, scale
 
 
@@ -171,9 +194,18 @@ def _finite_abs(x):
 
 @triton.jit
 def _scale_of(amax, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
-    """s = max(amax, EPS) / FP8_MAX with IEEE division (bit-equal to torch); NaN when amax flags inf/NaN."""
-    s = tl.fdiv(tl.maximum(amax, EPS), FP8_MAX, ieee_rounding=True)
+    """s = max(amax, EPS) / FP8_MAX with IEEE division (bit-equal to torch); NaN when amax flags inf/NaN.
+
+    ``tl.div_rn``, not ``tl.fdiv(ieee_rounding=True)``: Triton 3.6 lowers the latter to div.full.f32.
+    """
+    s = tl.div_rn(tl.maximum(amax, EPS), tl.full(amax.shape, FP8_MAX, tl.float32))
     return tl.where(amax < float("inf"), s, float("nan"))
+
+
+@triton.jit
+def _recip(s):
+    """1 / s with IEEE division (``div.rn.f32``), computed once per scaling group."""
+    return tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
 
 
 @triton.jit
@@ -190,13 +222,16 @@ def _round_to_grid(y, MBITS: tl.constexpr, EMIN: tl.constexpr):
     e = tl.maximum(e, EMIN)
     magic = ((e - MBITS + 150) << 23).to(tl.float32, bitcast=True) * 1.5
     r = (a + magic) - magic
-    return tl.where(y.to(tl.int32, bitcast=True) < 0, -r, r)
+    # Copy y's sign bit onto r with integer ops: `-r` is `0 - r` in Triton, which turns -0.0 into +0.0.
+    sign = (y.to(tl.int32, bitcast=True) >> 31) << 31
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _codes(x, s, FP8_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EXACT_ROUND: tl.constexpr):
-    """fp32 values of the fp8 codes of x / s: saturated at ±FP8_MAX, NaN where x is inf/NaN or s is NaN."""
-    q = tl.fdiv(x, s, ieee_rounding=True)
+def _codes(x, r, FP8_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """fp32 values of the fp8 codes of x * r (r = 1/s, per group, broadcast): saturated at ±FP8_MAX, NaN where x
+    is inf/NaN or s is NaN."""
+    q = x * r
     y = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
     if EXACT_ROUND:
         y = _round_to_grid(y, MBITS, EMIN)
@@ -209,10 +244,13 @@ def _to_fp8(y, dtype: tl.constexpr, EXACT_ROUND: tl.constexpr):
     """Cast fp32 code values to fp8; under the interpreter as raw bytes with NaN fixed up.
 
     The interpreter turns NaN into a finite fp8 code, so there (EXACT_ROUND) NaN is written as the byte 0x7F,
-    a NaN in both E4M3FN and E5M2, and callers store through a uint8 view of the output.
+    a NaN in both E4M3FN and E5M2, and callers store through a uint8 view of the output. Triton 3.6's
+    interpreter also drops the sign of -0.0 (a tiny negative value rounds to the code 0x00, torch gives 0x80),
+    so the sign bit is copied from the fp32 value (idempotent for every other negative code).
     """
     if EXACT_ROUND:
         bits = y.to(dtype).to(tl.uint8, bitcast=True)
+        bits = tl.where(y.to(tl.int32, bitcast=True) < 0, bits | 0x80, bits)
         return tl.where(y != y, 0x7F, bits).to(tl.uint8)
     else:
         return y.to(dtype)
@@ -287,54 +325,112 @@ def _cast_kernel(
     EXACT_ROUND: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,
+    SUB: tl.constexpr,  # rows per slice: the tile is walked SUB rows at a time
+    OFF64: tl.constexpr,  # 64-bit offsets inside the tile (a stride >= 2**31 / 128)
 ):
     """One (BM, BK) tile: amax (if computed here) -> scale -> saturating cast, for x and optionally xᵀ.
 
     With BM = BK = 128 a tile is exactly one 128x128 block, 128 1x128 row groups and 128 1x128 column
-    groups, so every computed scale is complete inside the program (one read of x).
+    groups, so every computed scale is complete inside the program. The tile is processed in (SUB, BK) slices
+    so that a thread holds SUB*BK/threads elements at a time instead of the whole tile (a whole 128x128 fp32
+    tile plus its codes took 209-255 registers on sm_90a: one program per SM). Scales that need every row of the
+    tile first (the 128x128 block scale, the per-column scales of xᵀ) take a first pass over the slices that only
+    reduces; the second pass re-reads the tile (32 KiB in bf16, an L2 hit) and casts.
     """
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
-    cols = pid_k.to(tl.int64) * BK + tl.arange(0, BK)
-    rmask = rows < M
-    cmask = cols < K
-    mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-    a = _finite_abs(x)
+    # 64-bit arithmetic only for the program's base pointers (scalars); per-element offsets inside the tile are
+    # 32-bit unless a stride is so large that 128 * stride overflows (OFF64): per-element 64-bit pointers for
+    # x, y and yt cost ~2 registers per element each.
+    row0 = pid_m.to(tl.int64) * BM
+    col0 = pid_k.to(tl.int64) * BK
+    x_base = x_ptr + row0 * stride_xm + col0 * stride_xk
+    y_base = y_ptr + row0 * stride_ym + col0
+    yt_base = yt_ptr + col0 * stride_ytk + row0
+    lr = tl.arange(0, SUB)
+    lc = tl.arange(0, BK)
+    if OFF64:
+        lr = lr.to(tl.int64)
+        lc = lc.to(tl.int64)
+    rows_left = M - row0
+    cmask = lc < K - col0
+    cols = col0 + lc
 
-    if MODE == 0:
-        s = tl.load(s_ptr + (rows // S_ROWS)[:, None] * s_sr + pid_k * s_sc, mask=rmask[:, None], other=1.0)
-    elif MODE == 1:
-        s_row = _scale_of(tl.max(a, axis=1), FP8_MAX, EPS)
-        tl.store(s_ptr + rows * s_sr + pid_k * s_sc, s_row, mask=rmask)
-        s = s_row[:, None]
-    else:
-        s = _scale_of(tl.max(tl.max(a, axis=1), axis=0), FP8_MAX, EPS)
-        tl.store(s_ptr + pid_m * s_sr + pid_k * s_sc, s)
-    y = _codes(x, s, FP8_MAX, MBITS, EMIN, EXACT_ROUND)
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], _to_fp8(y, FP8_DTYPE, EXACT_ROUND), mask=mask)
-
-    if T_MODE != 0:
-        if T_MODE == 1:
-            yt = y
-        elif T_MODE == 2:
-            st = tl.load(st_ptr + (cols // ST_ROWS)[None, :] * st_sr + pid_m * st_sc, mask=cmask[None, :], other=1.0)
-            yt = _codes(x, st, FP8_MAX, MBITS, EMIN, EXACT_ROUND)
-        else:
-            st_col = _scale_of(tl.max(a, axis=0), FP8_MAX, EPS)
+    if MODE == 2 or T_MODE == 3:  # pass 1: column maxima of the whole tile
+        col_amax = tl.zeros((BK,), dtype=tl.float32)
+        for i in range(0, BM // SUB):
+            r = i * SUB + lr
+            mask = (r < rows_left)[:, None] & cmask[None, :]
+            x = tl.load(x_base + r[:, None] * stride_xm + lc[None, :] * stride_xk, mask=mask, other=0.0)
+            col_amax = tl.maximum(col_amax, tl.max(_finite_abs(x.to(tl.float32)), axis=0))
+        if MODE == 2:
+            s_tile = _scale_of(tl.max(col_amax, axis=0), FP8_MAX, EPS)
+            tl.store(s_ptr + pid_m * s_sr + pid_k * s_sc, s_tile)
+            r_tile = tl.div_rn(1.0, s_tile)
+        if T_MODE == 3:
+            st_col = _scale_of(col_amax, FP8_MAX, EPS)
             tl.store(st_ptr + cols * st_sr + pid_m * st_sc, st_col, mask=cmask)
-            yt = _codes(x, st_col[None, :], FP8_MAX, MBITS, EMIN, EXACT_ROUND)
-        yt = tl.trans(_to_fp8(yt, FP8_DTYPE, EXACT_ROUND))  # (BK, BM)
-        tl.store(yt_ptr + cols[:, None] * stride_ytk + rows[None, :], yt, mask=cmask[:, None] & rmask[None, :])
+            rt_col = _recip(st_col)
+    if T_MODE == 2:
+        st_given = tl.load(st_ptr + (cols // ST_ROWS) * st_sr + pid_m * st_sc, mask=cmask, other=1.0)
+        rt_col = _recip(st_given)
+
+    row_amax = tl.zeros((SUB,), dtype=tl.float32)
+    for i in range(0, BM // SUB):  # pass 2: cast
+        r = i * SUB + lr
+        rmask = r < rows_left
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_base + r[:, None] * stride_xm + lc[None, :] * stride_xk, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        if WRITE_AMAX:
+            row_amax = tl.maximum(row_amax, tl.max(_finite_abs(x), axis=1))
+        if MODE == 0:
+            s = tl.load(s_ptr + ((row0 + r) // S_ROWS) * s_sr + pid_k * s_sc, mask=rmask, other=1.0)
+            y = _codes(x, _recip(s)[:, None], FP8_MAX, MBITS, EMIN, EXACT_ROUND)
+        elif MODE == 1:
+            s_row = _scale_of(tl.max(_finite_abs(x), axis=1), FP8_MAX, EPS)
+            tl.store(s_ptr + (row0 + r) * s_sr + pid_k * s_sc, s_row, mask=rmask)
+            y = _codes(x, _recip(s_row)[:, None], FP8_MAX, MBITS, EMIN, EXACT_ROUND)
+        else:
+            y = _codes(x, r_tile, FP8_MAX, MBITS, EMIN, EXACT_ROUND)
+        tl.store(y_base + r[:, None] * stride_ym + lc[None, :], _to_fp8(y, FP8_DTYPE, EXACT_ROUND), mask=mask)
+        if T_MODE != 0:
+            if T_MODE == 1:
+                yt = y
+            else:
+                yt = _codes(x, rt_col[None, :], FP8_MAX, MBITS, EMIN, EXACT_ROUND)
+            yt = tl.trans(_to_fp8(yt, FP8_DTYPE, EXACT_ROUND))  # (BK, SUB)
+            tl.store(yt_base + lc[:, None] * stride_ytk + r[None, :], yt, mask=cmask[:, None] & rmask[None, :])
 
     if WRITE_AMAX:
-        tl.store(amax_ptr + pid_m * tl.num_programs(1) + pid_k, tl.max(tl.max(a, axis=1), axis=0))
+        tl.store(amax_ptr + pid_m * tl.num_programs(1) + pid_k, tl.max(row_amax, axis=0))
 
 
 # --- launchers ------------------------------------------------------------------------------------------------------
 
 _TL_FP8 = {E4M3: tl.float8e4nv, E5M2: tl.float8e5}
+
+
+@dataclass(frozen=True)
+class CastLaunch:
+    """Launch parameters of the cast kernel. BM = BK = BLOCK (a tile is one scaling block). Slices of SUB = 16
+    rows with 4 warps (16 elements per thread at a time) keep every variant at <= 128 registers with no spills on
+    sm_90a under Triton 3.6 and 3.9 (checked by tests/test_fp8_gemm.py::test_cast_kernel_registers), i.e. >= 4
+    programs per SM; the whole-tile version took 209-255 (one program per SM). SUB = 32 measured 150-163
+    registers for the transposing variants. num_stages = 2 lets the slice loop prefetch the next slice."""
+
+    BM: int = BLOCK
+    BK: int = BLOCK
+    SUB: int = 16
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def constexprs(self) -> dict:
+        return dict(BM=self.BM, BK=self.BK, SUB=self.SUB)
+
+
+CAST_LAUNCH = CastLaunch()
 _MODE = {"tensor": 0, "row": 0, "block_1x128": 1, "block_128x128": 2}
 
 
@@ -379,6 +475,20 @@ def _scale_strides(scale: torch.Tensor, granularity: str) -> tuple[int, int, int
 
 
 def _cast_transpose_triton(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    granularity: str,
+    scale: torch.Tensor | None,
+    transpose: bool,
+    pad_to: int,
+    want_amax: bool,
+):
+    """Launch the cast (and transpose) kernel on x's device; returns ``(q, s, qt, st, amax)`` (some maybe None)."""
+    with on_device(x):
+        return _cast_transpose_launch(x, fp8_dtype, granularity, scale, transpose, pad_to, want_amax)
+
+
+def _cast_transpose_launch(
     x: torch.Tensor,
     fp8_dtype: torch.dtype,
     granularity: str,
@@ -459,9 +569,10 @@ def _cast_transpose_triton(
         ST_ROWS=st_rows,
         WRITE_AMAX=want_kernel_amax,
         EXACT_ROUND=exact,
-        BM=BLOCK,
-        BK=BLOCK,
-        num_warps=8,
+        OFF64=max(x.stride(0), x.stride(1), q.stride(0), qt.stride(0) if qt is not None else 0) * BLOCK >= 2**31,
+        **CAST_LAUNCH.constexprs,
+        num_warps=CAST_LAUNCH.num_warps,
+        num_stages=CAST_LAUNCH.num_stages,
     )
     if transpose and granularity == "block_128x128":
         st = scale.t().contiguous()

@@ -1,0 +1,146 @@
+"""Ahead-of-time compile of the FP8 kernels for a GPU target, no GPU needed (used by tests and by humans).
+
+``compile_kernel`` builds PTX and a cubin with the installed Triton for, e.g., sm_90a, then asks ``ptxas -v`` (the
+one Triton ships) for the facts that decide performance: registers per thread, spill stores/loads, shared memory.
+It needs a ``@triton.jit`` function, not an interpreted one, so call it in a process started without
+``TRITON_INTERPRET=1`` (the tests run it in a subprocess).
+
+    TRITON_INTERPRET=0 python -m xkernels.fp8._aot [--cc 90] [--kernels cast,gemm] [--modes tensor,row,block,block_1x128]
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KernelStats:
+    registers: int
+    spill_stores: int  # bytes per thread
+    spill_loads: int
+    shared: int  # bytes per program (Triton's metadata)
+    ptx: str
+
+
+def _ptxas_stats(ptx: str, cc: int) -> tuple[int, int, int]:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [get_ptxas(cc).path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    stores, loads = (int(spill.group(1)), int(spill.group(2))) if spill else (0, 0)
+    return regs, stores, loads
+
+
+def compile_kernel(
+    kernel,
+    ptr_types: dict[str, str],
+    constexprs: dict[str, object],
+    *,
+    num_warps: int,
+    num_stages: int,
+    aligned: tuple[str, ...] = (),
+    cc: int = 90,
+) -> KernelStats:
+    """Compile ``kernel`` for ``cuda:cc`` as a real launch would specialise it.
+
+    ``ptr_types``: pointer arguments and their Triton types (``"*fp8e4nv"``); other non-constexpr arguments are
+    i32. Pointers and the ``aligned`` integer arguments get ``tt.divisibility=16`` (what a launch with 16-byte
+    aligned tensors and strides gets).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(kernel.fn).parameters)
+    sig = {n: "constexpr" if n in constexprs else ptr_types.get(n, "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in ptr_types or n in aligned}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptx = compiled.asm["ptx"]
+    regs, stores, loads = _ptxas_stats(ptx, cc)
+    return KernelStats(regs, stores, loads, compiled.metadata.shared, ptx)
+
+
+# --- the FP8 kernels' launch variants -----------------------------------------------------------------------------
+
+GEMM_PTRS = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "bias_ptr": "*fp32", "sa_ptr": "*fp32",
+             "sb_ptr": "*fp32"}
+GEMM_ALIGNED = ("stride_am", "stride_bn", "stride_cm", "K")
+CAST_PTRS = {"x_ptr": "*bf16", "y_ptr": "*fp8e4nv", "yt_ptr": "*fp8e4nv", "s_ptr": "*fp32", "st_ptr": "*fp32",
+             "amax_ptr": "*fp32"}
+CAST_ALIGNED = ("stride_xm", "stride_ym", "stride_ytk")
+
+
+def gemm_variants(cc: int = 90, modes=("tensor", "row", "block", "block_1x128"), use_tma=(True, False)):
+    """(name, constexprs, num_warps, num_stages) for every config the autotuner can pick, per scale pairing."""
+    from xkernels.fp8.gemm import SCALE_MODES, gemm_configs
+
+    for mode in modes:
+        for tma in use_tma:
+            for fast in ((True, False) if SCALE_MODES[mode] != 2 else (False,)):
+                for c in gemm_configs(mode, fast_accum=fast, cc=cc):
+                    consts = dict(stride_ak=1, stride_bk=1, stride_cn=1, SCALE_MODE=SCALE_MODES[mode],
+                                  SB_ROWS=128 if mode == "block" else 1, HAS_BIAS=True, USE_TMA=tma, FAST_ACCUM=fast,
+                                  BM=c.BM, BN=c.BN, BK=c.BK, GROUP_M=c.GROUP_M)
+                    name = f"fp8_gemm_{mode}_{c.BM}x{c.BN}x{c.BK}_w{c.num_warps}_s{c.num_stages}_tma{int(tma)}" \
+                           f"_fast{int(fast)}"
+                    yield name, consts, c.num_warps, c.num_stages
+
+
+def cast_variants():
+    """(name, constexprs, num_warps, num_stages) for every (MODE, T_MODE) pair the cast launcher uses."""
+    import triton.language as tl
+
+    from xkernels.fp8.quant import CAST_LAUNCH
+
+    pairs = [(0, 0, True), (0, 1, True), (0, 2, False), (1, 0, False), (1, 3, False), (2, 0, False), (2, 1, False)]
+    for mode, t_mode, amax in pairs:
+        consts = dict(stride_xk=1, FP8_DTYPE=tl.float8e4nv, FP8_MAX=448.0, MBITS=3, EMIN=-6, EPS=1e-12, MODE=mode,
+                      T_MODE=t_mode, S_ROWS=1, ST_ROWS=1, WRITE_AMAX=amax, EXACT_ROUND=False, OFF64=False,
+                      **CAST_LAUNCH.constexprs)
+        yield f"fp8_cast_mode{mode}_t{t_mode}_amax{int(amax)}", consts, CAST_LAUNCH.num_warps, CAST_LAUNCH.num_stages
+
+
+def table(cc: int = 90, kernels=("cast", "gemm"), modes=("tensor", "row", "block", "block_1x128")):
+    """Yield (name, KernelStats) for every variant of the chosen kernels."""
+    from xkernels.fp8 import gemm, quant
+
+    if "cast" in kernels:
+        for name, consts, warps, stages in cast_variants():
+            yield name, compile_kernel(quant._cast_kernel, CAST_PTRS, consts, num_warps=warps, num_stages=stages,
+                                       aligned=CAST_ALIGNED, cc=cc)
+    if "gemm" in kernels:
+        for name, consts, warps, stages in gemm_variants(cc, modes):
+            yield name, compile_kernel(gemm._fp8_gemm_kernel, GEMM_PTRS, consts, num_warps=warps,
+                                       num_stages=stages, aligned=GEMM_ALIGNED, cc=cc)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    import triton
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cc", type=int, default=90)
+    parser.add_argument("--kernels", default="cast,gemm")
+    parser.add_argument("--modes", default="tensor,row,block,block_1x128")
+    ns = parser.parse_args()
+    print(f"| kernel (sm_{ns.cc}, triton {triton.__version__}) | regs | spill st/ld B | smem B |")
+    print("|---|---|---|---|")
+    for name, st in table(ns.cc, ns.kernels.split(","), ns.modes.split(",")):
+        print(f"| {name} | {st.registers} | {st.spill_stores}/{st.spill_loads} | {st.shared} |", flush=True)
