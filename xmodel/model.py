@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import xkernels
+from xmodel import checkpoint as ckpt
 from xmodel.config import XmodelConfig
 
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -401,22 +402,34 @@ class Xmodel(nn.Module):
         tokenizer_dir: str | Path | None = None,
     ) -> None:
         """Write an HF checkpoint directory (see :func:`xmodel.checkpoint.save_pretrained`)."""
-        from xmodel.checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype, tokenizer_dir=tokenizer_dir)
+        ckpt.save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype, tokenizer_dir=tokenizer_dir)
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Xmodel:
-        """Load an HF checkpoint directory (see :func:`xmodel.checkpoint.load_pretrained`)."""
-        from xmodel.checkpoint import load_pretrained
+        """Build a model from an HF checkpoint directory (the format of :mod:`xmodel.checkpoint`).
 
-        return load_pretrained(path, device=device, dtype=dtype)
-
-    @torch.no_grad()
-    def generate(self, prompts, **kwargs):
-        """Autoregressive generation; see :func:`xmodel.generate.generate`."""
-        from xmodel.generate import generate
-
-        return generate(self, prompts, **kwargs)
+        ``device``: where the weights go (default CPU); ``dtype``: cast every weight to it (default: keep the
+        stored dtypes, so bf16 stays bf16 and a round trip is bit-exact).  The model is returned in eval mode.
+        Generation is :func:`xmodel.generate.generate` (``generate(model, prompts, ...)``).
+        """
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no config.json in {path}")
+        config = XmodelConfig.from_json(path / "config.json")
+        device = torch.device(device if device is not None else "cpu")
+        state = ckpt.load_state_dict(path, device)
+        with torch.device("meta"):
+            model = cls(config)
+        state = ckpt.check_state_dict(state, model, source=str(path))
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        model.eval()
+        if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # pragma: no cover - invariant
+            raise RuntimeError("internal error: some weights were not loaded")
+        if (path / "tokenizer.json").is_file():
+            model.tokenizer_dir = path
+        return model
