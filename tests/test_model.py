@@ -430,3 +430,48 @@ def test_each_xmodel_module_imports_alone_in_a_fresh_interpreter():
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# μP multipliers cost nothing: no elementwise multiply over the (tokens x vocab) logits
+# ------------------------------------------------------------------------------------------------
+def _vocab_wide_muls(fn, vocab: int) -> list[str]:
+    """The aten mul ops (out-of-place and in-place) that ``fn`` runs on a tensor whose last dim is ``vocab``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("mul", "mul_", "div", "div_"):
+                shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+                if any(s and s[-1] == vocab for s in shapes):
+                    seen.append(f"{func}{shapes}")
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        fn()
+    return seen
+
+
+@pytest.mark.usefixtures("torch_ops")
+@pytest.mark.parametrize("tied", [True, False])
+def test_no_vocab_wide_multiply_in_forward_and_backward(tied):
+    cfg = tiny_config(num_key_value_heads=2, tie_word_embeddings=tied, mup_output_scale=2.5)
+    assert cfg.logit_multiplier != 1.0
+    model = Xmodel(cfg)
+    ids = torch.randint(0, 97, (2, 9))
+    labels = ids.roll(-1, 1)
+
+    def step():
+        out = model(ids, labels=labels, return_logits=True)
+        out.loss.backward()
+
+    assert _vocab_wide_muls(step, cfg.vocab_size) == []
+    with torch.no_grad():
+        assert _vocab_wide_muls(lambda: model(ids), cfg.vocab_size) == []
+    # The spy sees what it should: the unfolded product would be caught.
+    with torch.no_grad():
+        caught = _vocab_wide_muls(lambda: model.lm_head(torch.randn(2, 64)) * 2.0, cfg.vocab_size)
+    assert len(caught) == 1

@@ -11,6 +11,11 @@ all 1 without ``use_mup``)::
         h = h + m * mup_ffn_residual_scale / sqrt(L)
     logits = lm_head(rms(h)) * mup_output_scale / (hidden_size / mup_base_width)            # lm_head tied
 
+The μP multipliers are applied where they cost least, with the same numerics up to fp32 rounding: the input
+scale in place on the embedding output, each residual scale inside the fused residual add, and the logit scale
+folded into the final norm's weight (so it scales the (tokens x hidden) head input, never the (tokens x vocab)
+logits).
+
 Attention is ``softmax(q kᵀ * scale) v`` with ``scale = 1/head_dim`` under μP (``1/sqrt(head_dim)`` without);
 rotary embeddings use the rotate-half convention with ``rope_theta``; each RMSNorm normalises in fp32, casts back
 and multiplies by its weight.  The residual adds are fused with the following RMSNorm
@@ -303,7 +308,8 @@ class Xmodel(nn.Module):
         cache: KVCacheLike | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The final-normed hidden states (B, T, hidden) that feed ``lm_head``; arguments as in :meth:`forward`."""
+        """The input of ``lm_head`` (B, T, hidden): the final-normed hidden states times the logit multiplier
+        (folded into the norm weight, see :meth:`_head_norm_weight`); arguments as in :meth:`forward`."""
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
@@ -328,21 +334,38 @@ class Xmodel(nn.Module):
         cos, sin = self._rope(max_pos, device)
         mask = build_attention_mask(seq, past, doc_ids, attention_mask, device)
 
-        h = self.model.embed_tokens(input_ids) * cfg.embedding_multiplier  # (B, T, hidden)
+        h = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        if cfg.embedding_multiplier != 1.0:
+            h.mul_(cfg.embedding_multiplier)  # in place: no second (B, T, hidden) tensor (the backward needs none)
         pending = None
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
                 h, pending = checkpoint(layer, h, pending, cos, sin, position_ids, mask, use_reentrant=False)
             else:
                 h, pending = layer(h, pending, cos, sin, position_ids, mask, cache)
-        h, _ = self.model.norm(pending.to(h.dtype), h)
+        h, _ = xkernels.add_rms_norm(pending.to(h.dtype), h, self._head_norm_weight(h.dtype), self.model.norm.eps)
         if cache is not None:
             cache.advance(seq)
         return h
 
+    def _head_norm_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The final norm's weight times the logit multiplier (a (hidden,) vector), in ``dtype``.
+
+        ``lm_head(w * n) * s == lm_head((w * s) * n)``: folding ``s`` into the norm weight scales the head's
+        (tokens x hidden) input instead of its (tokens x vocab) output.  In fp32 the logits differ from the
+        unfolded product by fp32 rounding only (one rounding of ``w * s``); the product is formed in fp32 so a
+        half-precision model rounds it once, on the cast."""
+        weight = self.model.norm.weight
+        scale = self.config.logit_multiplier
+        if scale != 1.0:
+            weight = weight.float() * scale
+        return weight if weight.dtype == dtype else weight.to(dtype)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``lm_head(hidden) * logit multiplier`` in fp32, for hidden states of any leading shape."""
-        return self.lm_head(hidden).float() * self.config.logit_multiplier
+        """Logits in fp32 from :meth:`hidden_states` (any leading shape): ``lm_head(hidden)``, the logit
+        multiplier being already folded into ``hidden``."""
+        logits = self.lm_head(hidden)
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def forward(
         self,
@@ -375,7 +398,6 @@ class Xmodel(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         h = self.hidden_states(input_ids, position_ids, doc_ids, cache, attention_mask)
-        cfg = self.config
 
         loss = num_tokens = logits = None
         if labels is not None:
@@ -389,7 +411,7 @@ class Xmodel(nn.Module):
             weight = self.lm_head.weight
             loss = xkernels.linear_cross_entropy(
                 h, weight if weight.dtype == h.dtype else weight.to(h.dtype), labels,
-                logit_scale=cfg.logit_multiplier, ignore_index=ignore_index, reduction="mean",
+                logit_scale=1.0, ignore_index=ignore_index, reduction="mean",  # the scale is already in h
             )
         return XmodelOutput(loss=loss, logits=logits, num_tokens=num_tokens)
 
