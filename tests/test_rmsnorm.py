@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import xkernels
 import xkernels.rmsnorm as rmsnorm_mod
+from xkernels.testing import count_launches
 from xkernels import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_bwd_ref, rms_norm_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -265,3 +266,119 @@ def test_bad_eps(eps):
 def test_public_names():
     for name in ("rms_norm", "add_rms_norm", "RMSNorm", "rms_norm_ref", "add_rms_norm_ref", "rms_norm_bwd_ref"):
         assert name in xkernels.__all__ and hasattr(xkernels, name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# add_rms_norm(..., scale=): residual_out = residual + scale * x (muP residual multipliers folded in)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _scaled_case(device, dtype, shape, scale, backend):
+    x = torch.randn(shape, device=device, dtype=dtype)
+    r = torch.randn(shape, device=device, dtype=dtype)
+    w = (torch.rand(shape[-1], device=device) + 0.5).to(dtype)
+    dy = torch.randn(shape, device=device, dtype=dtype)
+    ds = torch.randn(shape, device=device, dtype=dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, r, w)]
+    with xkernels.force_backend(backend), count_launches() as launches:
+        y, s = add_rms_norm(*leaves[:2], leaves[2], 1e-5, scale=scale)
+        torch.autograd.backward([y, s], [dy, ds])
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (x, r, w)]
+    y_ref, s_ref = add_rms_norm_ref(*ref_leaves[:2], ref_leaves[2], 1e-5, scale=scale)
+    torch.autograd.backward([y_ref, s_ref], [dy, ds])
+    got = (y, s) + tuple(t.grad for t in leaves)
+    ref = (y_ref, s_ref) + tuple(t.grad for t in ref_leaves)
+    return got, ref, launches
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 40), (2, 5, 96)], ids=str)
+def test_add_rms_norm_scale_parity(device, backend, dtype, shape):
+    """s = residual + scale * x, forward and backward (d x = scale * d s) vs the reference, both paths."""
+    scale = 0.37
+    got, ref, launches = _scaled_case(device, dtype, shape, scale, backend)
+    if backend == "triton":
+        assert launches["_rmsnorm_fwd_kernel"] == 1 and launches["_rmsnorm_bwd_kernel"] == 1
+    else:
+        assert not launches
+    names = ["y", "s", "dx", "dresidual", "dweight"]
+    # s is exact (fp32: bit-equal to eager residual + scale * x); y/dx/dresidual within the dtype's rounding
+    exact = dtype != torch.bfloat16 or backend == "torch"  # the interpreter truncates fp32 -> bf16
+    if exact:
+        assert torch.equal(got[1], ref[1]), "s"
+    for name, a, b in zip(names, got, ref):
+        assert a.dtype == b.dtype == dtype, name
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        if name == "dweight":
+            tol *= 4
+        err = rel_err(a, b)
+        assert err <= tol, f"{name}: {err:.2e} > {tol:.1e}"
+    # d x is scale * d s (rounded), exactly as autograd through the reference computes it
+    if exact:
+        assert torch.equal(got[2], (got[3].float() * scale).to(dtype))
+
+
+def test_add_rms_norm_scale_fp32_bitwise_eager(device):
+    """fp32: the kernel's s equals eager ``residual + scale * x`` exactly (no FMA contraction)."""
+    x = torch.randn(7, 96, device=device)
+    r = torch.randn(7, 96, device=device)
+    w = torch.rand(96, device=device) + 0.5
+    for backend in ("torch", "triton"):
+        with xkernels.force_backend(backend):
+            _, s = add_rms_norm(x, r, w, 1e-5, scale=1 / 3)
+        assert torch.equal(s, r + (1 / 3) * x), backend
+
+
+def test_add_rms_norm_scale_none_and_one_agree(device):
+    x, r = torch.randn(2, 3, 64, device=device), torch.randn(2, 3, 64, device=device)
+    w = torch.rand(64, device=device) + 0.5
+    with xkernels.force_backend("triton"):
+        y0, s0 = add_rms_norm(x, r, w)
+        y1, s1 = add_rms_norm(x, r, w, scale=1.0)
+    assert torch.equal(s0, s1) and torch.equal(y0, y1)
+
+
+def test_add_rms_norm_scale_chunked(device, monkeypatch):
+    """Long-row path (several chunks) with a scale."""
+    monkeypatch.setattr(rmsnorm_mod, "_MAX_ONE_BLOCK", 32)
+    monkeypatch.setattr(rmsnorm_mod, "_CHUNK", 32)
+    got, ref, launches = _scaled_case(device, torch.float32, (3, 100), -1.7, "triton")
+    assert launches["_rmsnorm_bwd_kernel"] == 1
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_add_rms_norm_scale_module_and_errors(device):
+    m = RMSNorm(32).to(device)
+    x, r = torch.randn(2, 32, device=device), torch.randn(2, 32, device=device)
+    y, s = m(x, r, scale=0.5)
+    torch.testing.assert_close(s, r + 0.5 * x)
+    with pytest.raises(ValueError, match="residual"):
+        m(x, scale=0.5)
+    with pytest.raises(TypeError, match="scale"):
+        add_rms_norm(x, r, m.weight, 1e-5, scale=torch.tensor(0.5))
+    with pytest.raises(TypeError, match="scale"):
+        add_rms_norm(x, r, m.weight, 1e-5, scale=float("inf"))
+
+
+def test_add_rms_norm_scale_compiles(device):
+    """The scaled fused add traces with fullgraph on the kernel path (custom op carries the scale)."""
+    x = torch.randn(4, 32, device=device, requires_grad=True)
+    r = torch.randn(4, 32, device=device, requires_grad=True)
+    w = (torch.rand(32, device=device) + 0.5).requires_grad_()
+
+    def f(x, r, w):
+        y, s = add_rms_norm(x, r, w, 1e-5, scale=0.25)
+        return (y * y).sum() + (s * s).sum()
+
+    torch._dynamo.reset()
+    with xkernels.force_backend("triton"):
+        out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, r, w)
+    grads = torch.autograd.grad(out, (x, r, w))
+    xr, rr, wr = (t.detach().clone().requires_grad_() for t in (x, r, w))
+    y, s = add_rms_norm_ref(xr, rr, wr, 1e-5, scale=0.25)
+    expected = (y * y).sum() + (s * s).sum()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    for g, e in zip(grads, torch.autograd.grad(expected, (xr, rr, wr))):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)

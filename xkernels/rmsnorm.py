@@ -9,6 +9,7 @@ output dtype is ``x.dtype``; :class:`RMSNorm` casts its weight to the input dtyp
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +34,20 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> to
 
 
 def add_rms_norm_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``s = x + residual`` (in the input dtype); returns ``(rms_norm_ref(s, weight, eps), s)``."""
-    s = x + residual
+    """``s = x + residual`` (in the input dtype); returns ``(rms_norm_ref(s, weight, eps), s)``.
+
+    With ``scale``: ``s = (residual32 + scale * x32).to(x.dtype)`` -- computed in fp32 (``scale`` rounded to
+    fp32, as torch does for a Python scalar times an fp32 tensor) and rounded once; for fp32 inputs this is
+    exactly eager ``residual + scale * x``.  Gradients: ``d residual = d s``, ``d x = scale * d s``.
+    """
+    if scale is None:
+        s = x + residual
+    elif x.dtype == torch.float64:
+        s = residual + x * scale
+    else:
+        s = (residual.float() + x.float() * scale).to(x.dtype)
     return rms_norm_ref(s, weight, eps), s
 
 
@@ -82,12 +93,17 @@ if triton_available():
         stride_r,
         n_cols,
         eps,
+        scale,  # fp32 multiplier of x before the add (used only when HAS_SCALE)
         HAS_RESIDUAL: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
         BLOCK: tl.constexpr,
         ONE_BLOCK: tl.constexpr,  # the whole row fits in one BLOCK: keep it in registers
     ):
         """One program per row.  ``s = x + r`` (rounded to the input dtype, as torch would), then
-        ``rstd = 1 / sqrt(mean(s^2) + eps)`` in fp32, ``y = w * (s * rstd).to(dtype)`` rounded once."""
+        ``rstd = 1 / sqrt(mean(s^2) + eps)`` in fp32, ``y = w * (s * rstd).to(dtype)`` rounded once.
+
+        With ``HAS_SCALE``: ``s = r + scale * x`` in fp32, rounded once (the launcher turns FMA contraction
+        off so the product is rounded before the add, exactly as eager torch computes it)."""
         row = tl.program_id(0).to(tl.int64)
         x_row = X + row * stride_x
         r_row = R + row * stride_r
@@ -98,6 +114,8 @@ if triton_available():
             mask = cols < n_cols
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
+                if HAS_SCALE:
+                    x = x * scale
                 x += tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
                 s = x.to(S.dtype.element_ty)
                 tl.store(s_row + cols, s, mask=mask)
@@ -115,6 +133,8 @@ if triton_available():
                 mask = cols < n_cols
                 x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
                 if HAS_RESIDUAL:
+                    if HAS_SCALE:
+                        x = x * scale
                     x += tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
                     s = x.to(S.dtype.element_ty)
                     tl.store(s_row + cols, s, mask=mask)
@@ -141,6 +161,7 @@ if triton_available():
         RSTD,  # (M,) fp32 from the forward
         DS,  # (M, H) gradient of the returned s (read only when HAS_DS), last dim contiguous
         DX,  # (M, H) output: gradient of x (= of residual in the fused variant), contiguous
+        DXS,  # (M, H) output: scale * DX, the gradient of the scaled input (written only when HAS_SCALE)
         DW_PARTIAL,  # (n_programs, H) fp32: this program's share of dweight
         stride_dy,  # row strides in elements
         stride_x,
@@ -148,7 +169,9 @@ if triton_available():
         n_rows,
         n_cols,
         rows_per_program,
+        scale,
         HAS_DS: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
         BLOCK: tl.constexpr,
         ONE_BLOCK: tl.constexpr,
     ):
@@ -159,6 +182,8 @@ if triton_available():
           of ``DW_PARTIAL``; the launcher sums the partials (deterministic, no atomics).
 
         The cast in the forward is treated as identity for ``dx`` (straight-through), as torch autograd does.
+        With ``HAS_SCALE`` (forward ``s = r + scale * x``) also ``dxs = scale * dx.to(dtype)``, the
+        gradient of ``x``, computed from the rounded ``dx`` exactly as autograd through the reference does.
         """
         pid = tl.program_id(0)
         row_start = pid.to(tl.int64) * rows_per_program
@@ -180,6 +205,9 @@ if triton_available():
                 if HAS_DS:
                     dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                if HAS_SCALE:
+                    dxs = dx.to(DX.dtype.element_ty).to(tl.float32) * scale
+                    tl.store(DXS + row * n_cols + cols, dxs.to(DXS.dtype.element_ty), mask=mask)
                 dw += dy * n.to(X.dtype.element_ty).to(tl.float32)
             tl.store(dw_row + cols, dw, mask=mask)
         else:
@@ -211,6 +239,9 @@ if triton_available():
                     if HAS_DS:
                         dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
                     tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                    if HAS_SCALE:
+                        dxs = dx.to(DX.dtype.element_ty).to(tl.float32) * scale
+                        tl.store(DXS + row * n_cols + cols, dxs.to(DXS.dtype.element_ty), mask=mask)
                     dw = tl.load(dw_row + cols, mask=mask, other=0.0)
                     tl.store(dw_row + cols, dw + dy * n.to(X.dtype.element_ty).to(tl.float32), mask=mask)
 
@@ -267,8 +298,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _rmsnorm_fwd(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """Returns ``(y, s_or_None, rstd)`` for 2-D rows ``x2`` (and residual rows ``r2``)."""
+def _rmsnorm_fwd(
+    x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float, scale: float | None = None
+):
+    """Returns ``(y, s_or_None, rstd)`` for 2-D rows ``x2`` (and residual rows ``r2``, ``s = r2 + scale * x2``)."""
     n_rows, n_cols = x2.shape
     cfg = _launch_config(n_cols)
     weight = weight.contiguous()
@@ -286,16 +319,21 @@ def _rmsnorm_fwd(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor
         r2.stride(0) if r2 is not None else 0,
         n_cols,
         eps,
+        1.0 if scale is None else scale,
         HAS_RESIDUAL=r2 is not None,
+        HAS_SCALE=scale is not None,
         BLOCK=cfg.block,
         ONE_BLOCK=cfg.one_block,
         num_warps=cfg.num_warps,
+        # no FMA contraction of ``scale * x + r``: the product rounds first, as in eager torch
+        **({"enable_fp_fusion": False} if scale is not None else {}),
     )
     return y, s, rstd
 
 
-def _rmsnorm_bwd(dy2, x2, weight, rstd, ds2):
-    """Returns ``(dx, dweight)`` for 2-D rows; ``ds2`` is the gradient of ``s`` (fused add) or None."""
+def _rmsnorm_bwd(dy2, x2, weight, rstd, ds2, scale: float | None = None):
+    """Returns ``(dx, dweight, dx_scaled_or_None)`` for 2-D rows; ``ds2`` is the gradient of ``s`` (fused
+    add) or None; with ``scale`` the third output is ``scale * dx``, the gradient of the scaled input."""
     n_rows, n_cols = x2.shape
     cfg = _launch_config(n_cols)
     programs = _bwd_programs(n_rows, x2.device)
@@ -303,6 +341,7 @@ def _rmsnorm_bwd(dy2, x2, weight, rstd, ds2):
     programs = triton.cdiv(n_rows, rows_per_program)
     weight = weight.contiguous()
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    dxs = torch.empty_like(dx) if scale is not None else None
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
     _rmsnorm_bwd_kernel[(programs,)](
         dy2,
@@ -311,6 +350,7 @@ def _rmsnorm_bwd(dy2, x2, weight, rstd, ds2):
         rstd,
         ds2 if ds2 is not None else dy2,
         dx,
+        dxs if dxs is not None else dx,
         dw_partial,
         dy2.stride(0),
         x2.stride(0),
@@ -318,22 +358,25 @@ def _rmsnorm_bwd(dy2, x2, weight, rstd, ds2):
         n_rows,
         n_cols,
         rows_per_program,
+        1.0 if scale is None else scale,
         HAS_DS=ds2 is not None,
+        HAS_SCALE=scale is not None,
         BLOCK=cfg.block,
         ONE_BLOCK=cfg.one_block,
         num_warps=cfg.num_warps,
     )
-    return dx, dw_partial.sum(0).to(weight.dtype)
+    return dx, dw_partial.sum(0).to(weight.dtype), dxs
 
 
 class _RMSNormFunction(torch.autograd.Function):
     """Autograd over 2-D rows; ``residual`` may be None (plain RMSNorm, second output None)."""
 
     @staticmethod
-    def forward(ctx, x2, r2, weight, eps):
-        y, s, rstd = _rmsnorm_fwd(x2, r2, weight, eps)
+    def forward(ctx, x2, r2, weight, eps, scale=None):
+        y, s, rstd = _rmsnorm_fwd(x2, r2, weight, eps, scale)
         ctx.save_for_backward(s if s is not None else x2, weight, rstd)
         ctx.has_residual = r2 is not None
+        ctx.scale = scale
         if s is None:
             return y
         return y, s
@@ -345,8 +388,9 @@ class _RMSNormFunction(torch.autograd.Function):
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         if ds is not None and ds.stride(-1) != 1:
             ds = ds.contiguous()
-        dx, dw = _rmsnorm_bwd(dy, x2, weight, rstd, ds)
-        return dx, (dx if ctx.has_residual else None), dw, None
+        dx, dw, dxs = _rmsnorm_bwd(dy, x2, weight, rstd, ds, ctx.scale)
+        # the residual's gradient is d s; the input's is scale * d s when scaled
+        return (dxs if dxs is not None else dx), (dx if ctx.has_residual else None), dw, None, None
 
 
 # torch.compile: the same launchers as opaque custom ops, traced through their fake (shape-only) impls.
@@ -357,36 +401,40 @@ if _CUSTOM_OPS:
     @torch.library.custom_op(
         "xkernels::rms_norm_fwd",
         mutates_args=(),
-        schema="(Tensor x2, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)",
+        schema="(Tensor x2, Tensor? residual, Tensor weight, float eps, float? scale=None) -> (Tensor, Tensor, Tensor)",
     )
-    def _rms_norm_fwd_op(x2, residual, weight, eps):
+    def _rms_norm_fwd_op(x2, residual, weight, eps, scale=None):
         """``(y, s, rstd)``; ``s`` is an empty tensor without a residual (outputs may not alias inputs)."""
-        y, s, rstd = _rmsnorm_fwd(x2, residual, weight, eps)
+        y, s, rstd = _rmsnorm_fwd(x2, residual, weight, eps, scale)
         return y, (s if s is not None else x2.new_empty(0)), rstd
 
     @_rms_norm_fwd_op.register_fake
-    def _(x2, residual, weight, eps):
+    def _(x2, residual, weight, eps, scale=None):
         s = x2.new_empty(x2.shape) if residual is not None else x2.new_empty(0)
         return x2.new_empty(x2.shape), s, x2.new_empty(x2.shape[0], dtype=torch.float32)
 
     @torch.library.custom_op(
         "xkernels::rms_norm_bwd",
         mutates_args=(),
-        schema="(Tensor dy, Tensor x2, Tensor weight, Tensor rstd, Tensor? ds) -> (Tensor, Tensor)",
+        schema="(Tensor dy, Tensor x2, Tensor weight, Tensor rstd, Tensor? ds, float? scale=None) -> (Tensor, Tensor, Tensor)",
     )
-    def _rms_norm_bwd_op(dy, x2, weight, rstd, ds):
+    def _rms_norm_bwd_op(dy, x2, weight, rstd, ds, scale=None):
+        """``(dx, dweight, dx_scaled)``; ``dx_scaled`` is empty without ``scale``."""
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         if ds is not None and ds.stride(-1) != 1:
             ds = ds.contiguous()
-        return _rmsnorm_bwd(dy, x2, weight, rstd, ds)
+        dx, dw, dxs = _rmsnorm_bwd(dy, x2, weight, rstd, ds, scale)
+        return dx, dw, (dxs if dxs is not None else x2.new_empty(0))
 
     @_rms_norm_bwd_op.register_fake
-    def _(dy, x2, weight, rstd, ds):
-        return x2.new_empty(x2.shape), weight.new_empty(weight.shape)
+    def _(dy, x2, weight, rstd, ds, scale=None):
+        dxs = x2.new_empty(x2.shape) if scale is not None else x2.new_empty(0)
+        return x2.new_empty(x2.shape), weight.new_empty(weight.shape), dxs
 
     def _rms_norm_setup_context(ctx, inputs, output):
-        x2, residual, weight, _ = inputs
+        x2, residual, weight, _, scale = inputs
         _, s, rstd = output
+        ctx.scale = scale
         ctx.has_residual = residual is not None
         ctx.save_for_backward(s if ctx.has_residual else x2, weight, rstd)
 
@@ -394,20 +442,23 @@ if _CUSTOM_OPS:
         x2, weight, rstd = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(x2)
-        dx, dw = _rms_norm_bwd_op(dy, x2, weight, rstd, ds if ctx.has_residual else None)
-        return dx, (dx if ctx.has_residual else None), dw, None
+        dx, dw, dxs = _rms_norm_bwd_op(dy, x2, weight, rstd, ds if ctx.has_residual else None, ctx.scale)
+        dinput = dxs if ctx.scale is not None else dx
+        return dinput, (dx if ctx.has_residual else None), dw, None, None
 
     _rms_norm_fwd_op.register_autograd(_rms_norm_op_backward, setup_context=_rms_norm_setup_context)
 
 
-def _rms_norm_triton(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def _rms_norm_triton(
+    x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float, scale: float | None = None
+):
     """``(y, s_or_None)`` on 2-D rows through the kernels: autograd.Function eagerly, custom op when compiling."""
     if _CUSTOM_OPS and compiling():
-        y, s, _ = _rms_norm_fwd_op(x2, r2, weight, eps)
+        y, s, _ = _rms_norm_fwd_op(x2, r2, weight, eps, scale)
         return y, (s if r2 is not None else None)
     if r2 is None:
-        return _RMSNormFunction.apply(x2, None, weight, eps), None
-    return _RMSNormFunction.apply(x2, r2, weight, eps)
+        return _RMSNormFunction.apply(x2, None, weight, eps, None), None
+    return _RMSNormFunction.apply(x2, r2, weight, eps, scale)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -452,14 +503,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-5,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused ``s = x + residual; return rms_norm(s, weight, eps), s`` (one pass over memory)."""
+    """Fused ``s = x + residual; return rms_norm(s, weight, eps), s`` (one pass over memory).
+
+    ``scale`` (a Python float, e.g. a muP residual multiplier) multiplies ``x`` before the add:
+    ``s = residual + scale * x``, computed in fp32 and rounded once to the input dtype (for fp32 inputs
+    bit-equal to eager ``residual + scale * x``).  Gradients: ``d residual = d s``, ``d x = scale * d s``.
+    """
     _validate(x, weight, eps, residual)
+    if scale is not None:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise TypeError(f"scale must be a finite Python float or None, got {scale!r}")
+        scale = float(scale)
     if use_triton(x):
-        y, s = _rms_norm_triton(_rows(x), _rows(residual), weight, float(eps))
+        y, s = _rms_norm_triton(_rows(x), _rows(residual), weight, float(eps), scale)
         return y.view(x.shape), s.view(x.shape)
-    return add_rms_norm_ref(x, residual, weight, eps)
+    return add_rms_norm_ref(x, residual, weight, eps, scale)
 
 
 class RMSNorm(nn.Module):
@@ -478,11 +542,14 @@ class RMSNorm(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, scale: float | None = None):
+        """``scale`` (only with ``residual``): ``s = residual + scale * x``, see :func:`add_rms_norm`."""
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         if residual is None:
+            if scale is not None:
+                raise ValueError("scale multiplies x before the residual add; pass a residual with it")
             return rms_norm(x, weight, self.eps)
-        return add_rms_norm(x, residual, weight, self.eps)
+        return add_rms_norm(x, residual, weight, self.eps, scale)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"
