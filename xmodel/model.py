@@ -181,6 +181,11 @@ class XmodelMLP(nn.Module):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def _multiplier(value: float) -> float | None:
+    """``scale=`` argument of the fused residual add: None for 1 (nothing to multiply)."""
+    return None if value == 1.0 else float(value)
+
+
 class XmodelDecoderLayer(nn.Module):
     def __init__(self, config: XmodelConfig, layer_idx: int):
         super().__init__()
@@ -188,24 +193,27 @@ class XmodelDecoderLayer(nn.Module):
         self.mlp = XmodelMLP(config)
         self.input_layernorm = xkernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = xkernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attn_mult = config.attention_residual_multiplier
-        self.ffn_mult = config.ffn_residual_multiplier
+        # None when 1 (no μP): the plain fused add.  Every layer's MLP multiplier is the same, so the next
+        # layer (or the final norm) applies this layer's to the pending branch.
+        self.attn_mult = _multiplier(config.attention_residual_multiplier)
+        self.ffn_mult = _multiplier(config.ffn_residual_multiplier)
 
     def forward(self, h, pending, cos, sin, position_ids, mask, cache=None):
-        """``h``: residual stream; ``pending``: the previous layer's scaled MLP branch, not yet added (or None).
+        """``h``: residual stream; ``pending``: the previous layer's MLP branch, not yet scaled nor added (or None).
 
         Returns ``(h, pending)`` with this layer's attention branch added and its MLP branch pending, so each
-        residual add is fused with the RMSNorm that follows it.
+        residual add -- and its μP multiplier -- is fused with the RMSNorm that follows it
+        (``add_rms_norm(branch, h, w, scale=m)``: ``h + m * branch`` in one op, no separate scaled copy).
         """
         # Under autocast the branches come out in the autocast dtype while the residual stream keeps its own
         # (e.g. fp32): the branch is cast to the stream's dtype before the fused add (a no-op otherwise).
         if pending is None:
             normed = self.input_layernorm(h)
         else:
-            normed, h = self.input_layernorm(pending.to(h.dtype), h)
-        attn = self.self_attn(normed, cos, sin, position_ids, mask, cache) * self.attn_mult
-        normed, h = self.post_attention_layernorm(attn.to(h.dtype), h)
-        return h, self.mlp(normed) * self.ffn_mult
+            normed, h = self.input_layernorm(pending.to(h.dtype), h, scale=self.ffn_mult)
+        attn = self.self_attn(normed, cos, sin, position_ids, mask, cache)
+        normed, h = self.post_attention_layernorm(attn.to(h.dtype), h, scale=self.attn_mult)
+        return h, self.mlp(normed)
 
 
 class XmodelModel(nn.Module):
@@ -343,7 +351,8 @@ class Xmodel(nn.Module):
                 h, pending = checkpoint(layer, h, pending, cos, sin, position_ids, mask, use_reentrant=False)
             else:
                 h, pending = layer(h, pending, cos, sin, position_ids, mask, cache)
-        h, _ = xkernels.add_rms_norm(pending.to(h.dtype), h, self._head_norm_weight(h.dtype), self.model.norm.eps)
+        h, _ = xkernels.add_rms_norm(pending.to(h.dtype), h, self._head_norm_weight(h.dtype), self.model.norm.eps,
+                                     scale=_multiplier(cfg.ffn_residual_multiplier))
         if cache is not None:
             cache.advance(seq)
         return h
