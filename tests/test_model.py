@@ -291,7 +291,11 @@ def test_activation_checkpointing_same_loss_and_grads():
 
     loss, grads = run()
     model.set_activation_checkpointing(True)
+    calls = []
+    for layer in model.model.layers:  # the checkpoint is inside each layer: its body runs again in backward
+        layer.mlp.register_forward_hook(lambda m, args, out: calls.append(m))
     loss_ckpt, grads_ckpt = run()
+    assert len(calls) == 2 * len(model.model.layers)
     assert torch.equal(loss, loss_ckpt)
     for g, gc in zip(grads, grads_ckpt):
         torch.testing.assert_close(g, gc, rtol=1e-6, atol=1e-7)

@@ -189,6 +189,7 @@ def _multiplier(value: float) -> float | None:
 class XmodelDecoderLayer(nn.Module):
     def __init__(self, config: XmodelConfig, layer_idx: int):
         super().__init__()
+        self.activation_checkpointing = False  # set by Xmodel.set_activation_checkpointing
         self.self_attn = XmodelAttention(config, layer_idx)
         self.mlp = XmodelMLP(config)
         self.input_layernorm = xkernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -204,7 +205,16 @@ class XmodelDecoderLayer(nn.Module):
         Returns ``(h, pending)`` with this layer's attention branch added and its MLP branch pending, so each
         residual add -- and its μP multiplier -- is fused with the RMSNorm that follows it
         (``add_rms_norm(branch, h, w, scale=m)``: ``h + m * branch`` in one op, no separate scaled copy).
+
+        With :attr:`activation_checkpointing` (training, grad enabled, no KV cache) the body is recomputed in
+        backward (non-reentrant :func:`torch.utils.checkpoint.checkpoint`).  The checkpoint sits inside the layer's
+        own forward, so compiling the layer (:mod:`xmodel.training.compile`) compiles the checkpointed region too.
         """
+        if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._body, h, pending, cos, sin, position_ids, mask, None, use_reentrant=False)
+        return self._body(h, pending, cos, sin, position_ids, mask, cache)
+
+    def _body(self, h, pending, cos, sin, position_ids, mask, cache):
         # Under autocast the branches come out in the autocast dtype while the residual stream keeps its own
         # (e.g. fp32): the branch is cast to the stream's dtype before the fused add (a no-op otherwise).
         if pending is None:
@@ -290,8 +300,13 @@ class Xmodel(nn.Module):
             nn.init.normal_(self.lm_head.weight, 0.0, std_in, generator=generator)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each decoder layer in backward instead of storing its activations (training only)."""
+        """Recompute each decoder layer in backward instead of storing its activations (training only).
+
+        Call it before compiling the layers (:func:`xmodel.training.compile.compile_blocks`): the flag is read in
+        each layer's forward, so a compiled layer guards on it."""
         self.activation_checkpointing = bool(enabled)
+        for layer in self.model.layers:
+            layer.activation_checkpointing = self.activation_checkpointing
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Distinct parameters (tied weights once); ``non_embedding`` leaves out embedding and lm_head."""
@@ -347,10 +362,7 @@ class Xmodel(nn.Module):
             h.mul_(cfg.embedding_multiplier)  # in place: no second (B, T, hidden) tensor (the backward needs none)
         pending = None
         for layer in self.model.layers:
-            if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                h, pending = checkpoint(layer, h, pending, cos, sin, position_ids, mask, use_reentrant=False)
-            else:
-                h, pending = layer(h, pending, cos, sin, position_ids, mask, cache)
+            h, pending = layer(h, pending, cos, sin, position_ids, mask, cache)
         h, _ = xkernels.add_rms_norm(pending.to(h.dtype), h, self._head_norm_weight(h.dtype), self.model.norm.eps,
                                      scale=_multiplier(cfg.ffn_residual_multiplier))
         if cache is not None:
