@@ -293,7 +293,7 @@ def test_activation_checkpointing_same_loss_and_grads():
     model.set_activation_checkpointing(True)
     calls = []
     for layer in model.model.layers:  # the checkpoint is inside each layer: its body runs again in backward
-        layer.mlp.register_forward_hook(lambda m, args, out: calls.append(m))
+        layer.mlp.register_forward_pre_hook(lambda m, args: calls.append(m))
     loss_ckpt, grads_ckpt = run()
     assert len(calls) == 2 * len(model.model.layers)
     assert torch.equal(loss, loss_ckpt)
