@@ -291,7 +291,11 @@ def test_activation_checkpointing_same_loss_and_grads():
 
     loss, grads = run()
     model.set_activation_checkpointing(True)
+    calls = []
+    for layer in model.model.layers:  # the checkpoint is inside each layer: its body runs again in backward
+        layer.mlp.register_forward_pre_hook(lambda m, args: calls.append(m))
     loss_ckpt, grads_ckpt = run()
+    assert len(calls) == 2 * len(model.model.layers)
     assert torch.equal(loss, loss_ckpt)
     for g, gc in zip(grads, grads_ckpt):
         torch.testing.assert_close(g, gc, rtol=1e-6, atol=1e-7)
@@ -355,3 +359,123 @@ def test_bad_inputs():
         model(ids, labels=ids[:, :3])
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, attention_mask=torch.ones(2, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# Package structure: the xmodel imports form a DAG
+# ------------------------------------------------------------------------------------------------
+def _xmodel_import_graph() -> dict[str, set[str]]:
+    """module -> the xmodel modules it imports anywhere in its source (function-level imports included)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    modules = {}
+    for path in sorted((root / "xmodel").rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]  # `from pkg import module`
+            else:
+                continue
+            deps.update(t for t in targets if t in modules and t != name)  # self-import under __main__ is harmless
+        graph[name] = deps
+    return graph
+
+
+def test_xmodel_imports_form_a_dag():
+    graph = _xmodel_import_graph()
+    assert {"xmodel.model", "xmodel.checkpoint", "xmodel.generate", "xmodel.config"} <= graph.keys()
+    assert "xmodel.model" not in graph["xmodel.checkpoint"]  # checkpoint is pure state I/O
+    assert "xmodel.generate" not in graph["xmodel.model"]
+    state: dict[str, int] = {}  # 1 = on the current DFS path, 2 = done
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_each_xmodel_module_imports_alone_in_a_fresh_interpreter():
+    """Each module imported first (the others unloaded) succeeds: no module needs another to be half-initialised."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    names = sorted(_xmodel_import_graph())
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    for m in [m for m in sys.modules if m == 'xmodel' or m.startswith('xmodel.')]:\n"
+        "        del sys.modules[m]\n"
+        "    importlib.import_module(name)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# μP multipliers cost nothing: no elementwise multiply over the (tokens x vocab) logits
+# ------------------------------------------------------------------------------------------------
+def _vocab_wide_muls(fn, vocab: int) -> list[str]:
+    """The aten mul ops (out-of-place and in-place) that ``fn`` runs on a tensor whose last dim is ``vocab``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("mul", "mul_", "div", "div_"):
+                shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+                if any(s and s[-1] == vocab for s in shapes):
+                    seen.append(f"{func}{shapes}")
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        fn()
+    return seen
+
+
+@pytest.mark.usefixtures("torch_ops")
+@pytest.mark.parametrize("tied", [True, False])
+def test_no_vocab_wide_multiply_in_forward_and_backward(tied):
+    cfg = tiny_config(num_key_value_heads=2, tie_word_embeddings=tied, mup_output_scale=2.5)
+    assert cfg.logit_multiplier != 1.0
+    model = Xmodel(cfg)
+    ids = torch.randint(0, 97, (2, 9))
+    labels = ids.roll(-1, 1)
+
+    def step():
+        out = model(ids, labels=labels, return_logits=True)
+        out.loss.backward()
+
+    assert _vocab_wide_muls(step, cfg.vocab_size) == []
+    with torch.no_grad():
+        assert _vocab_wide_muls(lambda: model(ids), cfg.vocab_size) == []
+    # The spy sees what it should: the unfolded product would be caught.
+    with torch.no_grad():
+        caught = _vocab_wide_muls(lambda: model.lm_head(torch.randn(2, 64)) * 2.0, cfg.vocab_size)
+    assert len(caught) == 1

@@ -1,7 +1,8 @@
 """HF-format checkpoints: ``config.json`` + ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
 
 The layout is the released Xmodel-2.5 one, so the released remote code (``trust_remote_code``) loads what
-:func:`save_pretrained` writes, and :func:`load_pretrained` loads the released checkpoint:
+:func:`save_pretrained` writes, and ``Xmodel.from_pretrained`` (on :func:`load_state_dict` and
+:func:`check_state_dict`) loads the released checkpoint:
 
 * weights under the released names (``model.embed_tokens.weight``, ``model.layers.{i}.self_attn.q_proj.weight``, ...,
   ``model.norm.weight``); with tied embeddings ``lm_head.weight`` is not written (the embedding is the head) and,
@@ -9,6 +10,11 @@ The layout is the released Xmodel-2.5 one, so the released remote code (``trust_
 * shards named ``model-00001-of-0000N.safetensors`` with an index ``{"metadata": {"total_size": bytes},
   "weight_map": {name: file}}``; safetensors metadata ``{"format": "pt"}`` (transformers requires it);
 * ``generation_config.json`` with the bos/eos/pad ids, and the tokenizer files copied when known.
+
+This module is pure state I/O: it reads and writes tensors and configs and never imports :mod:`xmodel.model`
+(``Xmodel.save_pretrained`` / ``Xmodel.from_pretrained`` call into it), so the imports of the package form a DAG
+``config <- checkpoint <- model <- generate <- lm_eval_adapter``.  Functions that take a ``model`` only use its
+``state_dict()``, ``config`` and ``tokenizer_dir``.
 """
 
 from __future__ import annotations
@@ -18,13 +24,13 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from xmodel.config import XmodelConfig
-from xmodel.model import Xmodel
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -72,7 +78,7 @@ def weight_names(config: XmodelConfig) -> list[str]:
     return names
 
 
-def _weights_to_save(model: Xmodel, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _weights_to_save(model: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """The released tensors only: extra state of swapped-in modules (e.g. FP8 scaling buffers) is not saved."""
     state = model.state_dict()
     names = weight_names(model.config)
@@ -103,7 +109,7 @@ def _shard(weights: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
 
 
 def save_pretrained(
-    model: Xmodel,
+    model: Any,
     path: str | Path,
     max_shard_size: int | str = "2GB",
     dtype: torch.dtype | None = None,
@@ -172,7 +178,7 @@ def load_state_dict(path: str | Path, device: torch.device | str = "cpu") -> dic
     return tensors
 
 
-def check_state_dict(state: dict[str, torch.Tensor], model: Xmodel, source: str = "checkpoint") -> dict:
+def check_state_dict(state: dict[str, torch.Tensor], model: Any, source: str = "checkpoint") -> dict:
     """Validate ``state`` against ``model``'s parameters; return it without ignorable keys (a tied
     ``lm_head.weight`` equal to the embedding, rotary ``inv_freq``).  Raises one ``ValueError`` listing every
     missing, unexpected and mis-shaped tensor."""
@@ -206,32 +212,3 @@ def check_state_dict(state: dict[str, torch.Tensor], model: Xmodel, source: str 
     if problems:
         raise ValueError(f"{source} does not match the model config:\n  " + "\n  ".join(problems))
     return state
-
-
-def load_pretrained(
-    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-) -> Xmodel:
-    """Build an :class:`Xmodel` from a checkpoint directory.
-
-    ``device``: where the weights go (default CPU); ``dtype``: cast every weight to it (default: keep the stored
-    dtypes, so bf16 stays bf16 and a round trip is bit-exact).  The model is returned in eval mode.
-    """
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {path}")
-    config = XmodelConfig.from_json(path / "config.json")
-    device = torch.device(device if device is not None else "cpu")
-    state = load_state_dict(path, device)
-    with torch.device("meta"):
-        model = Xmodel(config)
-    state = check_state_dict(state, model, source=str(path))
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    model.eval()
-    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # pragma: no cover - invariant
-        raise RuntimeError("internal error: some weights were not loaded")
-    if (path / "tokenizer.json").is_file():
-        model.tokenizer_dir = path
-    return model

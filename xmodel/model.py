@@ -11,6 +11,11 @@ all 1 without ``use_mup``)::
         h = h + m * mup_ffn_residual_scale / sqrt(L)
     logits = lm_head(rms(h)) * mup_output_scale / (hidden_size / mup_base_width)            # lm_head tied
 
+The μP multipliers are applied where they cost least, with the same numerics up to fp32 rounding: the input
+scale in place on the embedding output, each residual scale inside the fused residual add, and the logit scale
+folded into the final norm's weight (so it scales the (tokens x hidden) head input, never the (tokens x vocab)
+logits).
+
 Attention is ``softmax(q kᵀ * scale) v`` with ``scale = 1/head_dim`` under μP (``1/sqrt(head_dim)`` without);
 rotary embeddings use the rotate-half convention with ``rope_theta``; each RMSNorm normalises in fp32, casts back
 and multiplies by its weight.  The residual adds are fused with the following RMSNorm
@@ -35,6 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import xkernels
+from xmodel import checkpoint as ckpt
 from xmodel.config import XmodelConfig
 
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -175,31 +181,49 @@ class XmodelMLP(nn.Module):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def _multiplier(value: float) -> float | None:
+    """``scale=`` argument of the fused residual add: None for 1 (nothing to multiply)."""
+    return None if value == 1.0 else float(value)
+
+
 class XmodelDecoderLayer(nn.Module):
     def __init__(self, config: XmodelConfig, layer_idx: int):
         super().__init__()
+        self.activation_checkpointing = False  # set by Xmodel.set_activation_checkpointing
         self.self_attn = XmodelAttention(config, layer_idx)
         self.mlp = XmodelMLP(config)
         self.input_layernorm = xkernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = xkernels.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attn_mult = config.attention_residual_multiplier
-        self.ffn_mult = config.ffn_residual_multiplier
+        # None when 1 (no μP): the plain fused add.  Every layer's MLP multiplier is the same, so the next
+        # layer (or the final norm) applies this layer's to the pending branch.
+        self.attn_mult = _multiplier(config.attention_residual_multiplier)
+        self.ffn_mult = _multiplier(config.ffn_residual_multiplier)
 
     def forward(self, h, pending, cos, sin, position_ids, mask, cache=None):
-        """``h``: residual stream; ``pending``: the previous layer's scaled MLP branch, not yet added (or None).
+        """``h``: residual stream; ``pending``: the previous layer's MLP branch, not yet scaled nor added (or None).
 
         Returns ``(h, pending)`` with this layer's attention branch added and its MLP branch pending, so each
-        residual add is fused with the RMSNorm that follows it.
+        residual add -- and its μP multiplier -- is fused with the RMSNorm that follows it
+        (``add_rms_norm(branch, h, w, scale=m)``: ``h + m * branch`` in one op, no separate scaled copy).
+
+        With :attr:`activation_checkpointing` (training, grad enabled, no KV cache) the body is recomputed in
+        backward (non-reentrant :func:`torch.utils.checkpoint.checkpoint`).  The checkpoint sits inside the layer's
+        own forward, so compiling the layer (:mod:`xmodel.training.compile`) compiles the checkpointed region too.
         """
+        if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._body, h, pending, cos, sin, position_ids, mask, None, use_reentrant=False)
+        return self._body(h, pending, cos, sin, position_ids, mask, cache)
+
+    def _body(self, h, pending, cos, sin, position_ids, mask, cache):
         # Under autocast the branches come out in the autocast dtype while the residual stream keeps its own
         # (e.g. fp32): the branch is cast to the stream's dtype before the fused add (a no-op otherwise).
         if pending is None:
             normed = self.input_layernorm(h)
         else:
-            normed, h = self.input_layernorm(pending.to(h.dtype), h)
-        attn = self.self_attn(normed, cos, sin, position_ids, mask, cache) * self.attn_mult
-        normed, h = self.post_attention_layernorm(attn.to(h.dtype), h)
-        return h, self.mlp(normed) * self.ffn_mult
+            normed, h = self.input_layernorm(pending.to(h.dtype), h, scale=self.ffn_mult)
+        attn = self.self_attn(normed, cos, sin, position_ids, mask, cache)
+        normed, h = self.post_attention_layernorm(attn.to(h.dtype), h, scale=self.attn_mult)
+        return h, self.mlp(normed)
 
 
 class XmodelModel(nn.Module):
@@ -276,8 +300,13 @@ class Xmodel(nn.Module):
             nn.init.normal_(self.lm_head.weight, 0.0, std_in, generator=generator)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each decoder layer in backward instead of storing its activations (training only)."""
+        """Recompute each decoder layer in backward instead of storing its activations (training only).
+
+        Call it before compiling the layers (:func:`xmodel.training.compile.compile_blocks`): the flag is read in
+        each layer's forward, so a compiled layer guards on it."""
         self.activation_checkpointing = bool(enabled)
+        for layer in self.model.layers:
+            layer.activation_checkpointing = self.activation_checkpointing
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Distinct parameters (tied weights once); ``non_embedding`` leaves out embedding and lm_head."""
@@ -302,7 +331,8 @@ class Xmodel(nn.Module):
         cache: KVCacheLike | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The final-normed hidden states (B, T, hidden) that feed ``lm_head``; arguments as in :meth:`forward`."""
+        """The input of ``lm_head`` (B, T, hidden): the final-normed hidden states times the logit multiplier
+        (folded into the norm weight, see :meth:`_head_norm_weight`); arguments as in :meth:`forward`."""
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
@@ -327,21 +357,36 @@ class Xmodel(nn.Module):
         cos, sin = self._rope(max_pos, device)
         mask = build_attention_mask(seq, past, doc_ids, attention_mask, device)
 
-        h = self.model.embed_tokens(input_ids) * cfg.embedding_multiplier  # (B, T, hidden)
+        h = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        if cfg.embedding_multiplier != 1.0:
+            h.mul_(cfg.embedding_multiplier)  # in place: no second (B, T, hidden) tensor (the backward needs none)
         pending = None
         for layer in self.model.layers:
-            if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                h, pending = checkpoint(layer, h, pending, cos, sin, position_ids, mask, use_reentrant=False)
-            else:
-                h, pending = layer(h, pending, cos, sin, position_ids, mask, cache)
-        h, _ = self.model.norm(pending.to(h.dtype), h)
+            h, pending = layer(h, pending, cos, sin, position_ids, mask, cache)
+        h, _ = xkernels.add_rms_norm(pending.to(h.dtype), h, self._head_norm_weight(h.dtype), self.model.norm.eps,
+                                     scale=_multiplier(cfg.ffn_residual_multiplier))
         if cache is not None:
             cache.advance(seq)
         return h
 
+    def _head_norm_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The final norm's weight times the logit multiplier (a (hidden,) vector), in ``dtype``.
+
+        ``lm_head(w * n) * s == lm_head((w * s) * n)``: folding ``s`` into the norm weight scales the head's
+        (tokens x hidden) input instead of its (tokens x vocab) output.  In fp32 the logits differ from the
+        unfolded product by fp32 rounding only (one rounding of ``w * s``); the product is formed in fp32 so a
+        half-precision model rounds it once, on the cast."""
+        weight = self.model.norm.weight
+        scale = self.config.logit_multiplier
+        if scale != 1.0:
+            weight = weight.float() * scale
+        return weight if weight.dtype == dtype else weight.to(dtype)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``lm_head(hidden) * logit multiplier`` in fp32, for hidden states of any leading shape."""
-        return self.lm_head(hidden).float() * self.config.logit_multiplier
+        """Logits in fp32 from :meth:`hidden_states` (any leading shape): ``lm_head(hidden)``, the logit
+        multiplier being already folded into ``hidden``."""
+        logits = self.lm_head(hidden)
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def forward(
         self,
@@ -374,7 +419,6 @@ class Xmodel(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         h = self.hidden_states(input_ids, position_ids, doc_ids, cache, attention_mask)
-        cfg = self.config
 
         loss = num_tokens = logits = None
         if labels is not None:
@@ -388,7 +432,7 @@ class Xmodel(nn.Module):
             weight = self.lm_head.weight
             loss = xkernels.linear_cross_entropy(
                 h, weight if weight.dtype == h.dtype else weight.to(h.dtype), labels,
-                logit_scale=cfg.logit_multiplier, ignore_index=ignore_index, reduction="mean",
+                logit_scale=1.0, ignore_index=ignore_index, reduction="mean",  # the scale is already in h
             )
         return XmodelOutput(loss=loss, logits=logits, num_tokens=num_tokens)
 
@@ -401,22 +445,34 @@ class Xmodel(nn.Module):
         tokenizer_dir: str | Path | None = None,
     ) -> None:
         """Write an HF checkpoint directory (see :func:`xmodel.checkpoint.save_pretrained`)."""
-        from xmodel.checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype, tokenizer_dir=tokenizer_dir)
+        ckpt.save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype, tokenizer_dir=tokenizer_dir)
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Xmodel:
-        """Load an HF checkpoint directory (see :func:`xmodel.checkpoint.load_pretrained`)."""
-        from xmodel.checkpoint import load_pretrained
+        """Build a model from an HF checkpoint directory (the format of :mod:`xmodel.checkpoint`).
 
-        return load_pretrained(path, device=device, dtype=dtype)
-
-    @torch.no_grad()
-    def generate(self, prompts, **kwargs):
-        """Autoregressive generation; see :func:`xmodel.generate.generate`."""
-        from xmodel.generate import generate
-
-        return generate(self, prompts, **kwargs)
+        ``device``: where the weights go (default CPU); ``dtype``: cast every weight to it (default: keep the
+        stored dtypes, so bf16 stays bf16 and a round trip is bit-exact).  The model is returned in eval mode.
+        Generation is :func:`xmodel.generate.generate` (``generate(model, prompts, ...)``).
+        """
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no config.json in {path}")
+        config = XmodelConfig.from_json(path / "config.json")
+        device = torch.device(device if device is not None else "cpu")
+        state = ckpt.load_state_dict(path, device)
+        with torch.device("meta"):
+            model = cls(config)
+        state = ckpt.check_state_dict(state, model, source=str(path))
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        model.eval()
+        if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # pragma: no cover - invariant
+            raise RuntimeError("internal error: some weights were not loaded")
+        if (path / "tokenizer.json").is_file():
+            model.tokenizer_dir = path
+        return model

@@ -168,9 +168,11 @@ def setup(cfg: TrainConfig) -> Run:
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     if cfg.fp8:
         fp8_convert(model, cfg, device, info)
+    if cfg.compile:  # per decoder block, after AC and FP8 conversion, before FSDP2 / DDP (as torchtitan)
+        from xmodel.training.compile import compile_blocks
+
+        compile_blocks(model)
     model = wrap_model(model, cfg.parallel, device, info)
-    if cfg.compile:
-        model = torch.compile(model)
 
     lr = resolve_lr(cfg, model_config.mup_width_multiplier)
     optimizer = TrainOptimizer(
