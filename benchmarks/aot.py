@@ -383,7 +383,11 @@ def _asks_ieee_division(kernel) -> bool:
 
 
 def _config_label(spec: dict, sig: dict) -> str:
-    consts = [f"{k}={_short(v)}" for k, v in spec["args"].items() if sig.get(k) == "constexpr" and v["kind"] != "none"]
+    consts = [
+        f"{k}={_short(v)}"
+        for k, v in spec["args"].items()
+        if sig.get(k) == "constexpr" and v["kind"] != "none" and not k.startswith("stride")  # (unit strides: noise)
+    ]
     dtypes = sorted({v["dtype"] for v in spec["args"].values() if v["kind"] == "tensor"})
     label = " ".join(consts)
     return (f"[{spec['variant']}] " if spec.get("variant") else "") + label + (f" ({'/'.join(dtypes)})" if dtypes else "")
@@ -437,6 +441,16 @@ def compile_spec(spec: dict, arch: str) -> dict:
     row["asks_ieee_div"] = _asks_ieee_division(kernel)
     row["compile_s"] = round(time.monotonic() - t0, 2)
     return row
+
+
+def _compile_row(spec: dict, arch: str) -> dict:
+    os.environ["TRITON_INTERPRET"] = "0"  # (spawned workers import triton afresh)
+    try:
+        return compile_spec(spec, arch)
+    except Exception as err:  # noqa: BLE001 -- a compile error is a row of the table and fails the gate
+        return {"kernel": spec["kernel"], "module": spec["module"], "scenario": spec["scenario"],
+                "config": _safe_label(spec), "num_warps": spec["num_warps"],
+                "num_stages": spec["num_stages"], "error": f"{type(err).__name__}: {str(err)[:500]}"}
 
 
 def problems(row: dict, arch: str) -> list[str]:
@@ -528,7 +542,7 @@ def markdown(result: dict) -> str:
 
 
 def run(arch: str, out_dir: Path | None, kernels: list[str] | None, scenarios: list[str] | None,
-        list_only: bool = False, extra_specs: list[dict] | None = None) -> tuple[int, dict]:
+        list_only: bool = False, extra_specs: list[dict] | None = None, jobs: int = 1) -> tuple[int, dict]:
     import torch
     import triton
 
@@ -545,18 +559,24 @@ def run(arch: str, out_dir: Path | None, kernels: list[str] | None, scenarios: l
                   f"[{s['scenario']}]")
         return (1 if cap["errors"] else 0), {"specs": specs, "capture_errors": cap["errors"]}
     rows = []
-    for spec in specs:
-        try:
-            row = compile_spec(spec, arch)
-        except Exception as err:  # noqa: BLE001 -- a compile error is a row of the table and fails the gate
-            row = {"kernel": spec["kernel"], "module": spec["module"], "scenario": spec["scenario"],
-                   "config": _safe_label(spec), "num_warps": spec["num_warps"],
-                   "num_stages": spec["num_stages"], "error": f"{type(err).__name__}: {str(err)[:500]}"}
+
+    def report(row):
         rows.append(row)
         status = "; ".join(problems(row, arch)) or "ok"
         print(f"[aot] {row['kernel']} {row['config'][:70]}: "
               + (f"regs {row['registers']} spill {row['spill_bytes']} smem {row['shared_bytes']} " if "registers" in row else "")
               + status, flush=True)
+
+    if jobs > 1 and len(specs) > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            for row in pool.map(_compile_row, specs, [arch] * len(specs)):
+                report(row)
+    else:
+        for spec in specs:
+            report(_compile_row(spec, arch))
     failures = [{"kernel": r["kernel"], "config": r["config"], "problems": problems(r, arch)} for r in rows if problems(r, arch)]
     result = {
         "arch": arch,
@@ -587,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="directory for aot-<arch>.json / .md")
     parser.add_argument("--kernels", default=None, help="comma-separated substrings of kernel names to keep")
     parser.add_argument("--scenarios", default=None, help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="parallel compiles")
     parser.add_argument("--list", action="store_true", help="print the variants found, compile nothing")
     parser.add_argument("--extra-specs", type=Path, default=None, help=argparse.SUPPRESS)  # tests: toy kernels
     args = parser.parse_args(argv)
@@ -594,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     if scen and (bad := [s for s in scen if s not in SCENARIOS]):
         parser.error(f"unknown scenario(s) {bad}; choose from {list(SCENARIOS)}")
     extra = json.loads(args.extra_specs.read_text()) if args.extra_specs else None
-    rc, result = run(args.arch, args.out, args.kernels.split(",") if args.kernels else None, scen, args.list, extra)
+    rc, result = run(args.arch, args.out, args.kernels.split(",") if args.kernels else None, scen, args.list, extra, max(1, args.jobs))
     if not args.list:
         n = len(result["rows"])
         print(f"[aot] {args.arch}: {n} variants, {len(result['failures'])} with problems"
