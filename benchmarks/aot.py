@@ -177,6 +177,8 @@ def _encode(value):
         return {"kind": "float", "value": value}
     if value is None:
         return {"kind": "none"}
+    if isinstance(value, str):
+        return {"kind": "str", "value": value}
     name = getattr(value, "name", None)
     if type(value).__name__ == "dtype" and isinstance(name, str):  # tl.dtype
         return {"kind": "tl_dtype", "value": name}
@@ -285,7 +287,7 @@ def specialise(kernel, spec: dict):
             default = inspect.signature(kernel.fn).parameters[name].default
             arg = _encode(default)
         nospec = getattr(p, "do_not_specialize", False)
-        if p.is_constexpr or arg["kind"] in ("none", "tl_dtype", "other"):
+        if p.is_constexpr or arg["kind"] in ("none", "tl_dtype", "str", "other"):
             sig[name] = "constexpr"
             consts[name] = _decode_const(arg)
         elif arg["kind"] == "tensor":
@@ -382,12 +384,9 @@ def _asks_ieee_division(kernel) -> bool:
     return False
 
 
-def _config_label(spec: dict, sig: dict) -> str:
-    consts = [
-        f"{k}={_short(v)}"
-        for k, v in spec["args"].items()
-        if sig.get(k) == "constexpr" and v["kind"] != "none" and not k.startswith("stride")  # (unit strides: noise)
-    ]
+def _config_label(spec: dict, declared: set) -> str:
+    """The declared ``tl.constexpr`` values (not the integers Triton specialised to 1) and the tensor dtypes."""
+    consts = [f"{k}={_short(v)}" for k, v in spec["args"].items() if k in declared and v["kind"] != "none"]
     dtypes = sorted({v["dtype"] for v in spec["args"].values() if v["kind"] == "tensor"})
     label = " ".join(consts)
     return (f"[{spec['variant']}] " if spec.get("variant") else "") + label + (f" ({'/'.join(dtypes)})" if dtypes else "")
@@ -397,7 +396,8 @@ def _safe_label(spec: dict) -> str:
     try:
         import importlib as _il
 
-        return _config_label(spec, specialise(getattr(_il.import_module(spec["module"]), spec["kernel"]), spec)[0])
+        kernel = getattr(_il.import_module(spec["module"]), spec["kernel"])
+        return _config_label(spec, {p.name for p in kernel.params if p.is_constexpr})
     except Exception:  # noqa: BLE001
         return spec.get("variant") or ""
 
@@ -423,7 +423,7 @@ def compile_spec(spec: dict, arch: str) -> dict:
         "kernel": spec["kernel"],
         "module": spec["module"],
         "scenario": spec["scenario"],
-        "config": _config_label(spec, sig),
+        "config": _config_label(spec, {p.name for p in kernel.params if p.is_constexpr}),
         "num_warps": spec["num_warps"],
         "num_stages": spec["num_stages"],
     }
@@ -450,7 +450,13 @@ def _compile_row(spec: dict, arch: str) -> dict:
     except Exception as err:  # noqa: BLE001 -- a compile error is a row of the table and fails the gate
         return {"kernel": spec["kernel"], "module": spec["module"], "scenario": spec["scenario"],
                 "config": _safe_label(spec), "num_warps": spec["num_warps"],
-                "num_stages": spec["num_stages"], "error": f"{type(err).__name__}: {str(err)[:500]}"}
+                "num_stages": spec["num_stages"], "error": _short_error(err)}
+
+
+def _short_error(err: Exception) -> str:
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    text = lines[0] + (" ... " + lines[-1] if len(lines) > 1 else "") if lines else ""
+    return f"{type(err).__name__}: {text[:400]}"
 
 
 def problems(row: dict, arch: str) -> list[str]:
