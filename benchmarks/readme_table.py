@@ -22,7 +22,10 @@ CPU_REFERENCE_ONLY = ("fp8 gemm", "fp8 linear")
 
 def result_files(results_dir: Path) -> list[Path]:
     """Result JSONs in ``results_dir`` that git tracks (or all of them outside a git checkout)."""
-    candidates = sorted(p for p in results_dir.glob("*.json") if not p.name.startswith("ceilings"))
+    # (aot-<arch>.json is the compile table of benchmarks.aot, session.json a GPU session's record: not benchmarks)
+    candidates = sorted(
+        p for p in results_dir.glob("*.json") if not p.name.startswith(("ceilings", "aot-", "session"))
+    )
     try:
         tracked = subprocess.run(
             ["git", "ls-files", "--", str(results_dir)], cwd=ROOT, capture_output=True, text=True, check=True

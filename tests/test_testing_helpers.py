@@ -52,3 +52,64 @@ def test_no_host_sync_lets_device_work_through():
         (t @ t).relu().sum().backward()
         torch.repeat_interleave(t.detach(), torch.tensor([1, 2, 0, 1]), dim=0, output_size=4)
     assert t.grad is not None
+
+
+# --- the suite's own guards (tests/conftest.py) ---------------------------------------------------------------------
+pytest_plugins = ["pytester"]
+
+_CONFTEST = __import__("pathlib").Path(__file__).with_name("conftest.py")
+_REPO = _CONFTEST.parents[1]
+_INI = "[pytest]\nmarkers =\n    kernels: kernel test module\n"
+
+
+def _fake_suite(pytester, monkeypatch, body: str) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(_REPO))  # the checkout's xkernels, not another installed copy
+    pytester.makeini(_INI)
+    pytester.makeconftest(_CONFTEST.read_text(encoding="utf-8"))
+    pytester.makepyfile(test_fake_kernels="import pytest\nimport torch\n\npytestmark = pytest.mark.kernels\n\n" + body)
+
+
+@pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()), reason="kernels need CUDA or TRITON_INTERPRET=1")
+def test_kernel_module_that_launches_nothing_fails(pytester, monkeypatch):
+    """A kernel test module whose passing tests ran no Triton kernel (here: the reference against itself) fails."""
+    _fake_suite(
+        pytester,
+        monkeypatch,
+        "from xkernels import swiglu_ref\n\n"
+        "def test_parity():\n"
+        "    g, u = torch.randn(3, 5), torch.randn(3, 5)\n"
+        "    torch.testing.assert_close(swiglu_ref(g, u), swiglu_ref(g, u))\n\n"
+        "def test_bad_input():\n"
+        "    pass\n",
+    )
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*no Triton kernel was launched in the whole module*"])
+    # Run in part (-k), the module is not judged: bad-input tests alone need launch nothing.
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-k", "parity")
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()), reason="kernels need CUDA or TRITON_INTERPRET=1")
+def test_kernel_module_that_launches_passes(pytester, monkeypatch):
+    _fake_suite(
+        pytester,
+        monkeypatch,
+        "from xkernels import swiglu\n\n"
+        "def test_runs_kernel():\n"
+        "    swiglu(torch.randn(3, 5), torch.randn(3, 5))\n\n"
+        "def test_bad_input_only():\n"
+        "    pass\n",
+    )
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the guard applies to machines without CUDA")
+@pytest.mark.parametrize("value", ["0", "off"])
+def test_interpreter_switched_off_without_gpu_is_a_usage_error(pytester, monkeypatch, value):
+    _fake_suite(pytester, monkeypatch, "def test_anything():\n    pass\n")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*TRITON_INTERPRET=*no Triton kernel*could run*"])

@@ -1,0 +1,135 @@
+"""The ahead-of-time compile gate (``python -m benchmarks.aot``) on whichever Triton is installed, no GPU.
+
+A subset (SwiGLU and the cross-entropy chunk kernel) keeps it under a minute; the whole table is
+``python -m benchmarks.aot --arch sm_90a --out benchmarks/results``.  A deliberately spilling toy kernel must make
+the gate exit non-zero.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("triton")
+try:
+    from triton.backends.compiler import GPUTarget  # noqa: F401
+    from triton.compiler import ASTSource  # noqa: F401
+except ImportError as err:  # pragma: no cover - very old Triton
+    pytest.skip(f"this Triton cannot compile ahead of time: {err}", allow_module_level=True)
+
+ROW_KEYS = {
+    "kernel", "config", "num_warps", "num_stages", "registers", "spill_bytes", "shared_bytes", "div_rn", "div_full",
+    "wgmma", "cvt_satfinite", "wait_group_depths",
+}
+
+TOY = textwrap.dedent(
+    """
+    import triton
+    import triton.language as tl
+
+
+    @triton.jit
+    def _toy_spill_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        # one warp holding 8192 fp32 values that all stay live (the sum needs every one): far past 255 registers
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs)
+        tl.store(y_ptr + offs, x * tl.sum(x * x, axis=0) + tl.cumsum(x, axis=0))
+    """
+)
+TOY_SPEC = [
+    {
+        "kernel": "_toy_spill_kernel",
+        "module": "xk_toy_spill",
+        "scenario": "toy",
+        "args": {
+            "x_ptr": {"kind": "tensor", "dtype": "float32", "aligned": True},
+            "y_ptr": {"kind": "tensor", "dtype": "float32", "aligned": True},
+            "BLOCK": {"kind": "int", "value": 8192},
+        },
+        "num_warps": 1,
+        "num_stages": 1,
+    }
+]
+
+
+def _aot(tmp_path, *args, pythonpath=None):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([str(pythonpath)] if pythonpath else []))
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.aot", "--jobs", "1", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_gate_writes_table_for_a_subset(tmp_path):
+    proc = _aot(tmp_path, "--arch", "sm_90a", "--scenarios", "swiglu,cross_entropy", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "aot-sm_90a.json").read_text())
+    assert {"arch", "triton", "torch", "date", "rows", "failures"} <= set(result)
+    assert result["arch"] == "sm_90a" and not result["failures"]
+    kernels = {r["kernel"] for r in result["rows"]}
+    assert {"_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_ce_chunk_kernel"} <= kernels
+    for row in result["rows"]:
+        assert ROW_KEYS <= set(row), row
+        assert row["registers"] > 0 and row["spill_bytes"] == 0
+    md = (tmp_path / "aot-sm_90a.md").read_text()
+    assert "| kernel | config |" in md and "_swiglu_fwd_kernel" in md and "**PASS**" in md
+
+
+@pytest.mark.slow
+def test_gate_fails_on_a_spilling_kernel(tmp_path):
+    (tmp_path / "xk_toy_spill.py").write_text(TOY)
+    (tmp_path / "spec.json").write_text(json.dumps(TOY_SPEC))
+    proc = _aot(
+        tmp_path, "--arch", "sm_90a", "--scenarios", "swiglu", "--kernels", "toy",
+        "--extra-specs", str(tmp_path / "spec.json"), "--out", str(tmp_path / "out"), pythonpath=tmp_path,
+    )
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "FAIL _toy_spill_kernel" in proc.stdout and "spills" in proc.stdout
+    result = json.loads((tmp_path / "out" / "aot-sm_90a.json").read_text())
+    (row,) = result["rows"]
+    assert row["spill_bytes"] > 0 and result["failures"]
+    assert "**FAIL**" in (tmp_path / "out" / "aot-sm_90a.md").read_text()
+
+
+def test_list_names_every_kernel_family(tmp_path):
+    """--list captures the launches without compiling: each kernel family of xkernels shows up."""
+    proc = _aot(tmp_path, "--list")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel", "_rotary_kernel", "_swiglu_fwd_kernel",
+                 "_ce_chunk_kernel", "_cast_kernel", "_fp8_gemm_kernel", "_ns_gram_kernel", "_ns_update_kernel"):
+        assert name in proc.stdout, name
+
+
+def test_specialisation_follows_triton_rules():
+    """Aligned tensors and multiples of 16 get divisibility; the integer 1 becomes a constant; constexprs pass."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from benchmarks import aot
+
+    class P:
+        def __init__(self, name, constexpr=False):
+            self.name, self.is_constexpr = name, constexpr
+
+    class K:
+        params = [P("x"), P("y"), P("n"), P("one"), P("s"), P("B", True)]
+
+        @staticmethod
+        def fn(x, y, n, one, s, B):  # pragma: no cover - signature only
+            pass
+
+    spec = {"kernel": "k", "args": {
+        "x": {"kind": "tensor", "dtype": "bfloat16", "aligned": True},
+        "y": {"kind": "tensor", "dtype": "float8_e4m3fn", "aligned": False},
+        "n": {"kind": "int", "value": 1536}, "one": {"kind": "int", "value": 1},
+        "s": {"kind": "float", "value": 0.5}, "B": {"kind": "int", "value": 128}}}
+    sig, consts, attrs = aot.specialise(K, spec)
+    assert sig == {"x": "*bf16", "y": "*fp8e4nv", "n": "i32", "one": "constexpr", "s": "fp32", "B": "constexpr"}
+    assert consts == {"one": 1, "B": 128}
+    assert attrs == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
