@@ -348,3 +348,30 @@ def test_kernel_path_launches(device):
     with force_backend("triton"), count_launches() as launches:
         linear_cross_entropy(h, w, t).backward()
     assert launches["_ce_chunk_kernel"] >= 1
+
+
+_CE_AOT = """
+import xkernels.cross_entropy as CE
+for dt in ("*bf16", "*fp32"):
+    for V in (129280, 50):
+        block = min(4096, triton.next_power_of_2(V))
+        nw = 8 if block >= 4096 else 4
+        for grad, rg in ((False, False), (True, False), (True, True)):
+            types = dict(LOGITS=dt, TARGETS="*i64", LOSS="*fp32", ROW_GRAD="*fp32", logit_scale="fp32", z_loss="fp32")
+            r = aot(CE._ce_chunk_kernel, types, dict(COMPUTE_GRAD=grad, HAS_ROW_GRAD=rg, BLOCK=block), nw,
+                    aligned=("stride_l", "n_cols"))
+            rows.append(dict(cfg=(dt, V, grad, rg), **r))
+"""
+
+
+@pytest.mark.slow
+def test_sm90a_no_spills():
+    """The chunk kernel compiles for sm_90a without spills at the model's vocabulary (129,280)."""
+    from op_cases import aot_available, run_aot
+
+    if aot_available():
+        pytest.skip(aot_available())
+    rows = run_aot(_CE_AOT)
+    assert len(rows) == 12
+    for r in rows:
+        assert r["spill_bytes"] == 0 and r["registers"] <= 64, r

@@ -408,3 +408,30 @@ def test_positions_unchecked_by_default_no_host_sync(device, backend):
     q_ref, k_ref = apply_rotary_ref(q, k, cos, sin, clamped)
     torch.testing.assert_close(q_out, q_ref)
     torch.testing.assert_close(k_out, k_ref)
+
+
+_ROTARY_AOT = """
+import xkernels.rotary as RO
+for dt in ("*bf16", "*fp32"):
+    for hq, hk, d in ((16, 4, 128), (32, 8, 128), (12, 12, 64)):
+        bq, bk, bd, nw = RO._rotary_launch_config(hq, hk, d)
+        for pos in (False, True):
+            for bwd in (False, True):
+                types = dict(Q=dt, K=dt, QO=dt, KO=dt, COS="*fp32", SIN="*fp32", POS="*i64")
+                consts = dict(HAS_POS=pos, BACKWARD=bwd, BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_D=bd)
+                aligned = ("stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_table")
+                rows.append(dict(cfg=(dt, hq, hk, d, pos, bwd), **aot(RO._rotary_kernel, types, consts, nw, aligned=aligned)))
+"""
+
+
+@pytest.mark.slow
+def test_sm90a_no_spills():
+    """Every launch configuration at the model's head layouts compiles for sm_90a without spills."""
+    from op_cases import aot_available, run_aot
+
+    if aot_available():
+        pytest.skip(aot_available())
+    rows = run_aot(_ROTARY_AOT)
+    assert len(rows) == 24
+    for r in rows:
+        assert r["spill_bytes"] == 0, r

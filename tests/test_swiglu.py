@@ -128,3 +128,30 @@ def test_traces_under_torch_compile_fullgraph(backend, device):
     assert len(graphs) == 1
     for op in ("swiglu_fwd", "swiglu_fused_fwd"):
         assert (f"xkernels.{op}" in graphs[0]) == kernels, op
+
+
+_SWIGLU_AOT = """
+import importlib
+SW = importlib.import_module("xkernels.swiglu")
+for dt in ("*bf16", "*fp32"):
+    for F in (3840, 5632, 96):
+        block, nw = SW._block(F)
+        r = aot(SW._swiglu_fwd_kernel, dict(G=dt, U=dt, Y=dt), dict(BLOCK=block), nw, aligned=("stride_g", "stride_u", "n_cols"))
+        rows.append(dict(kernel="fwd", cfg=(dt, F), **r))
+        r = aot(SW._swiglu_bwd_kernel, dict(DY=dt, G=dt, U=dt, DG=dt, DU=dt), dict(BLOCK=block), nw,
+                aligned=("stride_dy", "stride_g", "stride_u", "stride_dgu", "n_cols"))
+        rows.append(dict(kernel="bwd", cfg=(dt, F), **r))
+"""
+
+
+@pytest.mark.slow
+def test_sm90a_no_spills():
+    """Forward and backward compile for sm_90a without spills (elementwise: a few dozen registers)."""
+    from op_cases import aot_available, run_aot
+
+    if aot_available():
+        pytest.skip(aot_available())
+    rows = run_aot(_SWIGLU_AOT)
+    assert len(rows) == 12
+    for r in rows:
+        assert r["spill_bytes"] == 0 and r["registers"] <= 64, r

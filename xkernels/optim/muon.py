@@ -279,7 +279,9 @@ class Muon(torch.optim.Optimizer):
         for i, p in enumerate(params):
             mode, pg = self._dist_mode(p)
             shape = tuple(p.shape)  # global shape for DTensors
-            buckets.setdefault((mode, id(pg), shape, bufs[i].dtype, bufs[i].device), []).append(i)
+            # id(None) is not traceable by torch 2.11's dynamo: key local buckets by None itself
+            group_key = None if pg is None else id(pg)
+            buckets.setdefault((mode, group_key, shape, bufs[i].dtype, bufs[i].device), []).append(i)
 
         for (mode, _, _, _, device), idx in buckets.items():
             pg = self._dist_mode(params[idx[0]])[1]
