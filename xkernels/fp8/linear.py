@@ -280,6 +280,10 @@ class FP8Linear(nn.Linear):
         grad_record = self._delayed and torch.is_grad_enabled()
         if grad_record:
             self._seen[GRAD] = True
+        # Tensorwise recipes hand back one scale tensor for an operand and its transpose; Dynamo cannot trace
+        # autograd.Function.apply with a tensor passed twice, so the transpose gets its own (scalar) copy.
+        sxt = sxt.clone() if sxt is sx else sxt
+        swt = swt.clone() if swt is sw else swt
         out = _FP8LinearFn.apply(
             x2, self.weight, self.bias, xq, sx, xtq, sxt, wq, sw, wtq, swt,
             self.fp8_amax_history, self.fp8_scale, self.fp8_num_updates,

@@ -608,7 +608,8 @@ def _cast_transpose_op(
     s = _fresh(s, scale)
     qt = qt if qt is not None else x.new_empty(0, dtype=fp8_dtype)
     st = _fresh(st, scale, s) if st is not None else x.new_empty(0, dtype=torch.float32)
-    amax = amax if amax is not None else x.new_empty(0, dtype=torch.float32)
+    # (the launcher may hand back the amax pre-pass's result even when it was not asked for)
+    amax = amax if want_amax else x.new_empty(0, dtype=torch.float32)
     return q, s, qt, st, amax
 
 
