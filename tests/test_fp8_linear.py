@@ -267,14 +267,17 @@ def test_meta_device_build_then_to_empty_resets_fp8_state():
 
 
 def test_runs_inside_torch_compile():
-    """FP8Linear runs eagerly inside a compiled model (graph break) and keeps updating its history."""
+    """FP8Linear traces into a compiled model and keeps updating its history (in-graph buffer mutations).
+
+    Under compile the weight is re-quantised each call (no version-counter cache), so its amax is pushed per
+    training forward: 2 weight entries after 2 steps where eager mode records 1."""
     model = convert_to_fp8(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16)))
     compiled = torch.compile(model, backend="eager")
     x = torch.randn(8, 32)
     with force_backend("torch"):
         for _ in range(2):
             compiled(x).sum().backward()
-        assert model[0].fp8_num_updates.tolist() == [2, 1, 2]
+        assert model[0].fp8_num_updates.tolist() == [2, 2, 2]
         model.eval()  # eval: no history updates, so both calls use the same scales
         torch.testing.assert_close(compiled(x), model(x))
 

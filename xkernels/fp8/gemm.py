@@ -499,6 +499,29 @@ def _validate(a, b, a_scale, b_scale, out_dtype, bias, backend) -> tuple[int, in
     return _scale_mode(a, b, a_scale, b_scale)
 
 
+@torch.library.custom_op("xkernels::fp8_gemm", mutates_args=())
+def _gemm_op(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None,
+    backend: str,
+    fast_accum: bool,
+) -> torch.Tensor:
+    """The Triton (``backend="triton"``) or cuBLASLt (``"scaled_mm"``) GEMM as one op for torch.compile."""
+    mode, sb_rows = _scale_mode(a, b, a_scale, b_scale)
+    if backend == "scaled_mm":
+        return _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode, fast_accum)
+    return _launch(a, b, a_scale, b_scale, out_dtype, bias, mode, sb_rows, fast_accum=fast_accum)
+
+
+@_gemm_op.register_fake
+def _gemm_fake(a, b, a_scale, b_scale, out_dtype, bias, backend, fast_accum):
+    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
+
+
 def _fp8_tensor_cores(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
@@ -529,7 +552,12 @@ def fp8_gemm(
     if backend == "torch":
         return fp8_gemm_ref(a, b, a_scale, b_scale, out_dtype, bias)
     if backend == "scaled_mm":
-        return _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode, fast_accum)
-    if a.device.type != "cuda" and not interpreting():
+        if mode == 2:
+            raise ValueError("backend='scaled_mm' supports tensor and row scales only; use backend='triton' for blocks")
+        if a.device.type != "cuda":
+            raise ValueError(f"backend='scaled_mm' needs CUDA tensors, got {a.device}")
+        if b.shape[0] % 16:
+            raise ValueError(f"backend='scaled_mm' needs N (b.shape[0] = {b.shape[0]}) to be a multiple of 16")
+    elif a.device.type != "cuda" and not interpreting():
         raise ValueError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 (set before importing xkernels)")
-    return _launch(a, b, a_scale, b_scale, out_dtype, bias, mode, sb_rows, fast_accum=fast_accum)
+    return _gemm_op(a, b, a_scale, b_scale, out_dtype, bias, backend, fast_accum)

@@ -32,7 +32,7 @@ from xkernels._checks import check_float
 from xkernels.fp8.formats import fp8_max
 from xkernels.fp8.gemm import fp8_gemm
 from xkernels.fp8.quant import quantize_for_gemm
-from xkernels.fp8.recipe import ROLES, FP8Recipe, push_amax, reduce_amax
+from xkernels.fp8.recipe import ROLES, FP8Recipe, push_amax_op, reduce_amax
 
 log = logging.getLogger("xkernels.fp8")
 
@@ -54,27 +54,25 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _FP8LinearFn(torch.autograd.Function):
+    """The three GEMMs of FP8Linear. Operands arrive quantised (the module quantises x and W outside, where the
+    delayed-scaling state lives); the backward quantises dy and, for delayed scaling, records its amax into the
+    module's buffers through the ``xkernels::fp8_push_amax`` op (an in-graph mutation under torch.compile).
+
+    Only tensors and plain constants cross ``apply`` (no module), so Dynamo traces it without a graph break.
+    """
+
     @staticmethod
-    def forward(ctx, x2, weight, bias, mod, out_dtype, need_wgrad):
-        recipe = mod.recipe
-        gemm_backend = mod._gemm_backend
+    def forward(ctx, x2, weight, bias, xq, sx, xtq, sxt, wq, sw, wtq, swt, history, scale, num_updates,
+                out_dtype, backend, grad_dtype, grad_granularity, grad_use_history, grad_record, amax_algo, group):
         with torch.autocast(x2.device.type, enabled=False):
-            xq, sx, xtq, sxt, x_amax = quantize_for_gemm(
-                x2,
-                recipe.dtype("input"),
-                recipe.granularity("input"),
-                scale=mod._delayed_scale(INPUT),
-                transpose=need_wgrad,
-                want_amax=mod._delayed,
-            )
-            wq, sw, wtq, swt = mod._weight_fp8(weight)
             # Forward: K = in_features (a few thousand) -- Hopper's fast accumulation is accurate enough here (as
             # torchao's default Float8Linear config does); both backward GEMMs below promote every 128 of K.
-            out = fp8_gemm(xq, wq, sx, sw, out_dtype=out_dtype, bias=bias, backend=gemm_backend, fast_accum=True)
-        if mod._delayed and mod.training:
-            mod._record(INPUT, x_amax)
+            out = fp8_gemm(xq, wq, sx, sw, out_dtype=out_dtype, bias=bias, backend=backend, fast_accum=True)
         ctx.save_for_backward(xtq, sxt, wtq, swt)
-        ctx.mod = mod
+        # The history buffers are mutated (by later forwards and by this backward): kept on ctx, not saved, so
+        # autograd's saved-tensor version check does not trip over a legitimate update.
+        ctx.state = (history, scale, num_updates)
+        ctx.cfg = (backend, grad_dtype, grad_granularity, grad_use_history, grad_record, amax_algo, group)
         ctx.x_dtype = x2.dtype
         ctx.w_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -83,30 +81,31 @@ class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xtq, sxt, wtq, swt = ctx.saved_tensors
-        mod = ctx.mod
-        recipe = mod.recipe
+        history, scale, num_updates = ctx.state
+        backend, grad_dtype, granularity, use_history, record, algo, group = ctx.cfg
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
             dyq, sdy, dytq, sdyt, dy_amax = quantize_for_gemm(
                 dy,
-                recipe.dtype("grad_output"),
-                recipe.granularity("grad_output"),
-                scale=mod._delayed_scale(GRAD),
+                grad_dtype,
+                granularity,
+                scale=scale[GRAD] if use_history else None,
                 transpose=need_dw,
-                want_amax=mod._delayed,
+                want_amax=record,
             )
             # fast_accum=False: the weight gradient contracts over every token of the batch (K = tokens, 10^4..10^5)
             # and the input gradient over out_features; both promote to fp32 every 128 of K.
             if need_dx:
-                dx = fp8_gemm(dyq, wtq, sdy, swt, out_dtype=ctx.x_dtype, backend=mod._gemm_backend, fast_accum=False)
+                dx = fp8_gemm(dyq, wtq, sdy, swt, out_dtype=ctx.x_dtype, backend=backend, fast_accum=False)
             if need_dw:
-                dw = fp8_gemm(dytq, xtq, sdyt, sxt, out_dtype=ctx.w_dtype, backend=mod._gemm_backend, fast_accum=False)
+                dw = fp8_gemm(dytq, xtq, sdyt, sxt, out_dtype=ctx.w_dtype, backend=backend, fast_accum=False)
             if need_db:
                 db = dy.float().sum(0).to(ctx.bias_dtype)
-        if mod._delayed:
-            mod._record(GRAD, dy_amax)
-        return dx, dw, db, None, None, None
+        if record:
+            push_amax_op(history, scale, num_updates, reduce_amax(dy_amax.float(), group), GRAD,
+                         fp8_max(grad_dtype), algo)
+        return (dx, dw, db) + (None,) * 19
 
 
 class FP8Linear(nn.Linear):
@@ -210,18 +209,24 @@ class FP8Linear(nn.Linear):
             return None
         return self.fp8_scale[role]
 
-    @torch.no_grad()
     def _record(self, role: int, amax: torch.Tensor) -> None:
-        amax = reduce_amax(amax.float(), self.recipe.reduce_amax_group)
+        """Push ``amax`` into the history of ``role`` (in-graph under torch.compile: ``xkernels::fp8_push_amax``)."""
+        amax = reduce_amax(amax.detach().float(), self.recipe.reduce_amax_group)
         fmax = fp8_max(self.recipe.dtype(ROLES[role]))
-        push_amax(self.fp8_amax_history[role], self.fp8_scale[role], amax, fmax, self.recipe.amax_compute_algo)
-        self.fp8_num_updates[role] += 1
+        push_amax_op(self.fp8_amax_history, self.fp8_scale, self.fp8_num_updates, amax, role, fmax,
+                     self.recipe.amax_compute_algo)
         self._seen[role] = True
 
     def _weight_fp8(self, weight: torch.Tensor):
-        """``(W_fp8, sw, Wᵀ_fp8, swᵀ)``, remade only when the weight's version or storage changes."""
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
-        if self._w_cache is not None and self._w_cache[0] == key:
+        """``(W_fp8, sw, Wᵀ_fp8, swᵀ)``; in eager mode remade only when the weight's version or storage changes.
+
+        Under torch.compile the weight is quantised in-graph on every call (as torchao does): the cache key
+        (version counter, data pointer) is not traceable, and the cast is fused into the compiled graph. With
+        delayed scaling a weight amax is then pushed per training forward instead of per weight update.
+        """
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling else (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+        if key is not None and self._w_cache is not None and self._w_cache[0] == key:
             return self._w_cache[1]
         wq, sw, wtq, swt, w_amax = quantize_for_gemm(
             weight.detach(),
@@ -233,14 +238,17 @@ class FP8Linear(nn.Linear):
         )
         if self._delayed and self.training:
             self._record(WEIGHT, w_amax)
-        self._w_cache = (key, (wq, sw, wtq, swt))
-        return self._w_cache[1]
+        if key is not None:
+            self._w_cache = (key, (wq, sw, wtq, swt))
+        return wq, sw, wtq, swt
 
     # --- forward ------------------------------------------------------------------------------------------------
 
-    # Under torch.compile this layer runs eagerly (a graph break around it): its amax history and weight cache are
-    # Python-side state Dynamo cannot trace, and its work is already in fused Triton kernels.
-    @torch.compiler.disable
+    # torch.compile traces this forward (and the backward) without graph breaks: the kernels are custom ops
+    # (xkernels::fp8_cast_transpose, xkernels::fp8_gemm), the delayed-scaling history is updated by
+    # xkernels::fp8_push_amax (declared buffer mutations). The only Python-side state is ``_seen`` (has a role
+    # got its first amax yet): Dynamo guards on it, so the first training step compiles once more (step 0 scales
+    # from the current amax, later steps from the history).
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._te is not None:
             return _te_forward(self, x)
@@ -251,8 +259,37 @@ class FP8Linear(nn.Linear):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features, dtype=out_dtype)
+        recipe = self.recipe
         need_wgrad = torch.is_grad_enabled() and self.weight.requires_grad  # else skip the transposed copy of x
-        out = _FP8LinearFn.apply(x2, self.weight, self.bias, self, out_dtype, need_wgrad)
+        with torch.autocast(x2.device.type, enabled=False):
+            xq, sx, xtq, sxt, x_amax = quantize_for_gemm(
+                x2.detach(),
+                recipe.dtype("input"),
+                recipe.granularity("input"),
+                scale=self._delayed_scale(INPUT),
+                transpose=need_wgrad,
+                want_amax=self._delayed,
+            )
+            wq, sw, wtq, swt = self._weight_fp8(self.weight)
+        if self._delayed and self.training:
+            self._record(INPUT, x_amax)
+        # The gradient's scale: from its history once a backward has recorded one. The backward itself cannot
+        # flip this host-side flag under torch.compile, so the forward does, assuming its backward runs (a
+        # training forward whose backward never runs leaves the gradient history at its initial scale 1).
+        grad_use_history = self._delayed and self._seen[GRAD]
+        grad_record = self._delayed and torch.is_grad_enabled()
+        if grad_record:
+            self._seen[GRAD] = True
+        # Tensorwise recipes hand back one scale tensor for an operand and its transpose; Dynamo cannot trace
+        # autograd.Function.apply with a tensor passed twice, so the transpose gets its own (scalar) copy.
+        sxt = sxt.clone() if sxt is sx else sxt
+        swt = swt.clone() if swt is sw else swt
+        out = _FP8LinearFn.apply(
+            x2, self.weight, self.bias, xq, sx, xtq, sxt, wq, sw, wtq, swt,
+            self.fp8_amax_history, self.fp8_scale, self.fp8_num_updates,
+            out_dtype, self._gemm_backend, recipe.dtype("grad_output"), recipe.granularity("grad_output"),
+            grad_use_history, grad_record, recipe.amax_compute_algo, recipe.reduce_amax_group,
+        )
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

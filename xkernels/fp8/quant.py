@@ -582,6 +582,57 @@ def _cast_transpose_launch(
     return q, scale, qt, st, amax
 
 
+# --- custom op (torch.compile traces through it; the launch itself stays opaque) ------------------------------------
+
+
+def _fresh(t: torch.Tensor, *others: torch.Tensor | None) -> torch.Tensor:
+    """``t``, cloned if it shares storage with any of ``others`` (custom-op outputs may not alias inputs/outputs)."""
+    for o in others:
+        if o is not None and t.untyped_storage().data_ptr() == o.untyped_storage().data_ptr():
+            return t.clone()
+    return t
+
+
+@torch.library.custom_op("xkernels::fp8_cast_transpose", mutates_args=())
+def _cast_transpose_op(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    granularity: str,
+    scale: torch.Tensor | None,
+    transpose: bool,
+    pad_to: int,
+    want_amax: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton cast(-transpose) as one op: ``(q, s, qt, st, amax)``; what was not asked for is an empty tensor."""
+    q, s, qt, st, amax = _cast_transpose_triton(x, fp8_dtype, granularity, scale, transpose, pad_to, want_amax)
+    s = _fresh(s, scale)
+    qt = qt if qt is not None else x.new_empty(0, dtype=fp8_dtype)
+    st = _fresh(st, scale, s) if st is not None else x.new_empty(0, dtype=torch.float32)
+    # (the launcher may hand back the amax pre-pass's result even when it was not asked for)
+    amax = amax if want_amax else x.new_empty(0, dtype=torch.float32)
+    return q, s, qt, st, amax
+
+
+@_cast_transpose_op.register_fake
+def _cast_transpose_fake(x, fp8_dtype, granularity, scale, transpose, pad_to, want_amax):
+    m, k = x.shape
+    q = x.new_empty(m, k, dtype=fp8_dtype)
+    s = x.new_empty(scale.shape if scale is not None else scale_shape(m, k, granularity), dtype=torch.float32)
+    if transpose:
+        qt = x.new_empty(k, cdiv(m, pad_to) * pad_to, dtype=fp8_dtype)
+        if granularity == "tensor":
+            st_shape = s.shape
+        elif granularity == "block_128x128":
+            st_shape = (s.shape[1], s.shape[0])
+        else:
+            st_shape = scale_shape(k, m, granularity)
+        st = x.new_empty(st_shape, dtype=torch.float32)
+    else:
+        qt, st = x.new_empty(0, dtype=fp8_dtype), x.new_empty(0, dtype=torch.float32)
+    amax = x.new_empty(() if want_amax else (0,), dtype=torch.float32)
+    return q, s, qt, st, amax
+
+
 # --- public API -----------------------------------------------------------------------------------------------------
 
 
@@ -627,7 +678,7 @@ def quantize(
         scale = scale.reshape(())
     if not use_triton(x):
         return quantize_ref(x, fp8_dtype, granularity, scale)
-    q, s, _, _, _ = _cast_transpose_triton(x, fp8_dtype, granularity, scale, False, 1, False)
+    q, s, _, _, _ = _cast_transpose_op(x, fp8_dtype, granularity, scale, False, 1, False)
     return q, s
 
 
@@ -653,7 +704,7 @@ def cast_transpose(
     if not use_triton(x):
         out = cast_transpose_ref(x, fp8_dtype, granularity, scale, pad_to)
         return (*out, amax_ref(x, "tensor")) if return_amax else out
-    q, s, qt, st, amax = _cast_transpose_triton(x, fp8_dtype, granularity, scale, True, pad_to, return_amax)
+    q, s, qt, st, amax = _cast_transpose_op(x, fp8_dtype, granularity, scale, True, pad_to, return_amax)
     return (q, s, qt, st, amax) if return_amax else (q, s, qt, st)
 
 
@@ -670,7 +721,8 @@ def quantize_for_gemm(
     if scale is not None and granularity == "tensor":
         scale = scale.reshape(())
     if use_triton(x):
-        return _cast_transpose_triton(x, fp8_dtype, granularity, scale, transpose, pad_to, want_amax)
+        q, s, qt, st, amax = _cast_transpose_op(x, fp8_dtype, granularity, scale, transpose, pad_to, want_amax)
+        return q, s, qt if transpose else None, st if transpose else None, amax if want_amax else None
     if transpose:
         q, s, qt, st = cast_transpose_ref(x, fp8_dtype, granularity, scale, pad_to)
     else:

@@ -138,3 +138,27 @@ def push_amax(history: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor, fp
     a = history_amax(history, algo)
     new = a.clamp(min=AMAX_EPS) / fp8_max
     scale.copy_(torch.where(torch.isfinite(a) & (a > 0), new, scale))
+
+
+@torch.library.custom_op("xkernels::fp8_push_amax", mutates_args=("history", "scale", "num_updates"))
+def push_amax_op(
+    history: torch.Tensor,
+    scale: torch.Tensor,
+    num_updates: torch.Tensor,
+    amax: torch.Tensor,
+    role: int,
+    fp8_max: float,
+    algo: str,
+) -> None:
+    """:func:`push_amax` on row ``role`` of FP8Linear's buffers ((R, L) history, (R,) scale and update count).
+
+    One op with declared mutations, so that under torch.compile the history update is an in-graph buffer mutation
+    (also inside the backward graph, where the gradient's amax is recorded), never Python-side state.
+    """
+    push_amax(history[role], scale[role], amax, fp8_max, algo)
+    num_updates[role] += 1
+
+
+@push_amax_op.register_fake
+def _push_amax_fake(history, scale, num_updates, amax, role, fp8_max, algo):
+    return None
