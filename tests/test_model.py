@@ -440,7 +440,9 @@ def test_each_xmodel_module_imports_alone_in_a_fresh_interpreter():
 # μP multipliers cost nothing: no elementwise multiply over the (tokens x vocab) logits
 # ------------------------------------------------------------------------------------------------
 def _vocab_wide_muls(fn, vocab: int) -> list[str]:
-    """The aten mul ops (out-of-place and in-place) that ``fn`` runs on a tensor whose last dim is ``vocab``."""
+    """The aten mul/div ops (out-of-place and in-place) by a scalar (a Python number or a 0-dim tensor) that ``fn``
+    runs on a tensor whose last dim is ``vocab`` -- the form a μP multiplier on the logits takes (the loss's own
+    per-row gradient factor is not one)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seen = []
@@ -450,7 +452,8 @@ def _vocab_wide_muls(fn, vocab: int) -> list[str]:
             name = func.overloadpacket.__name__
             if name in ("mul", "mul_", "div", "div_"):
                 shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
-                if any(s and s[-1] == vocab for s in shapes):
+                wide = [s for s in shapes if s and s[-1] == vocab]
+                if wide and all(s == () or s in wide for s in shapes) and len(wide) == 1:
                     seen.append(f"{func}{shapes}")
             return func(*args, **(kwargs or {}))
 
@@ -479,3 +482,22 @@ def test_no_vocab_wide_multiply_in_forward_and_backward(tied):
     with torch.no_grad():
         caught = _vocab_wide_muls(lambda: model.lm_head(torch.randn(2, 64)) * 2.0, cfg.vocab_size)
     assert len(caught) == 1
+
+
+def test_cross_entropy_sum_matches_torch_value_and_gradient():
+    from xmodel.model import cross_entropy_sum
+
+    logits = torch.randn(3, 7, 97, dtype=torch.float64).float()
+    labels = torch.randint(0, 97, (3, 7))
+    labels[0, :3] = -100
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    want = F.cross_entropy(a.reshape(-1, 97), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    got = cross_entropy_sum(b, labels, -100)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    (want * 0.37).backward()
+    (got * 0.37).backward(retain_graph=True)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-7)
+    assert b.grad[0, :3].abs().max() == 0  # ignored rows
+    with pytest.raises(RuntimeError, match="twice"):
+        got.backward()

@@ -82,10 +82,41 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Sum over positions of ``-log softmax(logits)[label]`` in fp32, skipping ``labels == ignore_index``."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
-    )
+    """Sum over positions of ``-log softmax(logits)[label]`` in fp32, skipping ``labels == ignore_index``.
+
+    Same value as ``F.cross_entropy(logits.float(), labels, ignore_index=..., reduction="sum")``; the gradient
+    ``g * (softmax(logits) - onehot(label))`` (0 on ignored rows) is formed in place in the saved log-softmax, so
+    the backward makes two passes over the (tokens x vocab) buffer instead of a zero-fill, a scatter and
+    ``log_softmax_backward``."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return _CrossEntropySum.apply(flat if flat.dtype == torch.float32 else flat.float(), labels.reshape(-1),
+                                  ignore_index)
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    """``sum_i valid_i * (lse_i - z_i[t_i])`` over fp32 logits ``z`` (N, V); backward in place (see above)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index):
+        logprobs = torch.log_softmax(logits, dim=-1)  # (N, V): saved, turned into the gradient in backward
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        picked = logprobs.gather(1, safe[:, None]).squeeze(1)
+        ctx.save_for_backward(logprobs, safe, valid)
+        ctx.consumed = False
+        return -torch.where(valid, picked, torch.zeros_like(picked)).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.consumed:
+            raise RuntimeError("the cross entropy's saved buffer is reused by its backward: "
+                               "backward through it twice (retain_graph=True) is not supported")
+        ctx.consumed = True
+        logprobs, safe, valid = ctx.saved_tensors
+        probs = logprobs.exp_()  # softmax, in place
+        probs.scatter_add_(1, safe[:, None], torch.full_like(probs[:, :1], -1.0))
+        probs.mul_((valid.to(probs.dtype) * grad)[:, None])  # times the incoming gradient; 0 on ignored rows
+        return probs, None, None
 
 
 # --------------------------------------------------------------------------------------------------------
