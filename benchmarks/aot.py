@@ -554,7 +554,7 @@ def run(arch: str, out_dir: Path | None, kernels: list[str] | None, scenarios: l
 
     cc = ARCHS[arch]
     cap = capture(scenarios or list(SCENARIOS))
-    specs = expand(cap["specs"] + (extra_specs or []), cc)
+    specs = specs_all = expand(cap["specs"] + (extra_specs or []), cc)
     if kernels:
         specs = [s for s in specs if any(k in s["kernel"] for k in kernels)]
     if list_only:
@@ -584,8 +584,12 @@ def run(arch: str, out_dir: Path | None, kernels: list[str] | None, scenarios: l
         for spec in specs:
             report(_compile_row(spec, arch))
     failures = [{"kernel": r["kernel"], "config": r["config"], "problems": problems(r, arch)} for r in rows if problems(r, arch)]
+    captured: dict = {}
+    for s in specs_all:
+        captured[s["kernel"]] = captured.get(s["kernel"], 0) + 1
     result = {
         "arch": arch,
+        "captured": captured,  # kernel -> variants found before --kernels filtered them
         "triton": triton.__version__,
         "torch": torch.__version__,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),  # noqa: UP017 (3.10)

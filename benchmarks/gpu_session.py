@@ -43,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LOG_CAP = 400_000  # characters of each phase's output kept in session.log
 
 # (name, budget on a GPU, budget in a dry run) -- seconds.  Sum on a GPU: 530 s, under the 540 s default total.
-PHASES = [("setup", 30, 20), ("aot", 100, 45), ("parity", 120, 45), ("bench", 170, 60), ("train", 110, 45)]
+# A failed phase does not stop the later ones (benchmarks of a kernel whose parity failed are still worth having:
+# session.md shows both).  The AOT phase also fills Triton's compile cache for the later phases where the keys match.
+PHASES = [("setup", 25, 20), ("aot", 75, 45), ("parity", 120, 45), ("bench", 200, 60), ("train", 110, 45)]
 # Dense bf16 tensor-core peaks (data sheets, SXM parts) for MFU; the measured matmul ceiling is reported as well.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
 
@@ -92,8 +94,10 @@ def plan(dry_run: bool, out: Path, work: Path, arch: str) -> list[tuple[str, lis
     py = sys.executable
     wheels = sorted((ROOT / ".whl").glob("*.whl")) if (ROOT / ".whl").is_dir() else []
     setup = [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", *map(str, wheels)]
-    if dry_run:
-        setup = [py, "-m", "pip", "--version"] if not wheels else [*setup, "--dry-run"]
+    if not wheels:  # nothing to install: just record pip (and so the Python) the session runs on
+        setup = [py, "-m", "pip", "--version"]
+    elif dry_run:
+        setup = [*setup, "--dry-run"]
     aot = [py, "-m", "benchmarks.aot", "--arch", arch, "--out", str(out), "--jobs", str(min(16, os.cpu_count() or 1))]
     parity = [py, "-m", "pytest", "tests", "-q", "-x", "-k", "cuda", "-p", "no:cacheprovider"]
     bench = [py, "-m", "benchmarks.report", "--out", str(work / "bench"), "--skip-tests", "--no-compile"]
@@ -157,7 +161,7 @@ def _train_main(result_path: Path, dry_run: bool) -> int:
             if variant == "fp8":
                 from xkernels.fp8 import FP8Recipe, convert_to_fp8
 
-                convert_to_fp8(model, FP8Recipe.from_name("delayed"))
+                model = convert_to_fp8(model, FP8Recipe.from_name("delayed")) or model
             model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                     **({"fused": True} if on_cuda else {}))
@@ -315,16 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="xk-session-") as tmp:
         work = Path(tmp)
         steps = [s for s in plan(args.dry_run, out, work, arch) if s[0] in wanted]
-        parity_failed = False
         for i, (name, cmd, extra_env) in enumerate(steps):
             later = sum(min(20.0, budgets[n]) for n, _, _ in steps[i + 1 :])  # leave each later phase a start
             timeout = min(budgets[name], deadline - time.monotonic() - later)
             if cmd is None or timeout < 1:
                 rec = {"phase": name, "status": "skipped (no time left)" if cmd else "skipped", "seconds": 0,
                        "budget_s": budgets[name], "tail": [], "_log": ""}
-            elif name == "bench" and parity_failed and not args.dry_run:
-                rec = {"phase": name, "status": "skipped (parity failed)", "seconds": 0, "budget_s": budgets[name],
-                       "tail": [], "_log": ""}
             else:
                 if name == "bench":
                     cmd = [*cmd, "--budget-s", str(max(10.0, timeout - 15))]
@@ -334,8 +334,6 @@ def main(argv: list[str] | None = None) -> int:
                 if "TRITON_INTERPRET" not in extra_env:
                     env.pop("TRITON_INTERPRET", None)
                 rec = run_phase(name, cmd, timeout, env)
-            if name == "parity" and rec["status"] != "ok":
-                parity_failed = True
             rec["summary"] = _summary(name, rec, work, out, arch, session)
             print(f"[session]   {rec['status']} in {rec['seconds']} s: {rec['summary']}", flush=True)
             logs.append(f"===== {name}: {rec['status']} ({rec['seconds']} s of {rec['budget_s']} s) =====\n"
