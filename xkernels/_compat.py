@@ -26,3 +26,10 @@ if triton_available():
     TRITON_VERSION = _version(triton.__version__)
 else:
     TRITON_VERSION = (0, 0, 0)
+
+
+# --- xkernels.fp8 -------------------------------------------------------------------------------------------------
+# torch < 2.13 (seen on 2.11): Dynamo traces an autograd.Function whose forward output comes from plain aten ops on
+# fp8 inputs as non-differentiable and feeds its backward a zero gradient (FP8Linear's compiled backward on the
+# torch path gave all-zero grads). fp8_gemm's torch path then stays an opaque custom op under torch.compile.
+FP8_OPAQUE_TORCH_GEMM = TORCH_VERSION < (2, 13)

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from xkernels._checks import check_nonempty, check_same_device, check_tensor
+from xkernels._compat import FP8_OPAQUE_TORCH_GEMM
 from xkernels.dispatch import interpreting, use_triton
 from xkernels.fp8._device import on_device
 from xkernels.fp8.formats import BLOCK, FP8_DTYPES, cdiv
@@ -511,6 +512,8 @@ def _gemm_op(
     fast_accum: bool,
 ) -> torch.Tensor:
     """The Triton (``backend="triton"``) or cuBLASLt (``"scaled_mm"``) GEMM as one op for torch.compile."""
+    if backend == "torch":
+        return fp8_gemm_ref(a, b, a_scale, b_scale, out_dtype, bias)
     mode, sb_rows = _scale_mode(a, b, a_scale, b_scale)
     if backend == "scaled_mm":
         return _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode, fast_accum)
@@ -550,6 +553,8 @@ def fp8_gemm(
     if backend == "auto":
         backend = "triton" if use_triton(a) and _fp8_tensor_cores(a.device) else "torch"
     if backend == "torch":
+        if FP8_OPAQUE_TORCH_GEMM and torch.compiler.is_compiling():  # see xkernels._compat
+            return _gemm_op(a, b, a_scale, b_scale, out_dtype, bias, "torch", fast_accum)
         return fp8_gemm_ref(a, b, a_scale, b_scale, out_dtype, bias)
     if backend == "scaled_mm":
         if mode == 2:
