@@ -9,6 +9,9 @@ Float8Linear and Transformer Engine.
 * FP8Linear forward + backward (three GEMMs, 6 M N K FLOPs) at the same model shapes vs bf16 ``nn.Linear``,
   torchao ``Float8Linear`` (tensorwise) and TE ``te.Linear`` under ``fp8_autocast`` when installed.
 
+* MLP block (Linear -> GELU -> Linear, fwd+bwd): FP8Linear eager vs inside one torch.compile per block, bf16 eager
+  and compiled, torchao float8 compiled (peer; skipped with the reason when absent or without a GPU).
+
 On CPU the GEMM runs the dequantise-then-matmul reference at small shapes (ratios only).
 GPU targets (issue 3): GEMM >= 1.0x torch._scaled_mm at 8192^3 and >= 1.7x bf16; FP8Linear fwd+bwd >= 1.3x bf16.
 """
@@ -186,4 +189,53 @@ def test_fp8_linear(benchmark, impl, shape):
         dtype="bfloat16" if impl == "bf16" else "fp8",
         flops=6 * m * n_out * n_in,
         ceiling=ceilings.matmul_key(ACT if impl == "bf16" or not ON_CUDA else E4M3),
+    )
+
+
+# ------------------------------------------------------------------------------ compiled MLP block (issue 14)
+BLOCK_SHAPE = pick((16384, 1536, 3840), (256, 128, 256))  # (tokens, hidden, intermediate)
+BLOCK_IMPLS = ["xkernels", "xkernels-compile", "bf16", "compile", "torchao-compile"]
+
+
+def _mlp_block(impl: str, hidden: int, inter: int) -> torch.nn.Module:
+    """Linear -> GELU -> Linear, as trainers compile it (torchtitan: one torch.compile per block)."""
+    block = torch.nn.Sequential(
+        torch.nn.Linear(hidden, inter, bias=False, device=DEVICE, dtype=ACT),
+        torch.nn.GELU(approximate="tanh"),
+        torch.nn.Linear(inter, hidden, bias=False, device=DEVICE, dtype=ACT),
+    )
+    if impl.startswith("xkernels"):
+        fp8.convert_to_fp8(block, fp8.FP8Recipe(), skip=())
+    elif impl.startswith("torchao"):
+        require_cuda("torchao Float8Linear")
+        float8 = import_peer("torchao.float8", "torchao")
+        block = float8.convert_to_float8_training(block)
+    if impl.endswith("compile"):
+        block = compile_fn(block)  # FP8Linear traces without graph breaks (tests/test_fp8_compile.py)
+    return block
+
+
+@pytest.mark.parametrize("impl", BLOCK_IMPLS)
+def test_fp8_mlp_block(benchmark, impl):
+    """FP8Linear inside a compiled MLP block vs the same block eager, bf16 (eager and compiled) and torchao float8
+    compiled (skipped, saying why, when torchao is absent or there is no GPU)."""
+    m, hidden, inter = BLOCK_SHAPE
+    block = _mlp_block(impl, hidden, inter)
+    weight = next(block.parameters())
+
+    def make_inputs():
+        return (randn(m, hidden, dtype=ACT, requires_grad=True), weight), randn(m, hidden, dtype=ACT)
+
+    run(
+        benchmark,
+        fn=lambda x, w: block(x),
+        make_inputs=make_inputs,
+        mode="fwdbwd",
+        impl=impl,
+        family="fp8",
+        group=f"fp8 mlp block fwdbwd {m}x{hidden}->{inter}->{hidden}",
+        shape=f"{m}x{hidden}x{inter}",
+        dtype="bfloat16" if impl in ("bf16", "compile") else "fp8",
+        flops=2 * 6 * m * hidden * inter,
+        ceiling=ceilings.matmul_key(ACT if impl in ("bf16", "compile") or not ON_CUDA else E4M3),
     )

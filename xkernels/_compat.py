@@ -33,3 +33,10 @@ else:
 # ``addmm.dtype_out`` (torch >= 2.8, CUDA only; torch 2.11 accepts an fp32 ``self`` with bf16/fp16 mats).
 # Detected from the operator schema rather than a version number.
 ADDMM_OUT_DTYPE = any("dtype_out" in str(s) for s in torch._C._jit_get_schemas_for_operator("aten::addmm"))
+
+
+# --- xkernels.fp8 -------------------------------------------------------------------------------------------------
+# torch < 2.13 (seen on 2.11): Dynamo traces an autograd.Function whose forward output comes from plain aten ops on
+# fp8 inputs as non-differentiable and feeds its backward a zero gradient (FP8Linear's compiled backward on the
+# torch path gave all-zero grads). fp8_gemm's torch path then stays an opaque custom op under torch.compile.
+FP8_OPAQUE_TORCH_GEMM = TORCH_VERSION < (2, 13)

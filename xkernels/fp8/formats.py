@@ -2,8 +2,9 @@
 
 Scale convention (the one ``torch._scaled_mm`` and Transformer Engine's ``scale_inv`` use): a quantised
 tensor is the pair ``(q, s)`` with ``x ≈ q.float() * s``; ``s = max(amax, AMAX_EPS) / fp8_max`` is stored in
-fp32 and the GEMM multiplies its accumulator by ``s`` directly. Quantising is ``q = fp8(clamp(x / s, ±fp8_max))``
-with IEEE division and round-to-nearest-even.
+fp32 and the GEMM multiplies its accumulator by ``s`` directly. Quantising is
+``q = fp8(clamp(x * (1 / s), ±fp8_max))``: one IEEE reciprocal per scaling group, a multiply per element,
+round-to-nearest-even (see :mod:`xkernels.fp8.quant` for why).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from xkernels._checks import check_nonempty, check_same_device, check_tensor
+from xkernels._compat import FP8_OPAQUE_TORCH_GEMM
 from xkernels.dispatch import interpreting, use_triton
 from xkernels.fp8._device import on_device
 from xkernels.fp8.formats import BLOCK, FP8_DTYPES, cdiv
@@ -213,10 +214,11 @@ INTERPRETER_CONFIG = GemmConfig()
 # accumulation holds one tile, promotion (the default) and block scales hold a second one (the wgmma result before
 # it is added) plus the per-column scales of b, so the big tiles only serve the fast tensor pairing. Measured
 # spills that set the lists (Triton 3.9, bytes): 256x128/w8 tensor-fast 12-48; row-fast 128x256/w8 28-116,
-# 256x128/w8 60-76, 128x128/w4 36; block with 1x128 b scales 128x128/w8 12-92, 128x64/w4 8-40. Shared memory is
+# 256x128/w8 60-76, 128x128/w4 36; block with 1x128 b scales 128x128/w8 12-92, 128x64/w4 8-40; Triton 3.6
+# tensor-fast 128x128/w4 12. With these lists all 55 variants (x TMA on/off) are spill-free on both. Shared memory is
 # stages*(BM+BN)*BK bytes: H100/H200 have 227 KiB, sm_89 ~99 KiB. Tile shapes from the Triton persistent-matmul
 # tutorial / FBGEMM's fp8 Triton GEMMs; to be re-measured on the H200.
-_BIG = [GemmConfig(128, 256, 128, 8, 8, 3), GemmConfig(128, 128, 128, 8, 4, 4)]
+_BIG = [GemmConfig(128, 256, 128, 8, 8, 3)]
 _MID = [GemmConfig(128, 128, 128, 8, 8, 4)]
 _SMALL = [GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(128, 64, 128, 8, 4, 4), GemmConfig(64, 64, 128, 8, 4, 3)]
 _CUDA_CONFIGS = _BIG + _MID + _SMALL
@@ -511,6 +513,8 @@ def _gemm_op(
     fast_accum: bool,
 ) -> torch.Tensor:
     """The Triton (``backend="triton"``) or cuBLASLt (``"scaled_mm"``) GEMM as one op for torch.compile."""
+    if backend == "torch":
+        return fp8_gemm_ref(a, b, a_scale, b_scale, out_dtype, bias)
     mode, sb_rows = _scale_mode(a, b, a_scale, b_scale)
     if backend == "scaled_mm":
         return _scaled_mm(a, b, a_scale, b_scale, out_dtype, bias, mode, fast_accum)
@@ -550,6 +554,8 @@ def fp8_gemm(
     if backend == "auto":
         backend = "triton" if use_triton(a) and _fp8_tensor_cores(a.device) else "torch"
     if backend == "torch":
+        if FP8_OPAQUE_TORCH_GEMM and torch.compiler.is_compiling():  # see xkernels._compat
+            return _gemm_op(a, b, a_scale, b_scale, out_dtype, bias, "torch", fast_accum)
         return fp8_gemm_ref(a, b, a_scale, b_scale, out_dtype, bias)
     if backend == "scaled_mm":
         if mode == 2:

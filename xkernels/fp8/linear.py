@@ -8,11 +8,16 @@ For ``y = x Wᵀ + b`` with ``x (M, K)``, ``W (N, K)`` (master weights stay in t
     bias grad      db = Σ_tokens dy                                    high precision
 
 ``q(x)ᵀ`` and ``q(dy)ᵀ`` come from the fused cast-transpose (:func:`xkernels.fp8.cast_transpose`), so the
-forward saves fp8 ``xᵀ`` (not ``x``) for the weight gradient. The FP8 copy of ``W`` (and ``Wᵀ``) is cached and only
-remade when the weight changes (its version counter moves: an optimizer step or a load), so gradient-accumulation
+forward saves fp8 ``xᵀ`` (not ``x``) for the weight gradient. In eager mode the FP8 copy of ``W`` (and ``Wᵀ``) is
+cached and only remade when the weight changes (its version counter moves: an optimizer step or a load), so gradient-accumulation
 micro-batches reuse one copy per step. Scaling follows the :class:`~xkernels.fp8.FP8Recipe`; the delayed-scaling
 amax history and scales are buffers (``fp8_amax_history`` (3, L), ``fp8_scale`` (3,), ``fp8_num_updates`` (3,),
 rows = input / weight / grad_output) and so are saved and restored with ``state_dict``.
+
+Under ``torch.compile(fullgraph=True)`` the layer traces without graph breaks (forward and backward): the kernels are
+custom ops and the history update is the ``xkernels::fp8_push_amax`` op (declared buffer mutations); the weight is
+then re-quantised in-graph on every call. Accumulation: the forward GEMM uses Hopper's fast FP8 accumulation, the
+two backward GEMMs promote to fp32 every 128 of K.
 
 On CPU the same quantisation runs through the PyTorch reference (real fp8 codes with the kernels' scales,
 dequantised, fp32 matmul): an FP8 *emulation*, numerically what the GPU kernels compute up to fp32 summation order.
