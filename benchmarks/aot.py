@@ -137,18 +137,22 @@ def _fp8_gemm_variants(cc: int, spec: dict) -> list[dict]:
     """On CUDA the FP8 GEMM launcher uses its autotuner (all configs) and, on sm_90 with descriptors, TMA."""
     from xkernels.fp8 import gemm
 
-    tuned = gemm._autotuned_kernel() if hasattr(gemm, "_autotuned_kernel") else None
-    configs = getattr(tuned, "configs", None) or [None]
-    tma = [False] + ([True] if cc >= 90 and getattr(gemm, "tma_available", lambda: False)() else [])
+    arg = lambda name, default: spec["args"].get(name, {}).get("value", default)  # noqa: E731
+    mode, sb_rows = int(arg("SCALE_MODE", 0)), int(arg("SB_ROWS", 1))
+    fast = bool(arg("FAST_ACCUM", False)) and mode != 2  # as gemm._launch: block scaling always promotes
+    configs = gemm.gemm_configs(gemm._mode_name(mode, sb_rows), fast_accum=fast, cc=min(cc, 90)) or [None]
+    tma = [False] + ([True] if cc >= 90 and gemm.tma_available() else [])
     out = []
     for cfg in configs:
         for use_tma in tma:
             v = json.loads(json.dumps(spec))
             if "USE_TMA" in v["args"]:
                 v["args"]["USE_TMA"] = {"kind": "bool", "value": use_tma}
+            if "FAST_ACCUM" in v["args"]:
+                v["args"]["FAST_ACCUM"] = {"kind": "bool", "value": fast}
             if cfg is not None:
-                for k, val in cfg.kwargs.items():
-                    v["args"][k] = _encode(val)
+                for k in ("BM", "BN", "BK", "GROUP_M"):
+                    v["args"][k] = _encode(getattr(cfg, k))
                 v["num_warps"], v["num_stages"] = cfg.num_warps, cfg.num_stages
             v["variant"] = ("tma" if use_tma else "ptr") + (f" cfg{configs.index(cfg)}" if cfg is not None else "")
             out.append(v)
