@@ -62,18 +62,23 @@ def test_compile_trains_through_muon_switch_without_recompiling(tiny, tmp_path, 
 
 
 def test_compile_with_fp8_emulation_trains_through_muon_switch(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """Traced by dynamo + AOTAutograd (``aot_eager``): the emulated FP8 block is thousands of ops, and inductor's
+    CPU code generation for it takes minutes; what is checked here is tracing, graph breaks and recompiles."""
+    import functools
+
+    import xmodel.training.compile as compile_mod
+
+    monkeypatch.setattr(compile_mod, "compile_blocks", functools.partial(compile_mod.compile_blocks, backend="aot_eager"))
     records, at_switch, end, before, after = _run_compiled(tiny, tmp_path, monkeypatch,
-                                                           "--fp8", "delayed", "--fp8-emulate")
+                                                           "--fp8", "delayed", "--fp8-emulate",
+                                                           "--model.num_hidden_layers", "2", "--steps", "6",
+                                                           "--decay", "2", "--eval-every", "3",
+                                                           "--eval-batches", "1")  # time: the switch at step 4
     assert len([r for r in records if r.get("event") == "switch_to_muon"]) == 1
     evals = [r["val_loss"] for r in records if r["kind"] == "eval"]
     assert len(evals) == 3 and evals[-1] < evals[0]
     assert end["frames"] == at_switch["frames"] and end["unique_graphs"] == at_switch["unique_graphs"], (at_switch, end)
     assert after == [], after
-    if end["graph_breaks"]:
-        from xkernels.fp8 import FP8Linear
-
-        if getattr(FP8Linear.forward, "_torchdynamo_disable", False) or "compiler.disable" in str(end):
-            pytest.xfail("needs fp8 branch: FP8Linear.forward is torch.compiler.disable'd (a break per linear)")
     assert end["graph_breaks"] == 0, end
 
 
