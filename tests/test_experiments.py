@@ -228,3 +228,22 @@ def test_muon_decay_window_diffs():
     muon = [[s, 5.0 if s <= 4 else 5.0 - 0.1 * (s - 4)] for s in range(1, 11)]
     # decay steps 4..9 are records 5..10, in thirds: (5, 6), (7, 8), (9, 10)
     assert decay_window_diffs(adamw, muon, 4, 10) == pytest.approx([-0.15, -0.35, -0.55])
+
+
+def test_eval_sets_stored_and_rebuilt_on_other_key(tmp_path):
+    import torch
+
+    from xmodel.experiments.forking import load_or_make_eval_sets
+
+    calls = []
+
+    def make():
+        calls.append(1)
+        return {"val": torch.arange(6).reshape(2, 3)}
+
+    path = tmp_path / "seed0.pt"
+    first = load_or_make_eval_sets(path, {"seq": 2}, make)
+    again = load_or_make_eval_sets(path, {"seq": 2}, make)  # read back with weights_only=True
+    assert len(calls) == 1 and torch.equal(first["val"], again["val"])
+    load_or_make_eval_sets(path, {"seq": 3}, make)
+    assert len(calls) == 2

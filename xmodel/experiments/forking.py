@@ -196,13 +196,17 @@ def make_eval_sets(run, num_batches: int, used: int, trained_rows: torch.Tensor,
             "heldout": heldout_windows(run.sampler, rows, used), "trained": trained_rows}
 
 
-def load_or_make_eval_sets(path: Path, make) -> dict[str, torch.Tensor]:
-    """The evaluation sets stored at ``path`` (``torch.load(weights_only=True)``), else ``make()`` saved there."""
+def load_or_make_eval_sets(path: Path, key: dict[str, Any], make) -> dict[str, torch.Tensor]:
+    """The evaluation sets stored at ``path`` (``torch.load(weights_only=True)``) when they were made for the same
+    ``key`` (run shape, corpus, sizes), else ``make()`` saved there."""
+    tag = json.dumps(key, sort_keys=True, default=str)
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        stored = torch.load(path, weights_only=True)
+        if stored.get("key") == tag:
+            return stored["sets"]
     sets = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sets, path)
+    torch.save({"key": tag, "sets": sets}, path)
     return sets
 
 
@@ -263,7 +267,9 @@ def run_seed(out_dir: Path, seed: int, fields: dict[str, Any], warmup: int, fork
         result["trunks"][kind] = trunk
         if sets is None:
             used = (fork + max(decays)) * bs
-            sets = load_or_make_eval_sets(out_dir / "evalsets" / f"seed{seed}.pt",
+            key = {"fields": fields, "warmup": warmup, "fork": fork, "used": used, "eval_batches": eval_batches,
+                   "trained_batches": trained_batches, "unseen_mb": unseen_mb}
+            sets = load_or_make_eval_sets(out_dir / "evalsets" / f"seed{seed}.pt", key,
                                           lambda: make_eval_sets(run, eval_batches, used, torch.cat(trained), unseen_mb))
             result["eval_sizes"] = {k: int(v.shape[0]) for k, v in sets.items()}
             result["eval_tokens"] = {k: int(v.shape[0] * (v.shape[1] - 1)) for k, v in sets.items()}
