@@ -230,11 +230,71 @@ def reload(out: Path, name: str) -> dict[str, Any]:
     return data
 
 
+def val_by_file(out: Path, cache_dir: str | None, corpus_mb: float, seq: int, rows: int, vocab: int = 4096
+                ) -> dict[str, Any]:
+    """Break the validation-split difference down by file: which file each validation row comes from (rows are
+    spread evenly over the split's windows, as :func:`xmodel.training.data.eval_batches` picks them), its share of
+    the rows, the AdamW loss and Muon - AdamW per decay length (means over the seeds in ``<out>/seeds/``).  Also the
+    validation difference without the file holding most rows.  Writes ``<out>/muon_switch_val_by_file.json``."""
+    import numpy as np
+
+    from xmodel.training.config import TrainConfig
+    from xmodel.training.corpus import build_default_corpus
+    from xmodel.training.data import SourceSpec, load_source
+    from xmodel.training.tokenizer import default_tokenizer
+
+    cache = TrainConfig(cache_dir=cache_dir).cache_path
+    train_path, val_path = build_default_corpus(cache, corpus_mb)
+    tok = default_tokenizer(train_path, cache, vocab)
+    src = load_source(SourceSpec(str(val_path)), tok, cache, seq, log=lambda m: None)
+    names = [json.loads(line)["name"] for line in open(val_path, encoding="utf-8")]
+    tokens = np.concatenate([np.asarray(sh) for sh in src.shards])
+    eos = np.flatnonzero(tokens == tok.eos_id)
+    idx = np.linspace(0, src.num_windows - 1, num=min(src.num_windows, rows)).astype(np.int64)
+    doc = np.searchsorted(eos, idx * seq)
+    seeds = [json.loads(p.read_text()) for p in sorted((out / "seeds").glob("seed*.json"))]
+    decays = sorted({b["decay"] for r in seeds for b in r["branches"].values()})
+    files: dict[str, Any] = {}
+    result: dict[str, Any] = {"rows": int(len(idx)), "files_in_split": len(names), "seeds": [r["seed"] for r in seeds],
+                              "files": files, "without_largest": {}}
+    for k in np.unique(doc):
+        sel = doc == k
+        entry = {"rows": int(sel.sum()), "adamw": {}, "diff": {}}
+        for d in decays:
+            a = [np.asarray(r["branches"][f"adamw@{d}"]["eval_rows"]["val"])[sel].mean() for r in seeds
+                 if f"muon@{d}" in r["branches"]]
+            m = [np.asarray(r["branches"][f"muon@{d}"]["eval_rows"]["val"])[sel].mean() for r in seeds
+                 if f"muon@{d}" in r["branches"]]
+            if a:
+                entry["adamw"][str(d)] = float(np.mean(a))
+                entry["diff"][str(d)] = float(np.mean(m) - np.mean(a))
+        files[names[int(k)]] = entry
+    largest = int(np.bincount(doc).argmax())
+    keep = doc != largest
+    result["largest_file"] = names[largest]
+    for d in decays if keep.any() else []:
+        per_seed = [float((np.asarray(r["branches"][f"muon@{d}"]["eval_rows"]["val"])
+                           - np.asarray(r["branches"][f"adamw@{d}"]["eval_rows"]["val"]))[keep].mean())
+                    for r in seeds if f"muon@{d}" in r["branches"]]
+        if per_seed:
+            from xmodel.experiments.common import paired_summary
+
+            result["without_largest"][str(d)] = {"per_seed": per_seed, **paired_summary(per_seed)}
+    path = out / f"{NAME}_val_by_file.json"
+    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = make_parser(NAME, "Decays forked from one stable checkpoint: AdamW throughout vs AdamW -> Muon")
     add_fork_options(parser, decays=[30, 100, 300], seeds=[0, 1, 2, 3, 4, 5])
+    parser.add_argument("--val-by-file", action="store_true",
+                        help="break the validation difference down by file (needs <out>/seeds/ from a training run)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
+    if args.val_by_file:
+        return val_by_file(args.out, args.cache_dir, args.corpus_mb, args.seq, args.eval_batches * args.batch,
+                           args.vocab)
     if args.reanalyse:
         payload = reload(args.out, NAME)
         argv = payload.pop("_argv")
