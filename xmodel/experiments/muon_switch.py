@@ -230,57 +230,80 @@ def reload(out: Path, name: str) -> dict[str, Any]:
     return data
 
 
-def val_by_file(out: Path, cache_dir: str | None, corpus_mb: float, seq: int, rows: int, vocab: int = 4096
-                ) -> dict[str, Any]:
-    """Break the validation-split difference down by file: which file each validation row comes from (rows are
-    spread evenly over the split's windows, as :func:`xmodel.training.data.eval_batches` picks them), its share of
-    the rows, the AdamW loss and Muon - AdamW per decay length (means over the seeds in ``<out>/seeds/``).  Also the
-    validation difference without the file holding most rows.  Writes ``<out>/muon_switch_val_by_file.json``."""
+def _row_files(kind: str, cache_dir: str | None, corpus_mb: float, seq: int, rows: int, vocab: int,
+               unseen_mb: float) -> tuple[list[str], Any]:
+    """``(file names, file index of each row)`` of evaluation set ``kind`` (``"val"`` or ``"unseen"``), rebuilt
+    the way :mod:`xmodel.experiments.forking` picks its rows (evenly spaced windows of the files' token stream)."""
     import numpy as np
 
     from xmodel.training.config import TrainConfig
-    from xmodel.training.corpus import build_default_corpus
-    from xmodel.training.data import SourceSpec, load_source
+    from xmodel.training.corpus import _doc_hash, build_default_corpus, iter_default_documents
     from xmodel.training.tokenizer import default_tokenizer
 
     cache = TrainConfig(cache_dir=cache_dir).cache_path
     train_path, val_path = build_default_corpus(cache, corpus_mb)
     tok = default_tokenizer(train_path, cache, vocab)
-    src = load_source(SourceSpec(str(val_path)), tok, cache, seq, log=lambda m: None)
-    names = [json.loads(line)["name"] for line in open(val_path, encoding="utf-8")]
-    tokens = np.concatenate([np.asarray(sh) for sh in src.shards])
-    eos = np.flatnonzero(tokens == tok.eos_id)
-    idx = np.linspace(0, src.num_windows - 1, num=min(src.num_windows, rows)).astype(np.int64)
-    doc = np.searchsorted(eos, idx * seq)
+    split = {p: [json.loads(line) for line in open(p, encoding="utf-8")] for p in (train_path, val_path)}
+    if kind == "val":
+        docs = [(d["name"], d["text"]) for d in split[val_path]]
+    else:
+        used = {d["name"] for v in split.values() for d in v}
+        docs, size = [], 0
+        for name, text in sorted((d for d in iter_default_documents() if d[0] not in used),
+                                 key=lambda d: _doc_hash(d[0])):
+            if size >= unseen_mb * 1e6:
+                break
+            docs.append((name, text))
+            size += len(text.encode("utf-8"))
+    lengths = [len(ids) + 1 for ids in tok.encode_batch([t for _, t in docs])]  # + EOS
+    ends = np.cumsum(lengths) - 1  # position of each document's EOS
+    n = (int(ends[-1]) + 1 - 1) // seq
+    starts = np.linspace(0, n - 1, num=min(n, rows) if kind == "val" else rows).astype(np.int64) * seq
+    return [name for name, _ in docs], np.searchsorted(ends, starts)
+
+
+def by_file(out: Path, cache_dir: str | None, corpus_mb: float, seq: int, rows: int, vocab: int = 4096,
+            unseen_mb: float = 2.0) -> dict[str, Any]:
+    """Break the differences on the file-level evaluation sets (``val``, ``unseen``) down by file: each file's share
+    of the rows, its AdamW loss and Muon - AdamW per decay length (means over the seeds in ``<out>/seeds/``, which
+    hold per-row losses), and each set's paired difference without the file holding most rows.  Writes
+    ``<out>/muon_switch_by_file.json``."""
+    import numpy as np
+
+    from xmodel.experiments.common import paired_summary
+
     seeds = [json.loads(p.read_text()) for p in sorted((out / "seeds").glob("seed*.json"))]
     decays = sorted({b["decay"] for r in seeds for b in r["branches"].values()})
-    files: dict[str, Any] = {}
-    result: dict[str, Any] = {"rows": int(len(idx)), "files_in_split": len(names), "seeds": [r["seed"] for r in seeds],
-                              "files": files, "without_largest": {}}
-    for k in np.unique(doc):
-        sel = doc == k
-        entry = {"rows": int(sel.sum()), "adamw": {}, "diff": {}}
-        for d in decays:
-            a = [np.asarray(r["branches"][f"adamw@{d}"]["eval_rows"]["val"])[sel].mean() for r in seeds
-                 if f"muon@{d}" in r["branches"]]
-            m = [np.asarray(r["branches"][f"muon@{d}"]["eval_rows"]["val"])[sel].mean() for r in seeds
-                 if f"muon@{d}" in r["branches"]]
-            if a:
-                entry["adamw"][str(d)] = float(np.mean(a))
-                entry["diff"][str(d)] = float(np.mean(m) - np.mean(a))
-        files[names[int(k)]] = entry
-    largest = int(np.bincount(doc).argmax())
-    keep = doc != largest
-    result["largest_file"] = names[largest]
-    for d in decays if keep.any() else []:
-        per_seed = [float((np.asarray(r["branches"][f"muon@{d}"]["eval_rows"]["val"])
-                           - np.asarray(r["branches"][f"adamw@{d}"]["eval_rows"]["val"]))[keep].mean())
-                    for r in seeds if f"muon@{d}" in r["branches"]]
-        if per_seed:
-            from xmodel.experiments.common import paired_summary
+    result: dict[str, Any] = {"seeds": [r["seed"] for r in seeds]}
+    for kind in ("val", "unseen"):
+        names, doc = _row_files(kind, cache_dir, corpus_mb, seq, rows, vocab, unseen_mb)
+        files: dict[str, Any] = {}
+        res: dict[str, Any] = {"rows": int(len(doc)), "files": files, "files_with_rows": int(len(np.unique(doc))),
+                               "without_largest": {}}
+        def rows_of(r, arm, d):
+            return np.asarray(r["branches"][f"{arm}@{d}"]["eval_rows"][kind])
 
-            result["without_largest"][str(d)] = {"per_seed": per_seed, **paired_summary(per_seed)}
-    path = out / f"{NAME}_val_by_file.json"
+        for k in np.unique(doc):
+            sel = doc == k
+            entry = {"rows": int(sel.sum()), "adamw": {}, "diff": {}}
+            for d in decays:
+                pairs = [(rows_of(r, "adamw", d)[sel].mean(), rows_of(r, "muon", d)[sel].mean()) for r in seeds
+                         if f"muon@{d}" in r["branches"]]
+                if pairs:
+                    entry["adamw"][str(d)] = float(np.mean([a for a, _ in pairs]))
+                    entry["diff"][str(d)] = float(np.mean([m - a for a, m in pairs]))
+            files[names[int(k)]] = entry
+        largest = int(np.bincount(doc).argmax())
+        keep = doc != largest
+        res["largest_file"] = names[largest]
+        res["largest_file_share"] = float(1 - keep.mean())
+        for d in decays if keep.any() else []:
+            per_seed = {str(r["seed"]): float((rows_of(r, "muon", d) - rows_of(r, "adamw", d))[keep].mean())
+                        for r in seeds if f"muon@{d}" in r["branches"]}
+            if per_seed:
+                res["without_largest"][str(d)] = {"per_seed": per_seed, **paired_summary(list(per_seed.values()))}
+        result[kind] = res
+    path = out / f"{NAME}_by_file.json"
     path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
 
@@ -288,13 +311,13 @@ def val_by_file(out: Path, cache_dir: str | None, corpus_mb: float, seq: int, ro
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = make_parser(NAME, "Decays forked from one stable checkpoint: AdamW throughout vs AdamW -> Muon")
     add_fork_options(parser, decays=[30, 100, 300], seeds=[0, 1, 2, 3, 4, 5])
-    parser.add_argument("--val-by-file", action="store_true",
-                        help="break the validation difference down by file (needs <out>/seeds/ from a training run)")
+    parser.add_argument("--by-file", action="store_true", help="break the val/unseen differences down by file "
+                        "(needs <out>/seeds/ with per-row losses from a training run)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    if args.val_by_file:
-        return val_by_file(args.out, args.cache_dir, args.corpus_mb, args.seq, args.eval_batches * args.batch,
-                           args.vocab)
+    if args.by_file:
+        return by_file(args.out, args.cache_dir, args.corpus_mb, args.seq, args.eval_batches * args.batch,
+                       args.vocab, 0.05 if args.quick else 2.0)
     if args.reanalyse:
         payload = reload(args.out, NAME)
         argv = payload.pop("_argv")
