@@ -150,6 +150,15 @@ def test_muon_switch_quick(tmp_path, cache_dir):
     again = json.loads((tmp_path / "muon_switch.json").read_text())
     assert again["summary"] == summary and again["training_environment"]["command"] == data["environment"]["command"]
     assert (tmp_path / "muon_switch.png").is_file() and "| 2 | val |" in (tmp_path / "muon_switch.md").read_text()
+    # --merge: the same seeds split over two files (one per seed) give the same summary.
+    part = tmp_path / "part"
+    part.mkdir()
+    one = {**again, "seeds": again["seeds"][:1]}
+    other = {**again, "seeds": again["seeds"][1:]}
+    (part / "muon_switch.json").write_text(json.dumps(one))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    merged = muon_switch.main(["--reanalyse", "--out", str(part), "--merge", str(tmp_path / "other.json")])
+    assert merged["summary"] == summary and merged["setup"]["seeds"] == [0, 1]
 
 
 def test_muon_ablation_quick(tmp_path, cache_dir):

@@ -68,6 +68,9 @@ def add_fork_options(parser: argparse.ArgumentParser, decays: list[int], seeds: 
     g.add_argument("--cache-dir", default=None)
     g.add_argument("--jobs", type=int, default=1, help="seeds at once, each in its own process with 1 thread")
     g.add_argument("--reanalyse", action="store_true", help="rebuild summary, tables and plot from <out>/<name>.json")
+    g.add_argument("--merge", type=Path, nargs="+", default=[],
+                   help="with --reanalyse: add the seeds of these JSON files (same run shape, other seeds or "
+                        "decay lengths; a seed in two files must have different decays)")
 
 
 def fork_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,7 +134,8 @@ def analyse(payload: dict[str, Any]) -> dict[str, Any]:
         out[str(decay)] = {"diff": cmp, "train_diff_decay_thirds": thirds,
                            "mean_loss": {arm: {mm: statistics.fmean(s["branches"][f"{arm}@{decay}"]["measures"][mm]
                                                                     for s in payload["seeds"]
-                                                                    if f"{arm}@{decay}" in s["branches"])
+                                                                    if f"muon@{decay}" in s["branches"]
+                                                                    and f"adamw@{decay}" in s["branches"])
                                                for mm in fk.MEASURES} for arm in ("adamw", "muon")}}
     return out
 
@@ -230,6 +234,33 @@ def reload(out: Path, name: str) -> dict[str, Any]:
     return data
 
 
+SAME_SHAPE = ("warmup_steps", "fork_step", "eval_batches", "train")
+
+
+def merge(payload: dict[str, Any], paths: list[Path]) -> dict[str, Any]:
+    """Add the seeds (branches) of the JSON files ``paths`` to ``payload``; the run shape must be the same."""
+    by_seed = {s["seed"]: s for s in payload["seeds"]}
+    commands = [payload["training_environment"]["command"]]
+    for path in paths:
+        other = json.loads(Path(path).read_text(encoding="utf-8"))
+        for key in SAME_SHAPE:
+            if other["setup"][key] != payload["setup"][key]:
+                raise ValueError(f"--merge: {path} has another {key} ({other['setup'][key]!r})")
+        commands.append(other.get("training_environment", other.get("environment", {})).get("command"))
+        for s in other["seeds"]:
+            mine = by_seed.setdefault(s["seed"], {**s, "branches": {}})
+            clash = set(mine["branches"]) & set(s["branches"])
+            if clash:
+                raise ValueError(f"--merge: seed {s['seed']} has {sorted(clash)} in two files")
+            mine["branches"].update(s["branches"])
+        payload["setup"]["decays"] = sorted(set(payload["setup"]["decays"]) | set(other["setup"]["decays"]))
+        payload["total_seconds"] = payload.get("total_seconds", 0) + other.get("total_seconds", 0)
+    payload["seeds"] = [by_seed[k] for k in sorted(by_seed)]
+    payload["setup"]["seeds"] = sorted(by_seed)
+    payload["merged_commands"] = commands
+    return payload
+
+
 def _row_files(kind: str, cache_dir: str | None, corpus_mb: float, seq: int, rows: int, vocab: int,
                unseen_mb: float) -> tuple[list[str], Any]:
     """``(file names, file index of each row)`` of evaluation set ``kind`` (``"val"`` or ``"unseen"``), rebuilt
@@ -321,6 +352,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.reanalyse:
         payload = reload(args.out, NAME)
         argv = payload.pop("_argv")
+        if args.merge:
+            payload = merge(payload, args.merge)
     else:
         payload = train_all(args, ARMS, NAME, analyse, argv)
     paths = finish(payload, args.out, argv, NAME, analyse, table, plot)
