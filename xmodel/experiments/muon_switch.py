@@ -188,6 +188,7 @@ def plot(payload: dict[str, Any], out: Path) -> Path:
     axes[0].axhline(0.0, color="black", lw=0.8)
     axes[0].set_xscale("log")
     axes[0].set_xticks(decays, [str(d) for d in decays])
+    axes[0].minorticks_off()
     axes[0].set_xlabel("decay length (steps, forked from the same stable checkpoint)")
     axes[0].set_ylabel("loss, Muon − AdamW (mean, 95% CI)")
     axes[0].set_title("below 0 = the switch helps", fontsize=10)
@@ -204,7 +205,8 @@ def plot(payload: dict[str, Any], out: Path) -> Path:
     axes[1].axhline(0.0, color="black", lw=0.8)
     axes[1].set_xscale("log")
     axes[1].set_xlabel("step after the fork")
-    axes[1].set_ylabel("training loss on fresh batches, Muon − AdamW (seed mean, EMA 0.8)")
+    axes[1].set_ylabel("fresh-batch training loss, Muon − AdamW")
+    axes[1].set_title("seed mean, EMA 0.8", fontsize=10)
     axes[1].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
