@@ -23,7 +23,7 @@ from typing import Any
 
 from xmodel.experiments import forking as fk
 from xmodel.experiments.common import make_parser, pyplot, report, save_figure
-from xmodel.experiments.muon_switch import add_fork_options, finish, reload, train_all
+from xmodel.experiments.muon_switch import add_fork_options, finish, merge, reload, train_all
 
 NAME = "muon_ablation"
 ARMS = [
@@ -53,19 +53,21 @@ def table(payload: dict[str, Any]) -> str:
     s = payload["summary"]
     labels = {a: v["label"] for a, v in payload["setup"]["arms"].items()}
     lines = [f"Decay {s['decay']} steps; differences against AdamW throughout (negative = lower loss).", "",
-             "| arm | measure | loss | − AdamW, mean [95% CI] | SE | MDE (80%) | lower in | per seed |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| arm | measure | loss | − AdamW, mean [95% CI] | SE | MDE (80%) | lower in | per seed | eval-set SE |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for a, label in labels.items():
         for m in fk.MEASURES:
             loss = s["mean_loss"][a][m]
             if a == "adamw":
-                lines.append(f"| {label} | {m} | {loss:.4f} | – | – | – | – | – |")
+                lines.append(f"| {label} | {m} | {loss:.4f} | – | – | – | – | – | – |")
                 continue
             c = s["diff_vs_adamw"][a][m]
             se = f"{c['se']:.4f}" if c["se"] is not None else "–"
             mde = f"{c['mde']:.4f}" if c["mde"] is not None else "–"
             per = ", ".join(f"{v:+.4f}" for v in c["per_seed"].values())
-            lines.append(f"| {label} | {m} | {loss:.4f} | {fk.fmt_ci(c)} | {se} | {mde} | {c['negative']}/{c['n']} | {per} |")
+            ese = f"{c['eval_set_se_mean']:.4f}" if "eval_set_se_mean" in c else "–"
+            lines.append(f"| {label} | {m} | {loss:.4f} | {fk.fmt_ci(c)} | {se} | {mde} | {c['negative']}/{c['n']} | {per} "
+                         f"| {ese} |")
     lines += ["", "Against the recipe's switch (Muon lr x1):", "",
               "| arm | measure | − switch x1, mean [95% CI] | lower in |", "|---|---|---|---|"]
     for a, by_m in s["diff_vs_switch"].items():
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.reanalyse:
         payload = reload(args.out, NAME)
         argv = payload.pop("_argv")
+        if args.merge:
+            payload = merge(payload, args.merge)
     else:
         payload = train_all(args, ARMS, NAME, analyse, argv)
     paths = finish(payload, args.out, argv, NAME, analyse, table, plot)
