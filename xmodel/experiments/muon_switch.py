@@ -212,7 +212,9 @@ def plot(payload: dict[str, Any], out: Path) -> Path:
         ax.grid(alpha=0.3)
     st = payload["setup"]
     fig.suptitle(f"Muon switch: trunk {st['fork_step']} AdamW steps (warmup {st['warmup_steps']}), decays forked from "
-                 f"it; {len(payload['seeds'])} seed(s), {st['train']['batch_size']}x{st['train']['seq_len']} tokens/step",
+                 f"it; seeds per decay: " + ", ".join(f"{d}: {payload['summary'][str(d)]['diff']['val']['n']}"
+                                                        for d in decays)
+                 + f"; {st['train']['batch_size']}x{st['train']['seq_len']} tokens/step",
                  fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out, f"{NAME}.png")
