@@ -114,24 +114,104 @@ def test_lr_transfer_argmin_ignores_diverged_runs():
     assert argmins({"64": {"-4": None}}) == {"64": None}
 
 
+def _branches(data, seed):
+    return next(s for s in data["seeds"] if s["seed"] == seed)["branches"]
+
+
 def test_muon_switch_quick(tmp_path, cache_dir):
     from xmodel.experiments import muon_switch
 
     _run_quick(muon_switch, tmp_path, cache_dir)
     data = _check_outputs(tmp_path, "muon_switch", ["muon_switch.png"])
-    for seed, arms in data["final_val_loss"].items():
-        assert _finite(arms["adamw"]) and _finite(arms["muon"])
-        assert arms["diff"] == pytest.approx(arms["muon"] - arms["adamw"])
-        # The Muon arm really switched at the decay start, the AdamW arm did not.
-        muon_events = [e["event"] for e in data["curves"][seed]["muon"]["events"]]
-        adamw_events = [e["event"] for e in data["curves"][seed]["adamw"]["events"]]
-        assert "switch_to_muon" in muon_events and "switch_to_muon" not in adamw_events
-        switch_step = next(e["step"] for e in data["curves"][seed]["muon"]["events"] if e["event"] == "switch_to_muon")
-        assert switch_step == data["setup"]["decay_start_step"]
-        # Identical runs up to the switch: same seed, init and data.
-        steps = data["setup"]["decay_start_step"]
-        assert data["curves"][seed]["muon"]["train"][:steps] == data["curves"][seed]["adamw"]["train"][:steps]
-    assert data["summary"]["num_seeds"] == len(data["final_val_loss"])
+    setup = data["setup"]
+    assert data["complete"] is True and [s["seed"] for s in data["seeds"]] == setup["seeds"] == [0, 1]
+    assert setup["eval_sizes_rows"]["val"] == setup["eval_sizes_rows"]["heldout"] > 0
+    for seed in setup["seeds"]:
+        branches = _branches(data, seed)
+        assert set(branches) == {f"{a}@{d}" for a in ("adamw", "muon") for d in setup["decays"]}
+        for name, b in branches.items():
+            assert b["phase"] == ("muon" if b["arm"] == "muon" else "adamw")  # the Muon arm really switched
+            assert len(b["train"]) == b["decay"]
+            assert all(_finite(b["measures"][m]) for m in ("val", "unseen", "heldout", "trained", "recent", "train_end"))
+        # Every branch forks from the same snapshot: the first decay batch is seen by identical models.
+        first = {b["train"][0] for b in branches.values()}
+        assert len(first) == 1
+    for decay in setup["decays"]:
+        diff = data["summary"][str(decay)]["diff"]["val"]
+        per_seed = [_branches(data, s)[f"muon@{decay}"]["measures"]["val"]
+                    - _branches(data, s)[f"adamw@{decay}"]["measures"]["val"] for s in setup["seeds"]]
+        assert list(diff["per_seed"].values()) == pytest.approx(per_seed)
+        assert diff["mean"] == pytest.approx(sum(per_seed) / 2)
+        assert diff["ci"][0] < diff["mean"] < diff["ci"][1] and diff["eval_set_se_mean"] > 0
+    # --reanalyse rebuilds the same summary, table and plot from the JSON alone.
+    summary = data["summary"]
+    (tmp_path / "muon_switch.png").unlink()
+    muon_switch.main(["--reanalyse", "--out", str(tmp_path)])
+    again = json.loads((tmp_path / "muon_switch.json").read_text())
+    assert again["summary"] == summary and again["training_environment"]["command"] == data["environment"]["command"]
+    assert (tmp_path / "muon_switch.png").is_file() and "| 2 | val |" in (tmp_path / "muon_switch.md").read_text()
+    # --merge: the same seeds split over two files (one per seed) give the same summary.
+    part = tmp_path / "part"
+    part.mkdir()
+    one = {**again, "seeds": again["seeds"][:1]}
+    other = {**again, "seeds": again["seeds"][1:]}
+    (part / "muon_switch.json").write_text(json.dumps(one))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    merged = muon_switch.main(["--reanalyse", "--out", str(part), "--merge", str(tmp_path / "other.json")])
+    assert merged["summary"] == summary and merged["setup"]["seeds"] == [0, 1]
+
+
+def test_muon_ablation_quick(tmp_path, cache_dir):
+    from xmodel.experiments import muon_ablation
+
+    _run_quick(muon_ablation, tmp_path, cache_dir)
+    data = _check_outputs(tmp_path, "muon_ablation", ["muon_ablation.png"])
+    (decay,) = data["setup"]["decays"]
+    for s in data["seeds"]:
+        b = s["branches"]
+        assert b[f"muon_start@{decay}"]["phase"] == "muon" and b[f"adamw@{decay}"]["phase"] == "adamw"
+        lr = {k: b[f"switch_x{k}@{decay}"]["muon_lr"] for k in ("0.5", "1", "2")}
+        assert all(len(v) == 1 for v in lr.values())
+        assert lr["0.5"][0] == pytest.approx(lr["1"][0] / 2) and lr["2"][0] == pytest.approx(2 * lr["1"][0])
+        # The switch arms share the AdamW trunk; Muon-from-start trains its own.
+        forked = {b[f"{a}@{decay}"]["train"][0] for a in ("adamw", "switch_x0.5", "switch_x1", "switch_x2")}
+        assert len(forked) == 1 and b[f"muon_start@{decay}"]["train"][0] not in forked
+    assert set(data["summary"]["diff_vs_adamw"]) == {"switch_x0.5", "switch_x1", "switch_x2", "muon_start"}
+
+
+def test_paired_summary():
+    from xmodel.experiments.common import paired_summary, seeds_needed, t_quantile
+
+    s = paired_summary([-0.016, 0.001, -0.022])
+    assert s["mean"] == pytest.approx(-0.012333, abs=1e-6)
+    assert s["se"] == pytest.approx(0.0119304 / math.sqrt(3), rel=1e-4)
+    assert s["ci"] == pytest.approx([s["mean"] - 4.302653 * s["se"], s["mean"] + 4.302653 * s["se"]], rel=1e-5)
+    assert s["negative"] == 2 and s["se_ok"] is False
+    assert s["mde"] == pytest.approx((4.302653 + 1.060660) * s["se"], rel=1e-4)
+    assert paired_summary([0.5])["ci"] is None
+    assert seeds_needed(0.012, 0.012) == 9
+    assert t_quantile(0.975, 10) == pytest.approx(2.228139, rel=1e-5)
+
+
+def test_heldout_windows_are_never_trained_on(tmp_path, cache_dir):
+    """The in-distribution evaluation set: windows of the training source that the sampler's stream does not
+    reach within the samples the longest branch uses."""
+    import numpy as np
+
+    from xmodel.training.data import MixtureSampler, TokenSource
+
+    tokens = np.arange(5000, dtype=np.int64) % 997
+    src = TokenSource("a", [tokens], seq_len=16)
+    sampler = MixtureSampler([src], seed=3)
+    from xmodel.experiments.forking import heldout_windows
+
+    used = 200
+    held = heldout_windows(sampler, 40, used)
+    trained = sampler.next_batch(used)
+    seen = {tuple(r) for r in trained.tolist()}
+    assert held.shape == (40, 17) and not seen & {tuple(r) for r in held.tolist()}
+    with pytest.raises(ValueError, match="held out"):
+        heldout_windows(sampler, 200, src.num_windows - 100)
 
 
 def test_fp8_parity_quick(tmp_path, cache_dir):
@@ -157,3 +237,22 @@ def test_muon_decay_window_diffs():
     muon = [[s, 5.0 if s <= 4 else 5.0 - 0.1 * (s - 4)] for s in range(1, 11)]
     # decay steps 4..9 are records 5..10, in thirds: (5, 6), (7, 8), (9, 10)
     assert decay_window_diffs(adamw, muon, 4, 10) == pytest.approx([-0.15, -0.35, -0.55])
+
+
+def test_eval_sets_stored_and_rebuilt_on_other_key(tmp_path):
+    import torch
+
+    from xmodel.experiments.forking import load_or_make_eval_sets
+
+    calls = []
+
+    def make():
+        calls.append(1)
+        return {"val": torch.arange(6).reshape(2, 3)}
+
+    path = tmp_path / "seed0.pt"
+    first = load_or_make_eval_sets(path, {"seq": 2}, make)
+    again = load_or_make_eval_sets(path, {"seq": 2}, make)  # read back with weights_only=True
+    assert len(calls) == 1 and torch.equal(first["val"], again["val"])
+    load_or_make_eval_sets(path, {"seq": 3}, make)
+    assert len(calls) == 2

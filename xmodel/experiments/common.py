@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import sys
@@ -177,6 +178,57 @@ def stdlib_bytes(num_tokens: int, skip: int = 0) -> torch.Tensor:
         raise RuntimeError(f"the stdlib sources hold only {have} bytes, {need} needed")
     buf = b"".join(chunks)[skip:need]
     return torch.frombuffer(bytearray(buf), dtype=torch.uint8).to(torch.int64)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Statistics of paired differences
+# --------------------------------------------------------------------------------------------------------
+def t_quantile(p: float, df: int) -> float:
+    """Quantile ``p`` of Student's t with ``df`` degrees of freedom (scipy when installed, else a Cornish-Fisher
+    expansion around the normal quantile, within 1e-3 of the exact value for df >= 3)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    try:
+        from scipy import stats
+
+        return float(stats.t.ppf(p, df))
+    except ImportError:  # pragma: no cover - scipy is present in both test stacks
+        import statistics as st
+
+        z = st.NormalDist().inv_cdf(p)
+        g1 = (z**3 + z) / 4
+        g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+        g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+        return z + g1 / df + g2 / df**2 + g3 / df**3
+
+
+def paired_summary(diffs: list[float], level: float = 0.95, power: float = 0.8) -> dict[str, Any]:
+    """Mean, sample sd, standard error and two-sided ``level`` t-interval of paired differences ``diffs`` (one per
+    seed), how many are negative, and the minimum detectable effect: the true mean difference a two-sided test at
+    ``1 - level`` would detect with probability ``power`` given this standard error, ``(t_{1-a/2} + t_power) * SE``.
+
+    ``se_ok``: the standard error is at most a third of the absolute mean (the precision the experiments aim for).
+    """
+    import statistics
+
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if n else float("nan")
+    out: dict[str, Any] = {"n": n, "mean": mean, "sd": None, "se": None, "ci": None, "mde": None,
+                           "negative": sum(d < 0 for d in diffs), "se_ok": None, "level": level}
+    if n >= 2:
+        sd = statistics.stdev(diffs)
+        se = sd / n**0.5
+        t = t_quantile(0.5 + level / 2, n - 1)
+        out.update(sd=sd, se=se, ci=[mean - t * se, mean + t * se], t=t,
+                   mde=(t + t_quantile(power, n - 1)) * se, se_ok=bool(se <= abs(mean) / 3))
+    return out
+
+
+def seeds_needed(sd: float, effect: float, ratio: float = 3.0) -> int:
+    """Seeds for a standard error of at most ``|effect| / ratio`` when paired differences have sd ``sd``."""
+    if effect == 0:
+        return 10**9
+    return max(2, math.ceil((ratio * sd / abs(effect)) ** 2 - 1e-9))
 
 
 # --------------------------------------------------------------------------------------------------------
