@@ -65,8 +65,9 @@ def _rmsnorm(torch, xk):
         r = torch.randn(ROWS, HIDDEN, dtype=dtype, requires_grad=True)
         w = torch.ones(HIDDEN, dtype=dtype, requires_grad=True)
         xk.rms_norm(x, w).sum().backward()
-        y, s = xk.add_rms_norm(x, r, w)
-        (y.sum() + s.sum()).backward()
+        for scale in (None, 1.4 / 48**0.5):  # the model folds the residual-branch multiplier into the add
+            y, s = xk.add_rms_norm(x, r, w, scale=scale)
+            (y.sum() + s.sum()).backward()
 
 
 def _rotary(torch, xk):

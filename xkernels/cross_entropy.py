@@ -89,7 +89,9 @@ def _ce_chunk_torch(logits, targets, logit_scale, ignore_index, z_loss, compute_
 
     The chunk is scratch (fp32 logits are modified even without ``compute_grad``); the log-sum-exp is
     done in place (max, subtract, exp, sum) so at most one fp32 copy of the chunk exists."""
-    z = logits.mul_(logit_scale) if logits.dtype == torch.float32 else logits.float().mul_(logit_scale)
+    z = logits if logits.dtype == torch.float32 else logits.float()
+    if logit_scale != 1.0:  # (x * 1.0 == x exactly: skipping it saves a pass over the chunk, numerics unchanged)
+        z = z.mul_(logit_scale)
     valid = targets != ignore_index
     # out-of-range targets (unchecked by default) are clamped, as in the kernel: no out-of-bounds gather
     safe_t = torch.where(valid, targets, torch.zeros_like(targets)).clamp_(0, z.shape[1] - 1)
