@@ -42,13 +42,13 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from xkernels.aot import ARCHS, compile_signature, ptx_facts
+
 ROOT = Path(__file__).resolve().parents[1]
 
-ARCHS = {"sm_90a": 90, "sm_89": 89, "sm_80": 80}
 SHARED_LIMIT = {"sm_90a": 227 * 1024, "sm_89": 99 * 1024, "sm_80": 163 * 1024}
 # Kernels (by module prefix) that need a minimum compute capability: fp8 types exist from sm_89.
 MIN_CC = {"xkernels.fp8.": 89}
@@ -317,60 +317,6 @@ def specialise(kernel, spec: dict):
     return sig, consts, attrs
 
 
-def _ptxas(cc: int) -> str:
-    """The ptxas Triton itself uses for ``cc`` (it must read the PTX version Triton writes).
-
-    Triton 3.6 and 3.9 both have ``triton.backends.nvidia.compiler.get_ptxas(arch) -> NvidiaTool(path, version)``
-    (3.9 may pick its newer ``ptxas-blackwell``); older ones took no argument and returned a path string.
-    """
-    override = os.environ.get("TRITON_PTXAS_PATH")
-    if override:
-        return override
-    from triton.backends.nvidia import compiler as nv
-
-    try:
-        tool = nv.get_ptxas(cc)
-    except TypeError:
-        tool = nv.get_ptxas()
-    if hasattr(tool, "path"):
-        return tool.path
-    return tool if isinstance(tool, str) else tool[0]
-
-
-def ptxas_facts(ptx: str, arch: str) -> dict:
-    """Registers / spill bytes from ``ptxas -v`` for the kernel in ``ptx``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        proc = subprocess.run(
-            [_ptxas(ARCHS[arch]), "-v", f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "k.cubin")],
-            capture_output=True, text=True, timeout=600,
-        )
-    text = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
-    regs = re.findall(r"Used (\d+) registers", text)
-    spill = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return {
-        "registers": max((int(r) for r in regs), default=0),
-        "spill_bytes": max((int(a) + int(b) for a, b in spill), default=0),
-    }
-
-
-def ptx_facts(ptx: str) -> dict:
-    depths = sorted({int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)})
-    return {
-        "div_rn": len(re.findall(r"\bdiv\.rn\.f32\b", ptx)),
-        "div_full": len(re.findall(r"\bdiv\.full\.f32\b", ptx)),
-        "div_approx": len(re.findall(r"\bdiv\.approx(\.ftz)?\.f32\b", ptx)),
-        "wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
-        "tma_loads": len(re.findall(r"\bcp\.async\.bulk\.tensor\b", ptx)),
-        "cp_async": len(re.findall(r"\bcp\.async\.(ca|cg)\b", ptx)),
-        "cvt_satfinite": len(re.findall(r"\bcvt\.rn\.satfinite\b", ptx)),
-        "wait_group_depths": depths,
-    }
-
-
 def _asks_ieee_division(kernel) -> bool:
     """Whether the kernel's source (or a @triton.jit helper it calls in the same module) requests IEEE division."""
     import sys as _sys
@@ -417,10 +363,6 @@ def _short(arg) -> str:
 
 
 def compile_spec(spec: dict, arch: str) -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     module = importlib.import_module(spec["module"])
     kernel = getattr(module, spec["kernel"])
     sig, consts, attrs = specialise(kernel, spec)
@@ -432,17 +374,11 @@ def compile_spec(spec: dict, arch: str) -> dict:
         "num_warps": spec["num_warps"],
         "num_stages": spec["num_stages"],
     }
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     t0 = time.monotonic()
-    compiled = triton.compile(
-        src, target=GPUTarget("cuda", ARCHS[arch], 32),
-        options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]},
-    )
-    ptx = compiled.asm["ptx"]
-    row.update(ptxas_facts(ptx, arch))
-    shared = compiled.metadata.shared if hasattr(compiled.metadata, "shared") else compiled.metadata["shared"]
-    row["shared_bytes"] = int(shared)
-    row.update(ptx_facts(ptx))
+    stats = compile_signature(kernel, sig, consts, attrs, num_warps=spec["num_warps"], num_stages=spec["num_stages"],
+                              cc=ARCHS[arch])
+    row.update(registers=stats.registers, spill_bytes=stats.spill_bytes, shared_bytes=stats.shared)
+    row.update(ptx_facts(stats.ptx))
     row["asks_ieee_div"] = _asks_ieee_division(kernel)
     row["compile_s"] = round(time.monotonic() - t0, 2)
     return row

@@ -18,32 +18,15 @@ import textwrap
 
 _AOT_PRELUDE = textwrap.dedent(
     '''
-    import inspect, json, os, re, subprocess, tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    import json
+    import triton  # (bodies use triton.next_power_of_2 etc.)
+    from xkernels.aot import compile_kernel
 
     def aot(kernel, types, consts, num_warps, num_stages=3, aligned=(), cc=90):
-        """Compile like a real launch (16-byte aligned pointers and ``aligned`` integers) and return
-        {registers, spill_bytes (local memory per thread), shared_bytes, ptx_cp_async}."""
-        names = list(inspect.signature(kernel.fn).parameters)
-        sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
-        attrs = {
-            (names.index(n),): [["tt.divisibility", 16]]
-            for n in names
-            if n not in consts and (types.get(n, "").startswith("*") or n in aligned)
-        }
-        src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            res = subprocess.run([_CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        use = {key: int(v) for key, v in re.findall(r"(REG|STACK|LOCAL):(\\d+)", res)}
-        return dict(registers=use["REG"], spill_bytes=use["LOCAL"] + use["STACK"], shared_bytes=k.metadata.shared,
-                    cp_async="cp.async" in k.asm["ptx"])
+        """Compile like a real launch (xkernels.aot) -> {registers, spill_bytes, shared_bytes, cp_async}."""
+        st = compile_kernel(kernel, types, consts, num_warps=num_warps, num_stages=num_stages, aligned=aligned, cc=cc)
+        return dict(registers=st.registers, spill_bytes=st.spill_bytes, shared_bytes=st.shared,
+                    cp_async="cp.async" in st.ptx)
     '''
 )
 
@@ -51,14 +34,16 @@ _AOT_PRELUDE = textwrap.dedent(
 def aot_available() -> str | None:
     """None when ahead-of-time compilation for sm_90a can run here, else why not."""
     try:
-        import triton
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as err:
+
+        from xkernels.aot import ptxas_path
+
+        ptxas = ptxas_path(90)
+    except (ImportError, AttributeError, RuntimeError) as err:
         return f"this Triton cannot compile ahead of time: {err}"
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return "Triton's bundled cuobjdump is missing"
+    if not os.path.exists(ptxas):
+        return f"Triton's bundled ptxas is missing ({ptxas})"
     return None
 
 

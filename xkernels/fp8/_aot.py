@@ -1,79 +1,15 @@
-"""Ahead-of-time compile of the FP8 kernels for a GPU target, no GPU needed (used by tests and by humans).
-
-``compile_kernel`` builds PTX and a cubin with the installed Triton for, e.g., sm_90a, then asks ``ptxas -v`` (the
-one Triton ships) for the facts that decide performance: registers per thread, spill stores/loads, shared memory.
-It needs a ``@triton.jit`` function, not an interpreted one, so call it in a process started without
-``TRITON_INTERPRET=1`` (the tests run it in a subprocess).
+"""Every launch variant of the FP8 kernels (each autotune config of each scale pairing), compiled ahead of time for
+a GPU target with :mod:`xkernels.aot`, no GPU needed (used by the tests and by humans). Run it in a process started
+without ``TRITON_INTERPRET=1`` (the tests run it in a subprocess).
 
     TRITON_INTERPRET=0 python -m xkernels.fp8._aot [--cc 90] [--kernels cast,gemm] [--modes tensor,row,block,block_1x128]
 """
 
 from __future__ import annotations
 
-import inspect
-import os
-import re
-import subprocess
-import sys
-import tempfile
-from dataclasses import dataclass
+from xkernels.aot import KernelStats, compile_kernel
 
-
-@dataclass(frozen=True)
-class KernelStats:
-    registers: int
-    spill_stores: int  # bytes per thread
-    spill_loads: int
-    shared: int  # bytes per program (Triton's metadata)
-    ptx: str
-
-
-def _ptxas_stats(ptx: str, cc: int) -> tuple[int, int, int]:
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        log = subprocess.run(
-            [get_ptxas(cc).path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
-            capture_output=True, text=True, check=True,
-        ).stderr
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    stores, loads = (int(spill.group(1)), int(spill.group(2))) if spill else (0, 0)
-    return regs, stores, loads
-
-
-def compile_kernel(
-    kernel,
-    ptr_types: dict[str, str],
-    constexprs: dict[str, object],
-    *,
-    num_warps: int,
-    num_stages: int,
-    aligned: tuple[str, ...] = (),
-    cc: int = 90,
-) -> KernelStats:
-    """Compile ``kernel`` for ``cuda:cc`` as a real launch would specialise it.
-
-    ``ptr_types``: pointer arguments and their Triton types (``"*fp8e4nv"``); other non-constexpr arguments are
-    i32. Pointers and the ``aligned`` integer arguments get ``tt.divisibility=16`` (what a launch with 16-byte
-    aligned tensors and strides gets).
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = list(inspect.signature(kernel.fn).parameters)
-    sig = {n: "constexpr" if n in constexprs else ptr_types.get(n, "i32") for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in ptr_types or n in aligned}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-    ptx = compiled.asm["ptx"]
-    regs, stores, loads = _ptxas_stats(ptx, cc)
-    return KernelStats(regs, stores, loads, compiled.metadata.shared, ptx)
+__all__ = ["KernelStats", "cast_variants", "compile_kernel", "gemm_variants", "table"]
 
 
 # --- the FP8 kernels' launch variants -----------------------------------------------------------------------------
