@@ -191,6 +191,11 @@ def test_paired_summary():
     assert paired_summary([0.5])["ci"] is None
     assert seeds_needed(0.012, 0.012) == 9
     assert t_quantile(0.975, 10) == pytest.approx(2.228139, rel=1e-5)
+    # no scipy needed: tabulated values (df = 1, 2, 5, 30) and the symmetry
+    for df, q in ((1, 12.706205), (2, 4.302653), (5, 2.570582), (30, 2.042272)):
+        assert t_quantile(0.975, df) == pytest.approx(q, rel=1e-6)
+        assert t_quantile(0.025, df) == pytest.approx(-q, rel=1e-6)
+    assert t_quantile(0.8, 2) == pytest.approx(1.060660, rel=1e-5)
 
 
 def test_heldout_windows_are_never_trained_on(tmp_path, cache_dir):
