@@ -113,7 +113,7 @@ def _module_must_launch_kernels(request, _launches_by_module):
 
 @pytest.fixture(autouse=True)
 def _count_kernel_launches(request, _launches_by_module):
-    if not _is_kernel_module(request.module):
+    if not _is_kernel_module(getattr(request, "module", None)):
         yield
         return
     from xkernels.testing import count_launches
@@ -137,5 +137,6 @@ def pytest_deselected(items):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.when == "call" and report.passed and item.module is not None:
-        item.module._xk_tests_passed = getattr(item.module, "_xk_tests_passed", 0) + 1
+    module = getattr(item, "module", None)  # (non-Python items have none)
+    if report.when == "call" and report.passed and module is not None:
+        module._xk_tests_passed = getattr(module, "_xk_tests_passed", 0) + 1
