@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from xmodel.experiments import forking as fk
-from xmodel.experiments.common import make_parser, pyplot, report, save_figure
-from xmodel.experiments.muon_switch import add_fork_options, finish, merge, reload, train_all
+from xmodel.experiments.common import make_parser, pyplot, save_figure
+from xmodel.experiments.muon_switch import add_fork_options, run_or_reanalyse
 
 NAME = "muon_ablation"
 ARMS = [
@@ -117,16 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     if len(args.decays) != 1:
         parser.error("--decays: the ablation runs at one decay length")
-    if args.reanalyse:
-        payload = reload(args.out, NAME)
-        argv = payload.pop("_argv")
-        if args.merge:
-            payload = merge(payload, args.merge)
-    else:
-        payload = train_all(args, ARMS, NAME, analyse, argv)
-    paths = finish(payload, args.out, argv, NAME, analyse, table, plot)
-    report(NAME, paths)
-    return payload
+    return run_or_reanalyse(args, argv, ARMS, NAME, analyse, table, plot)
 
 
 if __name__ == "__main__":

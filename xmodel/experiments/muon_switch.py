@@ -220,6 +220,21 @@ def plot(payload: dict[str, Any], out: Path) -> Path:
     return save_figure(fig, out, f"{NAME}.png")
 
 
+def run_or_reanalyse(args: argparse.Namespace, argv, arms: list[fk.Arm], name: str, analyse_fn, table_fn,
+                     plot_fn) -> dict[str, Any]:
+    """Train every arm (or, with ``--reanalyse``, reload the JSON and ``--merge`` others), then write the JSON,
+    table and plot and print where they are. The tail of every forked-decay experiment's ``main``."""
+    if args.reanalyse:
+        payload = reload(args.out, name)
+        argv = payload.pop("_argv")
+        if args.merge:
+            payload = merge(payload, args.merge)
+    else:
+        payload = train_all(args, arms, name, analyse_fn, argv)
+    report(name, finish(payload, args.out, argv, name, analyse_fn, table_fn, plot_fn))
+    return payload
+
+
 def finish(payload: dict[str, Any], out: Path, argv, name: str, analyse_fn, table_fn, plot_fn) -> list[Path]:
     payload["summary"] = analyse_fn(payload)
     md = out / f"{name}.md"
@@ -230,7 +245,11 @@ def finish(payload: dict[str, Any], out: Path, argv, name: str, analyse_fn, tabl
 def reload(out: Path, name: str) -> dict[str, Any]:
     """The payload of ``<out>/<name>.json`` (for ``--reanalyse``); the training run's command line is returned as
     ``_argv`` and its environment kept as ``training_environment``."""
-    data = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+    path = out / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"--reanalyse: {path} does not exist; point --out at a directory holding a finished run's "
+                         f"{name}.json (the committed one is in docs/results)")
+    data = json.loads(path.read_text(encoding="utf-8"))
     env = data.pop("environment")
     data.setdefault("training_environment", env)
     data.pop("experiment", None)
@@ -353,16 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.by_file:
         return by_file(args.out, args.cache_dir, args.corpus_mb, args.seq, args.eval_batches * args.batch,
                        args.vocab, 0.05 if args.quick else 2.0)
-    if args.reanalyse:
-        payload = reload(args.out, NAME)
-        argv = payload.pop("_argv")
-        if args.merge:
-            payload = merge(payload, args.merge)
-    else:
-        payload = train_all(args, ARMS, NAME, analyse, argv)
-    paths = finish(payload, args.out, argv, NAME, analyse, table, plot)
-    report(NAME, paths)
-    return payload
+    return run_or_reanalyse(args, argv, ARMS, NAME, analyse, table, plot)
 
 
 if __name__ == "__main__":
