@@ -194,12 +194,13 @@ def test_default_chunk_size():
     assert default_chunk_size(16384, 129280, 1536) == 2048
     assert default_chunk_size(100, 129280, 1536) == 100
     assert default_chunk_size(10_000, 32000, 64) == 256
+    assert default_chunk_size(10_000, 4096, 256) == 1024  # at least 4M logits per chunk (16 MiB fp32)
 
 
 def test_peak_memory_far_below_unfused():
     """The chunked torch path never holds the (tokens, vocab) logits: at 2048 tokens x 4096 vocab x 64
-    hidden (fp32 logits 32 MiB, chunks of 256 tokens) its forward+backward peak stays under 25% of
-    F.cross_entropy's."""
+    hidden (fp32 logits 32 MiB; default chunks of 1024 tokens = 16 MiB, one chunk buffer reused) its
+    forward+backward peak stays under 25% of F.cross_entropy's."""
     h, w, t = _problem(2048, 4096, 64, torch.float32, "cpu")
 
     def run(fn):

@@ -41,6 +41,8 @@ REDUCTIONS = ("mean", "sum", "none")
 # vocab rows per slab when a half-precision dW product is added into the fp32 accumulator: big enough
 # for an efficient GEMM (16384 x H x chunk), small enough that the temporary is ~1/8 of a 129k-row dW
 _DW_SLAB = 16384
+# a chunk holds at least this many logits (see default_chunk_size)
+_MIN_CHUNK_LOGITS = 1 << 22
 
 # ----------------------------------------------------------------------------------------------------
 # PyTorch reference (unfused: materialises the logits; tests and benchmarks compare against it)
@@ -103,13 +105,13 @@ def _ce_chunk_torch(logits, targets, logit_scale, ignore_index, z_loss, compute_
     loss = lse - z_t + z_loss * lse * lse
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if compute_grad:
-        # softmax * (1 + 2 z_loss lse), minus the one-hot, times s (0 at ignored rows, times row_grad)
-        p = e.mul_(((1.0 + 2.0 * z_loss * lse) / total)[:, None])
-        p.scatter_add_(1, safe_t[:, None], torch.full_like(lse[:, None], -1.0))
-        row_scale = valid.to(p.dtype) * logit_scale
+        # s * (softmax * (1 + 2 z_loss lse) - onehot), s = logit_scale (0 at ignored rows, times row_grad):
+        # one pass scales exp(z - max) by s (1 + 2 z_loss lse) / sum, then s is subtracted at the target
+        row_scale = valid.to(e.dtype) * logit_scale
         if row_grad is not None:
             row_scale = row_scale * row_grad.float()
-        p.mul_(row_scale[:, None])
+        p = e.mul_(((1.0 + 2.0 * z_loss * lse) / total * row_scale)[:, None])
+        p.scatter_add_(1, safe_t[:, None], -row_scale[:, None])
         if p.data_ptr() != logits.data_ptr():
             logits.copy_(p)
     return loss
@@ -213,17 +215,21 @@ if triton_available():
 
 
 def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
-    """Tokens per chunk: ``next_pow2(hidden)`` clamped to [256, 4096], at most ``n_tokens``.
+    """Tokens per chunk: ``next_pow2(hidden)`` clamped to [256, 4096], raised so that a chunk holds at least
+    ``_MIN_CHUNK_LOGITS`` logits (4M: 16 MiB in fp32) and at most ``n_tokens``.
 
     Why: every chunk adds its ``(V, H)`` weight-gradient product into the fp32 ``dW`` buffer, i.e. about
     three passes over a ``(V, H)`` matrix per chunk; with ``C`` rows per chunk that traffic costs ~``C/3``
     FLOPs per byte of the ``dW`` GEMM, so ``C`` must reach the high hundreds to keep the GEMMs compute-bound
     (Liger's ``N / ceil(V / H)`` rule gives 256 rows at 16k x 129k x 1536, too few for fp32 accumulation).
     ``C ~ H`` makes a logits chunk about the size of the weight, so the extra memory stays
-    ``~3 x weight`` (logits chunk, fp32 ``dW``) whatever the number of tokens.
+    ``~3 x weight`` (logits chunk, fp32 ``dW``) whatever the number of tokens.  For small vocabularies
+    (e.g. 4096 x 256) that chunk is tiny: below 16 MiB a smaller chunk saves no memory that matters and only
+    adds chunk-loop passes and smaller GEMMs (1024 instead of 256 rows at 1024 x 4096 x 256 is ~5% faster on CPU).
     """
-    chunk = 1 << max(0, math.ceil(math.log2(max(1, hidden))))
-    return max(1, min(n_tokens, min(4096, max(256, chunk))))
+    chunk = min(4096, max(256, 1 << max(0, math.ceil(math.log2(max(1, hidden))))))
+    chunk = max(chunk, _MIN_CHUNK_LOGITS // max(1, vocab))
+    return max(1, min(n_tokens, chunk))
 
 
 def _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, need_dh, need_dw, row_grad=None):
@@ -238,10 +244,13 @@ def _chunked(h2, weight, t1, logit_scale, ignore_index, z_loss, chunk, step, nee
     dh = torch.empty_like(h2) if need_dh else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
     wt = weight.t()
+    # one logits buffer for all chunks: a fresh (c, V) product per chunk would hold two chunks at once
+    # (the next product is allocated before the previous one is released)
+    buf = torch.empty(min(chunk, n), weight.shape[0], dtype=h2.dtype, device=h2.device)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         h_c = h2[start:end]
-        logits = h_c @ wt  # (c, V), input dtype, fp32 accumulation inside the GEMM
+        logits = torch.mm(h_c, wt, out=buf[: end - start])  # (c, V), input dtype, fp32 accumulation inside the GEMM
         rg = row_grad[start:end] if row_grad is not None else None
         loss[start:end] = step(logits, t1[start:end], logit_scale, ignore_index, z_loss, compute_grad, rg)
         if need_dh:
