@@ -16,7 +16,9 @@ prints the median step time of each variant and the ratios (HF time / ours: > 1 
 eager / compiled for ``--compile``, which compiles each decoder block as ``python -m xmodel.train --compile``
 does) and writes ``benchmarks/results/train-step-cpu-<date>.{json,md}`` with the torch / triton / transformers
 versions, the CPU and the date.  Timing: ``time.process_time`` of one thread (robust to other jobs on a shared
-machine), medians over ``--repeats`` rounds, the variants' order rotating each round.
+machine), medians over ``--repeats`` rounds, the variants' order rotating each round.  Each ratio is given twice:
+as the ratio of the two medians and as the median of the per-round ratios (the two steps of one round run back to
+back, so slow drifts of a shared machine cancel) with its distribution-free 95% interval (:func:`median_ci`).
 
 pytest-benchmark cases (``pytest benchmarks/bench_train_step.py``; CI smoke: ``--benchmark-disable``, one tiny step
 each) -- CUDA: the 1.3B architecture at full width (hidden 1536, 24/8 heads x 64, FFN 3840, vocab 129280) with
@@ -34,6 +36,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -125,6 +128,24 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: the order statistics ``x_(k)``, ``x_(n+1-k)`` with
+    the largest ``k`` such that ``P(Binomial(n, 1/2) < k) <= (1 - level) / 2`` (the whole range when ``n`` is too
+    small for ``level``)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_ci needs at least one value")
+    alpha, k, tail = (1.0 - level) / 2.0, 0, 0.0
+    while k < n // 2:
+        tail_next = tail + math.comb(n, k) / 2.0**n  # P(Binomial(n, 1/2) <= k)
+        if tail_next > alpha:
+            break
+        tail, k = tail_next, k + 1
+    # P(Bin < k) <= alpha: the k-th smallest and k-th largest values (1-based), or the whole range for k = 0
+    return (xs[k - 1], xs[n - k]) if k > 0 else (xs[0], xs[-1])
+
+
 def measure(args: argparse.Namespace) -> dict:
     """Build every variant, warm it up, time ``args.repeats`` interleaved rounds; return the report dict."""
     from xmodel.training.compile import RecompileLog, compile_blocks, compile_counters
@@ -169,12 +190,16 @@ def measure(args: argparse.Namespace) -> dict:
         timed_counters = compile_counters()
 
     medians = {n: statistics.median(v) for n, v in times.items()}
-    ratios = {f"hf/{head}": medians[f"hf-llama/{head}"] / medians[f"xmodel/{head}"] for head in HEADS}
+    pairs = {f"hf/{head}": (f"hf-llama/{head}", f"xmodel/{head}") for head in HEADS}
     if args.compile:
-        ratios.update({f"compile/{head}": medians[f"xmodel/{head}"] / medians[f"xmodel+compile/{head}"]
-                       for head in HEADS})
-        ratios.update({f"hf_vs_compiled/{head}": medians[f"hf-llama/{head}"] / medians[f"xmodel+compile/{head}"]
-                       for head in HEADS})
+        pairs.update({f"compile/{head}": (f"xmodel/{head}", f"xmodel+compile/{head}") for head in HEADS})
+        pairs.update({f"hf_vs_compiled/{head}": (f"hf-llama/{head}", f"xmodel+compile/{head}") for head in HEADS})
+    ratios = {key: medians[num] / medians[den] for key, (num, den) in pairs.items()}
+    paired = {}
+    for key, (num, den) in pairs.items():
+        per_round = [a / b for a, b in zip(times[num], times[den])]
+        lo, hi = median_ci(per_round)
+        paired[key] = {"median": round(statistics.median(per_round), 4), "ci95": [round(lo, 4), round(hi, 4)]}
     now = _dt.datetime.now(_dt.timezone.utc)
     return {
         "kind": "train_step_cpu",
@@ -190,6 +215,7 @@ def measure(args: argparse.Namespace) -> dict:
         "median_s": {n: round(v, 5) for n, v in medians.items()},
         "min_s": {n: round(min(v), 5) for n, v in times.items()},
         "ratios": {k: round(v, 4) for k, v in ratios.items()},
+        "paired_ratios": paired,
         "compile": {"per_variant_warmup": compiled_stats, "after_warmup": warm_counters,
                     "recompiles_while_timed": timed_counters["frames"] - warm_counters["frames"],
                     "recompile_reasons": recompiles.reasons} if args.compile else None,
@@ -215,12 +241,17 @@ def markdown(report: dict) -> str:
     ]
     for name, med in report["median_s"].items():
         lines.append(f"| {name} | {med * 1e3:.1f} | {report['min_s'][name] * 1e3:.1f} |")
-    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += ["", "| ratio | of the medians | median of per-round ratios | 95% CI of that median |", "|---|---:|---:|---|"]
     labels = {"hf": "HF time / ours (eager)", "compile": "ours eager / ours compiled",
               "hf_vs_compiled": "HF time / ours compiled"}
     for key, value in report["ratios"].items():
         kind, head = key.split("/")
-        lines.append(f"| {labels[kind]}, {head} | {value:.3f}x |")
+        p = report["paired_ratios"][key]
+        lines.append(f"| {labels[kind]}, {head} | {value:.3f}x | {p['median']:.3f}x | "
+                     f"[{p['ci95'][0]:.3f}x, {p['ci95'][1]:.3f}x] |")
+    lines += ["", "Per-round ratios pair the two variants' steps of the same round (run back to back), which cancels "
+              "slow drifts of the machine; the interval is the distribution-free one of their median "
+              "(binomial order statistics)."]
     if report.get("compile"):
         c = report["compile"]
         lines += ["", "Compiled variants (per decoder block, `xmodel.training.compile.compile_blocks`):", ""]
