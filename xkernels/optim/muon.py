@@ -254,7 +254,7 @@ class Muon(torch.optim.Optimizer):
         return ("ddp", self.process_group) if use else ("local", None)
 
     def _muon_group_step(self, group: dict[str, Any]) -> None:
-        lr = float(group["lr"])
+        lr = _lr(group)
         wd = float(group["weight_decay"])
         mu = float(group["momentum"])
         coeffs, safety = _group_coefficients(group)
@@ -301,18 +301,31 @@ class Muon(torch.optim.Optimizer):
                 _apply(group, [params[idx[j]] for j in members], outs, lr, wd)
 
 
-def _apply(group: dict[str, Any], params: list[torch.Tensor], outs: list[torch.Tensor], lr: float, wd: float) -> None:
-    """``W ← W(1 − γλ) − γ'·O`` with foreach ops, one ``add`` per distinct adjusted lr (orientation)."""
+def _lr(group: dict[str, Any]) -> float | torch.Tensor:
+    """The group's lr: a Python float, or kept as a tensor when it is one (a 0-d lr tensor -- as torch.optim
+    accepts for compiled / CUDA-graph steps -- is used on the device: no host read of it)."""
+    lr = group["lr"]
+    return lr if isinstance(lr, torch.Tensor) else float(lr)
+
+
+def _apply(group: dict[str, Any], params: list[torch.Tensor], outs: list[torch.Tensor], lr, wd: float) -> None:
+    """``W ← W(1 − γλ) − γ'·O`` with foreach ops, one ``add`` per distinct lr adjustment (orientation).
+
+    A tensor ``lr`` stays a tensor: the update is scaled by ``−γ'`` as a device scalar (``O`` times ``−γ'`` in
+    ``O``'s dtype, then added), so the step never reads the lr on the host."""
     local = [_local(p) for p in params]
     if wd != 0.0:
         torch._foreach_mul_(local, 1.0 - lr * wd)
-    by_lr: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    by_factor: dict[float, tuple[Sequence[int], list[torch.Tensor], list[torch.Tensor]]] = {}
     for p, lp, o in zip(params, local, outs):
-        ps, os_ = by_lr.setdefault(adjust_lr(lr, group["adjust_lr_fn"], p.shape), ([], []))
+        _, ps, os_ = by_factor.setdefault(adjust_lr(1.0, group["adjust_lr_fn"], p.shape), (p.shape, [], []))
         ps.append(lp)
         os_.append(o)  # bf16 into fp32 weights: the add casts on the fly
-    for adjusted, (ps, os_) in by_lr.items():
-        torch._foreach_add_(ps, os_, alpha=-adjusted)
+    for factor, (shape, ps, os_) in by_factor.items():
+        if isinstance(lr, torch.Tensor):
+            torch._foreach_add_(ps, torch._foreach_mul(os_, -(lr * factor)))
+        else:  # the float lr exactly as adjust_lr forms it (the same factor gives the same adjusted lr)
+            torch._foreach_add_(ps, os_, alpha=-adjust_lr(lr, group["adjust_lr_fn"], shape))
 
 
 def _check_scalar(name: str, v: Any) -> None:
@@ -487,7 +500,7 @@ def _adamw_group_step(opt: torch.optim.Optimizer, group: dict[str, Any]) -> None
     so the step never waits for the device, can be captured in a CUDA graph and traces under torch.compile
     without a break (``float(step)`` would be both a host read and a graph break).  Equal to the
     non-capturable formula ``W − (γ/c1)·m/(√v/c2 + ε)`` up to fp32 rounding of the product."""
-    lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+    lr, wd, eps = _lr(group), float(group["weight_decay"]), float(group["eps"])
     beta1, beta2 = group["betas"]
     buckets: dict[tuple, list[list[torch.Tensor]]] = {}
     for p in group["params"]:
@@ -525,7 +538,11 @@ def _adamw_group_step(opt: torch.optim.Optimizer, group: dict[str, Any]) -> None
         torch._foreach_div_(denom, c2)
         torch._foreach_add_(denom, eps)
         torch._foreach_mul_(denom, c1)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr)
+        if isinstance(lr, torch.Tensor):  # W − m / (denom / γ): the lr tensor stays on the device
+            torch._foreach_div_(denom, lr)
+            torch._foreach_addcdiv_(params, exp_avgs, denom, value=-1.0)
+        else:
+            torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr)
 
 
 class MuonWithAuxAdamW(Muon):
