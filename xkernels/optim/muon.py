@@ -110,7 +110,8 @@ class Muon(torch.optim.Optimizer):
     Args (the first eight as in ``torch.optim.Muon``):
         params: 2-D floating tensors or param-group dicts.  Anything else raises ``ValueError`` pointing
             to :class:`MuonWithAuxAdamW` / :func:`muon_param_groups`.
-        lr: γ (default 1e-3).  weight_decay: λ, decoupled (default 0.1).  momentum: μ (default 0.95).
+        lr: γ (default 1e-3; a 0-d tensor is used on the device, never read on the host).  weight_decay: λ,
+            decoupled (default 0.1).  momentum: μ (default 0.95).
         nesterov: Nesterov momentum (default True).
         ns_coefficients: one ``(a, b, c)`` used at every step (``torch.optim.Muon``'s argument) or one per
             step; overrides ``coefficients``.
