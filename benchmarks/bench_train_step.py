@@ -222,6 +222,45 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+def _fp8_cases() -> list[tuple[str, Callable, tuple]]:
+    """``(name, fn, inputs)`` for the FP8 ops and modules: quantize + cast_transpose, fp8_gemm, and FP8Linear
+    under each recipe (training: the delayed-scaling history update is in the graph)."""
+    from xkernels.fp8 import E4M3, E5M2, FP8Linear, FP8Recipe, cast_transpose, fp8_gemm, quantize
+
+    def casts(x):
+        q, sc = quantize(x, E4M3, "tensor")
+        q2, s2, qt, st, amax = cast_transpose(x, E5M2, "block_1x128", pad_to=16, return_amax=True)
+        return q.float().sum() + sc.sum() + qt.float().sum() + st.sum() + amax
+
+    a, sa = quantize(torch.randn(40, 128), E4M3, "tensor")
+    b, sb = quantize(torch.randn(32, 128), E4M3, "tensor")
+    cases = [("fp8 quantize + cast_transpose", casts, (torch.randn(40, 144),)),
+             ("fp8_gemm", lambda a, b, sa, sb: fp8_gemm(a, b, sa, sb, out_dtype=torch.float32).sum(), (a, b, sa, sb))]
+    for recipe in ("delayed", "current", "row", "block"):
+        mod = FP8Linear(64, 48, recipe=FP8Recipe.from_name(recipe, amax_history_len=4)).train()
+        cases.append((f"FP8Linear ({recipe}, training)", lambda x, mod=mod: mod(x).sum(),
+                      (torch.randn(2, 20, 64, requires_grad=True),)))
+    return cases
+
+
+def explain_ops(backends: tuple[str, ...]) -> list[dict]:
+    """``torch._dynamo.explain`` of every public op (the cases of tests/op_cases.py, whose forward+backward the
+    test suite also compiles, plus the FP8 ops): graphs and graph breaks per op and backend."""
+    from tests.op_cases import CASES
+
+    rows = []
+    for backend in backends:
+        cases = [(c.name, c.fn, c.build("cpu", backend)) for c in CASES] + _fp8_cases()
+        for name, fn, inputs in cases:
+            torch._dynamo.reset()
+            with xkernels.force_backend(backend):
+                ex = torch._dynamo.explain(fn)(*inputs)
+            rows.append({"op": name, "backend": backend, "graphs": ex.graph_count, "breaks": ex.graph_break_count,
+                         "break_reasons": [str(r.reason)[:200] for r in ex.break_reasons]})
+    torch._dynamo.reset()
+    return rows
+
+
 def markdown(report: dict) -> str:
     s, v, m = report["shape"], report["versions"], report["machine"]
     lines = [
@@ -259,6 +298,17 @@ def markdown(report: dict) -> str:
             lines.append(f"* {name}: {st['frames']} frame(s) compiled, {st['unique_graphs']} graph(s), "
                          f"{st['graph_breaks']} graph break(s), warm-up {st['warmup_s']} s")
         lines.append(f"* recompilations while timed: {c['recompiles_while_timed']}")
+    if report.get("explain"):
+        backends = sorted({r["backend"] for r in report["explain"]})
+        lines += ["", f"`torch._dynamo.explain` per op ({', '.join(backends)} path; Triton on CPU = the interpreter):",
+                  "", "| op | " + " | ".join(f"{b}: graphs / breaks" for b in backends) + " |",
+                  "|---|" + "---:|" * len(backends)]
+        by_op: dict[str, dict[str, dict]] = {}
+        for r in report["explain"]:
+            by_op.setdefault(r["op"], {})[r["backend"]] = r
+        for op, per in by_op.items():
+            cells = [f"{per[b]['graphs']} / {per[b]['breaks']}" if b in per else "-" for b in backends]
+            lines.append(f"| {op} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -273,11 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--no-explain", action="store_true",
+                        help="skip the per-op torch._dynamo.explain table (the Triton path is explained when kernels "
+                             "can run: on a GPU, or on CPU with TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.repeats < 1 or args.warmup < 1:
         parser.error("--repeats and --warmup must be >= 1")
     report = measure(args)
+    if not args.no_explain:
+        from xkernels.dispatch import interpreting, triton_available
+
+        kernels = triton_available() and (torch.cuda.is_available() or interpreting())
+        report["explain"] = explain_ops(("torch", "triton") if kernels else ("torch",))
     text = markdown(report)
     print(text)
     if not args.no_write:

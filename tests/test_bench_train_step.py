@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from benchmarks.bench_train_step import main, median_ci
+from benchmarks.bench_train_step import explain_ops, main, markdown, median_ci
 
 
 def _binomial_cdf(k: int, n: int) -> float:
@@ -46,7 +46,8 @@ def test_script_writes_report_with_paired_ratios(tmp_path, capsys):
     """One tiny round of every variant (ours and HF, both heads): the JSON and markdown land in --out-dir with the
     paired ratios and their intervals."""
     pytest.importorskip("transformers")
-    rc = main(["--repeats", "3", "--warmup", "1", "--batch", "1", "--seq", "16", "--out-dir", str(tmp_path)])
+    rc = main(["--repeats", "3", "--warmup", "1", "--batch", "1", "--seq", "16", "--out-dir", str(tmp_path),
+               "--no-explain"])
     assert rc == 0
     (js,) = tmp_path.glob("train-step-cpu-*.json")
     report = json.loads(js.read_text())
@@ -58,3 +59,23 @@ def test_script_writes_report_with_paired_ratios(tmp_path, capsys):
     md = js.with_suffix(".md").read_text()
     assert "median of per-round ratios" in md and "HF time / ours (eager), labels" in md
     assert "wrote" in capsys.readouterr().out
+
+
+def test_explain_table_lists_every_op_with_its_graphs_and_breaks():
+    """The report's per-op table (torch path here; test_compile.py covers the Triton path op by op)."""
+    from op_cases import CASES
+
+    rows = explain_ops(("torch",))
+    names = [r["op"] for r in rows]
+    assert [c.name for c in CASES] == names[: len(CASES)]
+    assert any(n.startswith("FP8Linear (delayed") for n in names)
+    for r in rows:
+        assert r["graphs"] >= 1 and r["breaks"] == 0, r
+    report = {"date": "d", "command": "c", "machine": {"cpu": "x", "cores": 2, "threads": 1},
+              "versions": {"torch": "t", "triton": "t", "transformers": "t", "python": "p"},
+              "shape": {"preset": "p", "layers": 1, "hidden": 8, "vocab": 16, "params": 1, "batch": 1, "seq": 2,
+                        "dtype": "float32"},
+              "timing": {"step": "s", "clock": "c", "repeats": 1, "warmup": 1}, "median_s": {}, "min_s": {},
+              "ratios": {}, "paired_ratios": {}, "compile": None, "explain": rows}
+    md = markdown(report)
+    assert "| FP8Linear (block, training) | 1 / 0 |" in md
