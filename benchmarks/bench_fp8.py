@@ -26,6 +26,7 @@ from benchmarks.common import (
     DEVICE,
     ON_CUDA,
     compile_fn,
+    contender,
     import_peer,
     pick,
     randn,
@@ -56,12 +57,8 @@ def _shape_id(s):
 @pytest.mark.parametrize("granularity", QUANT_GRANULARITIES)
 @pytest.mark.parametrize("impl", ["xkernels", "eager", "compile"])
 def test_quantize(benchmark, impl, granularity):
-    if impl == "xkernels":
-        fn = lambda x: fp8.quantize(x, E4M3, granularity)
-    elif impl == "eager":
-        fn = lambda x: fp8.quantize_ref(x, E4M3, granularity)
-    else:
-        fn = compile_fn(lambda x: fp8.quantize_ref(x, E4M3, granularity))
+    ours = lambda x: fp8.quantize(x, E4M3, granularity)
+    fn = contender(impl, ours=ours, eager=lambda x: fp8.quantize_ref(x, E4M3, granularity))
     rows, cols = QUANT_SHAPE
     run(
         benchmark,
@@ -132,6 +129,12 @@ def test_fp8_gemm(benchmark, impl, shape):
 
 
 # --------------------------------------------------------------------------------------------- FP8Linear
+def _torchao_float8(module: torch.nn.Module) -> torch.nn.Module:
+    """torchao's float8 training conversion (tensorwise) of the module's linears (a CUDA-only peer)."""
+    require_cuda("torchao Float8Linear")
+    return import_peer("torchao.float8", "torchao").convert_to_float8_training(module)
+
+
 def _linear(impl: str, n_in: int, n_out: int) -> torch.nn.Module:
     base = torch.nn.Linear(n_in, n_out, bias=False, device=DEVICE, dtype=ACT)
     if impl == "bf16":
@@ -141,9 +144,7 @@ def _linear(impl: str, n_in: int, n_out: int) -> torch.nn.Module:
     if impl == "xkernels-block":
         return fp8.FP8Linear.from_linear(base, fp8.FP8Recipe(scaling="block"))
     if impl == "torchao":
-        require_cuda("torchao Float8Linear")
-        float8 = import_peer("torchao.float8", "torchao")
-        return float8.convert_to_float8_training(torch.nn.Sequential(base))
+        return _torchao_float8(torch.nn.Sequential(base))
     require_cuda("Transformer Engine")
     te = import_peer("transformer_engine.pytorch", "transformer-engine")
     return te.Linear(n_in, n_out, bias=False, params_dtype=ACT, device="cuda")
@@ -160,36 +161,40 @@ def _te_autocast(impl: str):
     return lambda: te.fp8_autocast(enabled=True, fp8_recipe=recipe)
 
 
+def _run_fwdbwd(
+    benchmark, impl: str, module, fn, m: int, n_in: int, n_out: int, *, high_precision: bool, group: str, shape: str,
+    flops: int,
+) -> None:
+    """Forward + backward of ``fn(x, w)`` on fresh ``(m, n_in)`` bf16 activations; ``w`` is the module's first
+    weight, passed so that the harness resets its ``.grad`` between rounds.  The FP8 contenders are rated against
+    the FP8 matmul ceiling on CUDA (bf16's elsewhere: the CPU path is the reference), ``high_precision`` ones
+    against bf16's."""
+    weight = next(module.parameters())
+
+    def make_inputs():
+        return (randn(m, n_in, dtype=ACT, requires_grad=True), weight), randn(m, n_out, dtype=ACT)
+
+    ceiling = ceilings.matmul_key(ACT if high_precision or not ON_CUDA else E4M3)
+    run(benchmark, fn=fn, make_inputs=make_inputs, mode="fwdbwd", impl=impl, family="fp8", group=group, shape=shape,
+        dtype="bfloat16" if high_precision else "fp8", flops=flops, ceiling=ceiling)  # fmt: skip
+
+
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("impl", ["xkernels", "xkernels-block", "bf16", "torchao", "te"])
 def test_fp8_linear(benchmark, impl, shape):
     m, n_out, n_in = shape
     module = _linear(impl, n_in, n_out)
     autocast = _te_autocast(impl)
-    weight = next(module.parameters())
 
-    def fn(x, w):  # w is passed so that the harness resets its .grad between rounds
+    def fn(x, w):
         if autocast is None:
             return module(x)
         with autocast():
             return module(x)
 
-    def make_inputs():
-        return (randn(m, n_in, dtype=ACT, requires_grad=True), weight), randn(m, n_out, dtype=ACT)
-
-    run(
-        benchmark,
-        fn=fn,
-        make_inputs=make_inputs,
-        mode="fwdbwd",
-        impl=impl,
-        family="fp8",
-        group=f"fp8 linear fwdbwd {m}x{n_in}->{n_out}",
-        shape=f"{m}x{n_in}->{n_out}",
-        dtype="bfloat16" if impl == "bf16" else "fp8",
-        flops=6 * m * n_out * n_in,
-        ceiling=ceilings.matmul_key(ACT if impl == "bf16" or not ON_CUDA else E4M3),
-    )
+    _run_fwdbwd(benchmark, impl, module, fn, m, n_in, n_out, high_precision=impl == "bf16",
+                group=f"fp8 linear fwdbwd {m}x{n_in}->{n_out}", shape=f"{m}x{n_in}->{n_out}",
+                flops=6 * m * n_out * n_in)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ compiled MLP block (issue 14)
@@ -207,9 +212,7 @@ def _mlp_block(impl: str, hidden: int, inter: int) -> torch.nn.Module:
     if impl.startswith("xkernels"):
         fp8.convert_to_fp8(block, fp8.FP8Recipe(), skip=())
     elif impl.startswith("torchao"):
-        require_cuda("torchao Float8Linear")
-        float8 = import_peer("torchao.float8", "torchao")
-        block = float8.convert_to_float8_training(block)
+        block = _torchao_float8(block)
     if impl.endswith("compile"):
         block = compile_fn(block)  # FP8Linear traces without graph breaks (tests/test_fp8_compile.py)
     return block
@@ -221,21 +224,7 @@ def test_fp8_mlp_block(benchmark, impl):
     compiled (skipped, saying why, when torchao is absent or there is no GPU)."""
     m, hidden, inter = BLOCK_SHAPE
     block = _mlp_block(impl, hidden, inter)
-    weight = next(block.parameters())
-
-    def make_inputs():
-        return (randn(m, hidden, dtype=ACT, requires_grad=True), weight), randn(m, hidden, dtype=ACT)
-
-    run(
-        benchmark,
-        fn=lambda x, w: block(x),
-        make_inputs=make_inputs,
-        mode="fwdbwd",
-        impl=impl,
-        family="fp8",
-        group=f"fp8 mlp block fwdbwd {m}x{hidden}->{inter}->{hidden}",
-        shape=f"{m}x{hidden}x{inter}",
-        dtype="bfloat16" if impl in ("bf16", "compile") else "fp8",
-        flops=2 * 6 * m * hidden * inter,
-        ceiling=ceilings.matmul_key(ACT if impl in ("bf16", "compile") or not ON_CUDA else E4M3),
-    )
+    _run_fwdbwd(benchmark, impl, block, lambda x, w: block(x), m, hidden, hidden,
+                high_precision=impl in ("bf16", "compile"),
+                group=f"fp8 mlp block fwdbwd {m}x{hidden}->{inter}->{hidden}", shape=f"{m}x{hidden}x{inter}",
+                flops=2 * 6 * m * hidden * inter)  # fmt: skip

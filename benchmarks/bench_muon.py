@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import xkernels
-from benchmarks.common import DEVICE, ON_CUDA, compile_fn, import_peer, pick, randn, require_attr, require_cuda, run
+from benchmarks.common import DEVICE, ON_CUDA, contender, import_peer, pick, randn, require_attr, require_cuda, run
 
 NS_STEPS = 5
 MUON_ABC = (3.4445, -4.7750, 2.0315)
@@ -61,6 +61,13 @@ def ns_flops(batch: int, m: int, n: int, steps: int = NS_STEPS) -> int:
     return batch * steps * (4 * k * k * big + 2 * k**3)
 
 
+def _torch_loop():
+    """torch.optim.Muon's per-matrix Newton–Schulz, in a Python loop over the batch."""
+    muon_mod = import_peer("torch.optim._muon", "torch.optim.Muon (torch >= 2.9)")
+    zeropower = require_attr(muon_mod, "_zeropower_via_newtonschulz", "torch.optim.Muon's Newton–Schulz")
+    return lambda G: torch.stack([zeropower(g, MUON_ABC, NS_STEPS, EPS) for g in G])
+
+
 NS_SHAPES = pick([(96, 1536, 1536), (96, 512, 1536), (96, 3840, 1536)], [(8, 256, 256), (8, 640, 256)])
 
 
@@ -69,16 +76,8 @@ NS_SHAPES = pick([(96, 1536, 1536), (96, 512, 1536), (96, 3840, 1536)], [(8, 256
 def test_newton_schulz(benchmark, impl, shape):
     newton_schulz = require_attr(xkernels, "newton_schulz", "xkernels.newton_schulz")
     dtype = _ns_dtype()
-    if impl == "xkernels":
-        fn = lambda G: newton_schulz(G, steps=NS_STEPS, coefficients="muon")
-    elif impl == "eager":
-        fn = lambda G: ns_eager(G, dtype=dtype)
-    elif impl == "compile":
-        fn = compile_fn(lambda G: ns_eager(G, dtype=dtype))
-    else:
-        muon_mod = import_peer("torch.optim._muon", "torch.optim.Muon (torch >= 2.9)")
-        zeropower = require_attr(muon_mod, "_zeropower_via_newtonschulz", "torch.optim.Muon's Newton–Schulz")
-        fn = lambda G: torch.stack([zeropower(g, MUON_ABC, NS_STEPS, EPS) for g in G])
+    ours = lambda G: newton_schulz(G, steps=NS_STEPS, coefficients="muon")
+    fn = contender(impl, ours=ours, eager=lambda G: ns_eager(G, dtype=dtype), peer=_torch_loop)
     b, m, n = shape
     run(
         benchmark,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import xkernels
-from benchmarks.common import compile_fn, dtype_name, import_peer, pick, randn, require_cuda, run
+from benchmarks.common import contender, liger, pick, randn, run_memory_bound
 
 HIDDEN = 1536
 EPS = 1e-5
@@ -36,93 +36,50 @@ def add_rms_norm_eager(x, residual, weight, eps=EPS):
 
 
 def _liger_rms():
-    require_cuda("Liger-Kernel")
-    functional = import_peer("liger_kernel.transformers.functional", "liger-kernel")
-    fn = getattr(functional, "liger_rms_norm", None)
-    if fn is None:
-        pytest.skip("liger_kernel.transformers.functional.liger_rms_norm missing in the installed Liger-Kernel")
+    fn = liger("liger_kernel.transformers.functional", "liger_rms_norm")
     return lambda x, w: fn(x, w, EPS, casting_mode="llama", in_place=False)
 
 
 def _liger_add_rms():
-    require_cuda("Liger-Kernel")
-    mod = import_peer("liger_kernel.ops.fused_add_rms_norm", "liger-kernel (with fused_add_rms_norm)")
-    func = getattr(mod, "LigerFusedAddRMSNormFunction", None)
-    if func is None:
-        pytest.skip("LigerFusedAddRMSNormFunction missing in the installed Liger-Kernel")
+    package = "liger-kernel (with fused_add_rms_norm)"
+    func = liger("liger_kernel.ops.fused_add_rms_norm", "LigerFusedAddRMSNormFunction", package)
     return lambda x, r, w: func.apply(x, r, w, EPS, 0.0, "llama", False)
 
 
-def _rms_fn(impl: str):
-    if impl == "xkernels":
-        return lambda x, w: xkernels.rms_norm(x, w, EPS)
-    if impl == "eager":
-        return rms_norm_eager
-    if impl == "compile":
-        return compile_fn(rms_norm_eager)
-    return _liger_rms()
-
-
-def _add_fn(impl: str):
-    if impl == "xkernels":
-        return lambda x, r, w: xkernels.add_rms_norm(x, r, w, EPS)
-    if impl == "eager":
-        return add_rms_norm_eager
-    if impl == "compile":
-        return compile_fn(add_rms_norm_eager)
-    return _liger_add_rms()
+def _weight(grad: bool) -> torch.Tensor:
+    """The norm's gain: fresh, near 1, in the activation dtype."""
+    return (1 + 0.1 * randn(HIDDEN, dtype=torch.float32)).to(DTYPE).requires_grad_(grad)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_rms_norm(benchmark, impl, tokens, mode):
-    fn = _rms_fn(impl)
+    fn = contender(impl, ours=lambda x, w: xkernels.rms_norm(x, w, EPS), eager=rms_norm_eager, peer=_liger_rms)
     grad = mode != "fwd"
 
     def make_inputs():
         x = randn(tokens, HIDDEN, dtype=DTYPE, requires_grad=grad)
-        w = (1 + 0.1 * randn(HIDDEN, dtype=torch.float32)).to(DTYPE).requires_grad_(grad)
-        return (x, w), randn(tokens, HIDDEN, dtype=DTYPE)
+        return (x, _weight(grad)), randn(tokens, HIDDEN, dtype=DTYPE)
 
-    es = torch.empty((), dtype=DTYPE).element_size()
-    run(
-        benchmark,
-        fn=fn,
-        make_inputs=make_inputs,
-        mode=mode,
-        impl=impl,
-        family="rmsnorm",
-        group=f"rms_norm {mode} {tokens}x{HIDDEN} {dtype_name(DTYPE)}",
-        shape=f"{tokens}x{HIDDEN}",
-        dtype=DTYPE,
-        bytes_moved=(2 if mode == "fwd" else 5) * tokens * HIDDEN * es,
-    )
+    bytes_moved = (2 if mode == "fwd" else 5) * tokens * HIDDEN * DTYPE.itemsize
+    run_memory_bound(benchmark, fn, make_inputs, op="rms_norm", family="rmsnorm", impl=impl, mode=mode,
+                     shape=f"{tokens}x{HIDDEN}", dtype=DTYPE, bytes_moved=bytes_moved)  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_add_rms_norm(benchmark, impl, tokens, mode):
-    fn = _add_fn(impl)
+    ours = lambda x, r, w: xkernels.add_rms_norm(x, r, w, EPS)
+    fn = contender(impl, ours=ours, eager=add_rms_norm_eager, peer=_liger_add_rms)
     grad = mode != "fwd"
 
     def make_inputs():
         x = randn(tokens, HIDDEN, dtype=DTYPE, requires_grad=grad)
         r = randn(tokens, HIDDEN, dtype=DTYPE, requires_grad=grad)
-        w = (1 + 0.1 * randn(HIDDEN, dtype=torch.float32)).to(DTYPE).requires_grad_(grad)
-        return (x, r, w), (randn(tokens, HIDDEN, dtype=DTYPE), randn(tokens, HIDDEN, dtype=DTYPE))
+        return (x, r, _weight(grad)), (randn(tokens, HIDDEN, dtype=DTYPE), randn(tokens, HIDDEN, dtype=DTYPE))
 
-    es = torch.empty((), dtype=DTYPE).element_size()
-    run(
-        benchmark,
-        fn=fn,
-        make_inputs=make_inputs,
-        mode=mode,
-        impl=impl,
-        family="rmsnorm",
-        group=f"add_rms_norm {mode} {tokens}x{HIDDEN} {dtype_name(DTYPE)}",
-        shape=f"{tokens}x{HIDDEN}",
-        dtype=DTYPE,
-        bytes_moved=(4 if mode == "fwd" else 8) * tokens * HIDDEN * es,
-    )
+    bytes_moved = (4 if mode == "fwd" else 8) * tokens * HIDDEN * DTYPE.itemsize
+    run_memory_bound(benchmark, fn, make_inputs, op="add_rms_norm", family="rmsnorm", impl=impl, mode=mode,
+                     shape=f"{tokens}x{HIDDEN}", dtype=DTYPE, bytes_moved=bytes_moved)  # fmt: skip

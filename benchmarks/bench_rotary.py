@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import xkernels
-from benchmarks.common import compile_fn, dtype_name, import_peer, pick, randn, require_cuda, run
+from benchmarks.common import contender, liger, pick, randn, run_memory_bound
 
 N_Q, N_KV, HEAD_DIM = 24, 8, 64
 THETA = 500000.0
@@ -37,11 +37,7 @@ def rotary_eager(q, k, cos, sin):
 
 
 def _liger():
-    require_cuda("Liger-Kernel")
-    functional = import_peer("liger_kernel.transformers.functional", "liger-kernel")
-    rope = getattr(functional, "liger_rope", None)
-    if rope is None:
-        pytest.skip("liger_kernel.transformers.functional.liger_rope missing in the installed Liger-Kernel")
+    rope = liger("liger_kernel.transformers.functional", "liger_rope")
 
     def fn(q, k, cos, sin):
         seq = q.shape[1]
@@ -52,21 +48,11 @@ def _liger():
     return fn
 
 
-def _fn(impl: str):
-    if impl == "xkernels":
-        return xkernels.apply_rotary
-    if impl == "eager":
-        return rotary_eager
-    if impl == "compile":
-        return compile_fn(rotary_eager)
-    return _liger()
-
-
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("impl", IMPLS)
 def test_apply_rotary(benchmark, impl, shape, mode):
-    fn = _fn(impl)
+    fn = contender(impl, ours=xkernels.apply_rotary, eager=rotary_eager, peer=_liger)
     batch, seq = shape
     grad = mode != "fwd"
     cos, sin = xkernels.rotary_cos_sin(seq, HEAD_DIM, THETA, device=randn(1, dtype=torch.float32).device)
@@ -77,17 +63,7 @@ def test_apply_rotary(benchmark, impl, shape, mode):
         grads = (randn(batch, seq, N_Q, HEAD_DIM, dtype=DTYPE), randn(batch, seq, N_KV, HEAD_DIM, dtype=DTYPE))
         return (q, k, cos, sin), grads
 
-    es = torch.empty((), dtype=DTYPE).element_size()
-    per_pass = 2 * batch * seq * (N_Q + N_KV) * HEAD_DIM * es + 2 * seq * HEAD_DIM * 4
-    run(
-        benchmark,
-        fn=fn,
-        make_inputs=make_inputs,
-        mode=mode,
-        impl=impl,
-        family="rotary",
-        group=f"apply_rotary {mode} {batch}x{seq}x({N_Q}+{N_KV})x{HEAD_DIM} {dtype_name(DTYPE)}",
-        shape=f"{batch}x{seq}x({N_Q}+{N_KV})x{HEAD_DIM}",
-        dtype=DTYPE,
-        bytes_moved=per_pass * (1 if mode == "fwd" else 2),
-    )
+    per_pass = 2 * batch * seq * (N_Q + N_KV) * HEAD_DIM * DTYPE.itemsize + 2 * seq * HEAD_DIM * 4
+    run_memory_bound(benchmark, fn, make_inputs, op="apply_rotary", family="rotary", impl=impl, mode=mode,
+                     shape=f"{batch}x{seq}x({N_Q}+{N_KV})x{HEAD_DIM}", dtype=DTYPE,
+                     bytes_moved=per_pass * (1 if mode == "fwd" else 2))  # fmt: skip

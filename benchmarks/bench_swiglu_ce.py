@@ -23,13 +23,13 @@ from benchmarks.common import (
     DEVICE,
     ON_CUDA,
     backward,
-    compile_fn,
+    contender,
     dtype_name,
-    import_peer,
+    liger,
     pick,
     randn,
-    require_cuda,
     run,
+    run_memory_bound,
 )
 from xkernels.cross_entropy import measure_peak_memory, unfused_cross_entropy
 
@@ -44,18 +44,14 @@ def swiglu_eager(gate, up):
     return torch.nn.functional.silu(gate) * up
 
 
+def _liger_swiglu():
+    return liger("liger_kernel.ops.swiglu", "LigerSiLUMulFunction").apply
+
+
 def _swiglu_fn(impl: str):
-    if impl == "xkernels":
-        return xkernels.swiglu
     if impl == "xkernels-fused":
         return xkernels.swiglu_fused
-    if impl == "eager":
-        return swiglu_eager
-    if impl == "compile":
-        return compile_fn(swiglu_eager)
-    require_cuda("Liger-Kernel")
-    ops = import_peer("liger_kernel.ops.swiglu", "liger-kernel")
-    return lambda gate, up: ops.LigerSiLUMulFunction.apply(gate, up)
+    return contender(impl, ours=xkernels.swiglu, eager=swiglu_eager, peer=_liger_swiglu)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
@@ -74,35 +70,20 @@ def test_swiglu(benchmark, impl, tokens, mode):
             randn(tokens, FFN, dtype=DTYPE, requires_grad=grad),
         ), dy
 
-    es = torch.empty((), dtype=DTYPE).element_size()
-    run(
-        benchmark,
-        fn=fn,
-        make_inputs=make_inputs,
-        mode=mode,
-        impl=impl,
-        family="swiglu",
-        group=f"swiglu {mode} {tokens}x{FFN} {dtype_name(DTYPE)}",
-        shape=f"{tokens}x{FFN}",
-        dtype=DTYPE,
-        bytes_moved=(3 if mode == "fwd" else 8) * tokens * FFN * es,
-    )
+    bytes_moved = (3 if mode == "fwd" else 8) * tokens * FFN * DTYPE.itemsize
+    run_memory_bound(benchmark, fn, make_inputs, op="swiglu", family="swiglu", impl=impl, mode=mode,
+                     shape=f"{tokens}x{FFN}", dtype=DTYPE, bytes_moved=bytes_moved)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ linear + cross-entropy
-def _ce_fn(impl: str):
-    if impl == "xkernels":
-        return lambda h, w, t: xkernels.linear_cross_entropy(h, w, t)
-    if impl == "eager":
-        return lambda h, w, t: unfused_cross_entropy(h, w, t)
-    if impl == "compile":
-        return compile_fn(lambda h, w, t: unfused_cross_entropy(h, w, t))
-    require_cuda("Liger-Kernel")
-    functional = import_peer("liger_kernel.transformers.functional", "liger-kernel")
-    flce = getattr(functional, "liger_fused_linear_cross_entropy", None)
-    if flce is None:
-        pytest.skip("liger_fused_linear_cross_entropy missing in the installed Liger-Kernel")
+def _liger_ce():
+    flce = liger("liger_kernel.transformers.functional", "liger_fused_linear_cross_entropy")
     return lambda h, w, t: flce(h, w, t)
+
+
+def _ce_fn(impl: str):
+    ours = lambda h, w, t: xkernels.linear_cross_entropy(h, w, t)
+    return contender(impl, ours=ours, eager=lambda h, w, t: unfused_cross_entropy(h, w, t), peer=_liger_ce)
 
 
 @pytest.mark.parametrize("impl", ["xkernels", "eager", "compile", "liger"])

@@ -93,6 +93,29 @@ def compile_fn(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def contender(impl: str, *, ours: Callable, eager: Callable, peer: Callable[[], Callable] | None = None) -> Callable:
+    """The function a case times: ``ours`` for ``"xkernels"``, the plain-PyTorch ``eager``, its torch.compile for
+    ``"compile"``, else the function ``peer()`` builds -- called only then, since building a peer may skip the case."""
+    if impl == "xkernels":
+        return ours
+    if impl == "eager":
+        return eager
+    if impl == "compile":
+        return compile_fn(eager)
+    if peer is None:
+        raise ValueError(f"no contender {impl!r}")
+    return peer()
+
+
+def liger(module: str, name: str, package: str = "liger-kernel") -> Any:
+    """``module.name`` from Liger-Kernel (a CUDA-only peer), or skip the case saying which part is missing."""
+    require_cuda("Liger-Kernel")
+    value = getattr(import_peer(module, package), name, None)
+    if value is None:
+        pytest.skip(f"{module}.{name} missing in the installed Liger-Kernel")
+    return value
+
+
 def role(impl: str) -> str:
     if impl.startswith("xkernels"):
         return "ours"
@@ -266,6 +289,15 @@ def run(
     benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds)
     sync()
     _derive(benchmark, info, ceiling)
+
+
+def run_memory_bound(benchmark, fn: Callable[..., Any], make_inputs: Callable[[], tuple[tuple, Any]], *, op: str,
+                     family: str, impl: str, mode: str, shape: str, dtype: torch.dtype, bytes_moved: int) -> None:
+    """:func:`run` for a memory-bound op (norms, rotary, activations), rated in GB/s against the copy ceiling.
+    One group per op, pass, shape and dtype (``"<op> <mode> <shape> <dtype>"``): the contenders compared."""
+    group = f"{op} {mode} {shape} {dtype_name(dtype)}"
+    run(benchmark, fn=fn, make_inputs=make_inputs, mode=mode, group=group, impl=impl, family=family, shape=shape,
+        dtype=dtype, bytes_moved=bytes_moved)  # fmt: skip
 
 
 def _warm_up(setup, target, teardown, warmup: int | None) -> float:

@@ -185,6 +185,17 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _dot_step(acc, a_ptrs, a_mask, b_ptrs, b_mask, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """``acc + A·B`` for one K step of both kernels' tiled products: masked loads (0 outside the matrix),
+        upcast to fp32 when ``UPCAST`` (the interpreter, whose bf16 ``tl.dot`` is broken)."""
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
     def _ns_gram_kernel(
         Y,  # (batch, K, N) input rows, any strides
         C,  # (batch, K, K) added term (read only when HAS_C), any strides
@@ -225,17 +236,13 @@ if triton_available():
         for k0 in range(0, N, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mc = cols < N
-            yi = tl.load(
-                y + ri[:, None] * stride_yr + cols[None, :] * stride_yc, mask=mi[:, None] & mc[None, :], other=0.0
-            )
-            # Y_jᵀ loaded directly as a (BLOCK_K, BLOCK) tile through the strides
-            yjt = tl.load(
-                y + rj[None, :] * stride_yr + cols[:, None] * stride_yc, mask=mc[:, None] & mj[None, :], other=0.0
-            )
-            if UPCAST:
-                yi = yi.to(tl.float32)
-                yjt = yjt.to(tl.float32)
-            acc = tl.dot(yi, yjt, acc, input_precision=PRECISION)
+            # Y_jᵀ is addressed directly as a (BLOCK_K, BLOCK) tile through the strides
+            acc = _dot_step(
+                acc,
+                y + ri[:, None] * stride_yr + cols[None, :] * stride_yc, mi[:, None] & mc[None, :],
+                y + rj[None, :] * stride_yr + cols[:, None] * stride_yc, mc[:, None] & mj[None, :],
+                UPCAST, PRECISION,
+            )  # fmt: skip
         out = acc * alpha
         mask = mi[:, None] & mj[None, :]
         if HAS_C:
@@ -289,16 +296,12 @@ if triton_available():
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             mk = ks < K
-            bt = tl.load(
-                b_ptr + rows[:, None] * stride_br + ks[None, :] * stride_bc, mask=mr[:, None] & mk[None, :], other=0.0
-            )
-            xt = tl.load(
-                x_ptr + ks[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mk[:, None] & mc[None, :], other=0.0
-            )
-            if UPCAST:
-                bt = bt.to(tl.float32)
-                xt = xt.to(tl.float32)
-            acc = tl.dot(bt, xt, acc, input_precision=PRECISION)
+            acc = _dot_step(
+                acc,
+                b_ptr + rows[:, None] * stride_br + ks[None, :] * stride_bc, mr[:, None] & mk[None, :],
+                x_ptr + ks[:, None] * stride_xr + cols[None, :] * stride_xc, mk[:, None] & mc[None, :],
+                UPCAST, PRECISION,
+            )  # fmt: skip
         mask = mr[:, None] & mc[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0)
         out = acc + a * x.to(tl.float32)

@@ -475,18 +475,10 @@ def _scale_strides(scale: torch.Tensor, granularity: str) -> tuple[int, int, int
     return scale.stride(0), scale.stride(1), BLOCK
 
 
-def _cast_transpose_triton(
-    x: torch.Tensor,
-    fp8_dtype: torch.dtype,
-    granularity: str,
-    scale: torch.Tensor | None,
-    transpose: bool,
-    pad_to: int,
-    want_amax: bool,
-):
-    """Launch the cast (and transpose) kernel on x's device; returns ``(q, s, qt, st, amax)`` (some maybe None)."""
+def _cast_transpose_triton(x: torch.Tensor, *args):
+    """:func:`_cast_transpose_launch` on ``x``'s device (see :func:`xkernels.fp8._device.on_device`)."""
     with on_device(x):
-        return _cast_transpose_launch(x, fp8_dtype, granularity, scale, transpose, pad_to, want_amax)
+        return _cast_transpose_launch(x, *args)
 
 
 def _cast_transpose_launch(
