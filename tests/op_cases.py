@@ -47,18 +47,73 @@ def aot_available() -> str | None:
     return None
 
 
-def run_aot(body: str, timeout: int = 300) -> list[dict]:
-    """Run ``body`` (Python using ``aot(...)``; it appends dicts to ``rows``) in a fresh interpreter with
-    TRITON_INTERPRET=0 (jit functions must be real JITFunctions) and this checkout first on sys.path."""
-    script = _AOT_PRELUDE + "\nrows = []\n" + textwrap.dedent(body) + "\nprint('AOT-ROWS ' + json.dumps(rows))\n"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; keep today's default
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("AOT-ROWS ")][-1]
-    return json.loads(line[len("AOT-ROWS ") :])
+# One interpreter for every ahead-of-time script of the session: a fresh one each time cost a start-up (Python,
+# torch, triton, xkernels: seconds on a busy 2-core box) per test.  Each script still runs in its own namespace.
+_WORKER_LOOP = textwrap.dedent(
+    """
+    import contextlib, io, json, sys, traceback
+    while True:
+        header = sys.stdin.readline()
+        if not header:
+            break
+        script = sys.stdin.read(int(header))
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                exec(compile(script, "<aot script>", "exec"), {"__name__": "__aot__"})
+                ok = True
+            except BaseException:
+                traceback.print_exc()
+                ok = False
+        sys.__stdout__.write(json.dumps({"ok": ok, "stdout": out.getvalue(), "stderr": err.getvalue()}) + "\\n")
+        sys.__stdout__.flush()
+    """
+)
+_worker: subprocess.Popen | None = None
 
+
+def _aot_worker() -> subprocess.Popen:
+    """The session's AOT interpreter (started on first use): TRITON_INTERPRET=0 (jit functions must be real
+    JITFunctions) and this checkout first on sys.path."""
+    global _worker
+    if _worker is None or _worker.poll() is not None:
+        import atexit
+        import tempfile
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; keep today's default
+        _worker = subprocess.Popen([sys.executable, "-c", _WORKER_LOOP], env=env, cwd=root, text=True,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=tempfile.TemporaryFile())
+        atexit.register(_worker.kill)
+    return _worker
+
+
+def run_script(script: str, timeout: float = 600) -> str:
+    """Run ``script`` in the AOT interpreter; its stdout.  A script that raises (or a worker that dies or runs
+    past ``timeout``, which is then killed) fails the calling test with the script's stderr."""
+    import select
+
+    worker = _aot_worker()
+    worker.stdin.write(f"{len(script)}\n{script}")
+    worker.stdin.flush()
+    ready, _, _ = select.select([worker.stdout], [], [], timeout)
+    line = worker.stdout.readline() if ready else ""
+    if not line:
+        worker.kill()
+        worker.wait()  # dead before the next script starts a new one
+        raise AssertionError(f"the AOT interpreter died or ran past {timeout} s (exit {worker.poll()})")
+    result = json.loads(line)
+    assert result["ok"], result["stderr"][-4000:]
+    return result["stdout"]
+
+
+def run_aot(body: str, timeout: int = 300) -> list[dict]:
+    """Run ``body`` (Python using ``aot(...)``; it appends dicts to ``rows``) in the AOT interpreter."""
+    script = _AOT_PRELUDE + "\nrows = []\n" + textwrap.dedent(body) + "\nprint('AOT-ROWS ' + json.dumps(rows))\n"
+    stdout = run_script(script, timeout)
+    line = [ln for ln in stdout.splitlines() if ln.startswith("AOT-ROWS ")][-1]
+    return json.loads(line[len("AOT-ROWS ") :])
 
 
 # ----------------------------------------------------------------------------------------------------

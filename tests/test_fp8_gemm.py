@@ -1,8 +1,5 @@
 """Scaled FP8 GEMM vs the dequantised fp32 product of the same fp8 inputs (relative error < 1e-3)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 import threading
 
@@ -296,9 +293,9 @@ def test_kernels_lower_for_hopper_and_ada():
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as err:
         pytest.skip(f"this Triton has no ASTSource/GPUTarget to compile ahead of time: {err}")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", _LOWERING_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "lowered" in proc.stdout, proc.stderr[-3000:]
+    from op_cases import run_script
+
+    assert "lowered" in run_script(_LOWERING_SCRIPT, timeout=300)
 
 
 def _aot_rows(script: str) -> list[tuple]:
@@ -308,12 +305,11 @@ def _aot_rows(script: str) -> list[tuple]:
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as err:
         pytest.skip(f"this Triton has no ASTSource/GPUTarget to compile ahead of time: {err}")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    assert rows, proc.stdout
+    from op_cases import run_script
+
+    stdout = run_script(textwrap.dedent(script), timeout=600)
+    rows = [line.split() for line in stdout.splitlines() if line.startswith("ROW ")]
+    assert rows, stdout
     return [(r[1], int(r[2]), int(r[3])) for r in rows]
 
 

@@ -62,16 +62,21 @@ _REPO = _CONFTEST.parents[1]
 _INI = "[pytest]\nmarkers =\n    kernels: kernel test module\n"
 
 
-def _fake_suite(pytester, monkeypatch, body: str) -> None:
+def _fake_suite(pytester, monkeypatch, body: str, **more_modules: str) -> None:
+    """A suite with this repo's conftest: kernel test module ``test_fake_kernels`` holding ``body``, and any
+    further kernel test modules named by ``more_modules``."""
     monkeypatch.setenv("PYTHONPATH", str(_REPO))  # the checkout's xkernels, not another installed copy
     pytester.makeini(_INI)
     pytester.makeconftest(_CONFTEST.read_text(encoding="utf-8"))
-    pytester.makepyfile(test_fake_kernels="import pytest\nimport torch\n\npytestmark = pytest.mark.kernels\n\n" + body)
+    header = "import pytest\nimport torch\n\npytestmark = pytest.mark.kernels\n\n"
+    pytester.makepyfile(test_fake_kernels=header + body, **{k: header + v for k, v in more_modules.items()})
 
 
 @pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()), reason="kernels need CUDA or TRITON_INTERPRET=1")
-def test_kernel_module_that_launches_nothing_fails(pytester, monkeypatch):
-    """A kernel test module whose passing tests ran no Triton kernel (here: the reference against itself) fails."""
+def test_kernel_module_that_launches_nothing_fails_and_one_that_launches_passes(pytester, monkeypatch):
+    """A kernel test module whose passing tests ran no Triton kernel (here: the reference against itself) fails;
+    one whose tests launch a kernel (next to it, in the same run: each module is judged on its own) passes.
+    One pytest start-up for both: a start-up (torch, triton) is most of this test's time."""
     _fake_suite(
         pytester,
         monkeypatch,
@@ -81,28 +86,21 @@ def test_kernel_module_that_launches_nothing_fails(pytester, monkeypatch):
         "    torch.testing.assert_close(swiglu_ref(g, u), swiglu_ref(g, u))\n\n"
         "def test_bad_input():\n"
         "    pass\n",
-    )
-    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2, errors=1)
-    result.stdout.fnmatch_lines(["*no Triton kernel was launched in the whole module*"])
-    # Run in part (-k), the module is not judged: bad-input tests alone need launch nothing.
-    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-k", "parity")
-    result.assert_outcomes(passed=1)
-
-
-@pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()), reason="kernels need CUDA or TRITON_INTERPRET=1")
-def test_kernel_module_that_launches_passes(pytester, monkeypatch):
-    _fake_suite(
-        pytester,
-        monkeypatch,
-        "from xkernels import swiglu\n\n"
+        test_fake_launching="from xkernels import swiglu\n\n"
         "def test_runs_kernel():\n"
         "    swiglu(torch.randn(3, 5), torch.randn(3, 5))\n\n"
         "def test_bad_input_only():\n"
         "    pass\n",
     )
-    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-rE")
+    result.assert_outcomes(passed=4, errors=1)  # the one error: the module that launched nothing
+    result.stdout.fnmatch_lines(["*test_fake_kernels: 2 test(s) passed but no Triton kernel was launched in the "
+                                 "whole module*"])
+    result.stdout.no_fnmatch_line("*test_fake_launching: * no Triton kernel*")
+    result.stdout.fnmatch_lines(["ERROR test_fake_kernels.py::test_bad_input*"])
+    # Run in part (-k), the module is not judged: bad-input tests alone need launch nothing.
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-k", "parity")
+    result.assert_outcomes(passed=1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the guard applies to machines without CUDA")

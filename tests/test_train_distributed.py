@@ -37,17 +37,36 @@ def run(args: list[str], nproc: int) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+# the decay placed by absolute steps, so the resume below may extend the run (the steps taken stay unchanged)
+COMMON = ["--steps", "6", "--decay-start", "4", "--decay", "2", "--eval-every", "0", "--threads", "1", "--muon-dtype",
+          "fp32", "--export-hf"]  # fp32 Newton-Schulz: see the module docstring
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny, tmp_path_factory):  # noqa: F811
+    """The one-process run with the global batch, shared by both parallel modes (it does not depend on the mode).
+    In-process (``main`` is what the CLI runs; reference ops, one thread, as in the subprocesses): no start-up."""
+    from xkernels.dispatch import force_backend
+    from xmodel.train import main
+
+    out = tmp_path_factory.mktemp("one")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with force_backend("torch"):
+            assert main(tiny_args(tiny, out, *COMMON, "--name", "one", "--batch-size", "4")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out / "one"
+
+
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
-def test_two_process_gloo_matches_one_process(tiny, tmp_path, parallel):  # noqa: F811
-    # the decay placed by absolute steps, so the resume below may extend the run (the steps taken stay unchanged)
-    common = ["--steps", "6", "--decay-start", "4", "--decay", "2", "--eval-every", "0", "--threads", "1", "--muon-dtype", "fp32",
-              "--export-hf"]  # fp32 Newton-Schulz: see the module docstring
-    one = run(tiny_args(tiny, tmp_path, *common, "--name", "one", "--batch-size", "4"), 1)
-    assert one.returncode == 0, one.stderr[-3000:]
+def test_two_process_gloo_matches_one_process(one_process, tiny, tmp_path, parallel):  # noqa: F811
+    common = COMMON
     two = run(tiny_args(tiny, tmp_path, *common, "--name", "two", "--batch-size", "2", "--parallel", parallel), 2)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    a, b = train_losses(one_process), train_losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
@@ -59,7 +78,7 @@ def test_two_process_gloo_matches_one_process(tiny, tmp_path, parallel):  # noqa
     assert (tmp_path / "two" / "hf" / "model.safetensors").is_file()  # consolidated export
     from xmodel.model import Xmodel
 
-    m1, m2 = Xmodel.from_pretrained(tmp_path / "one" / "hf"), Xmodel.from_pretrained(tmp_path / "two" / "hf")
+    m1, m2 = Xmodel.from_pretrained(one_process / "hf"), Xmodel.from_pretrained(tmp_path / "two" / "hf")
     for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
         rel = ((p1 - p2).norm() / p1.norm()).item()
         assert rel < 5e-5, (name, rel)

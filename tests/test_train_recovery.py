@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import REPO, _fast_cpu, cli_env, run_cli, tiny, tiny_args, train_losses  # noqa: F401  (fixtures)
+from train_support import REPO, _fast_cpu, cli_env, tiny, tiny_args, train_losses  # noqa: F401  (fixtures)
 
 from xmodel.train import main
 from xmodel.training import checkpoint as ckpt
@@ -185,7 +185,8 @@ def test_crafted_dcp_metadata_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ export
-def test_kill_during_export_then_rerun_exports(tiny, tmp_path):  # noqa: F811
+def test_kill_during_export_then_rerun_exports(tiny, tmp_path, capsys):  # noqa: F811
+    """The kill needs its own process; the reruns (the same command) run in-process: the same code, no start-up."""
     args = tiny_args(tiny, tmp_path, "--steps", "4", "--name", "e", "--export-hf", *COMMON)
     killed = subprocess.run([sys.executable, "-m", "xmodel.train", *args], env={**cli_env(), "XMODEL_FAULT":
                             "export:1"}, capture_output=True, text=True, timeout=240)
@@ -193,15 +194,14 @@ def test_kill_during_export_then_rerun_exports(tiny, tmp_path):  # noqa: F811
     run = tmp_path / "e"
     assert ckpt.latest_checkpoint(run).name == "step_00000004" and not (run / "hf").exists()
     assert (run / ".hf.tmp").is_dir() and not (run / "summary.json").exists()
-    again = run_cli(args)
-    assert again.returncode == 0, again.stderr
-    assert "finished training at step 4 but its HF export and summary are missing" in again.stdout
+    assert main(args) == 0
+    assert "finished training at step 4 but its HF export and summary are missing" in capsys.readouterr().out
     assert not (run / ".hf.tmp").exists() and (run / "summary.json").is_file()
     weights = load_file(run / "hf" / "model.safetensors")
     state = ckpt.safe_torch_load(run / "checkpoints" / "step_00000004" / "state.pt")["model"]
     assert all(torch.equal(weights[k], state[k]) for k in weights)
-    third = run_cli(args)
-    assert third.returncode == 0 and "is already complete at step 4" in third.stdout
+    assert main(args) == 0
+    assert "is already complete at step 4" in capsys.readouterr().out
 
 
 def test_standalone_export_from_any_checkpoint(finished, tmp_path, capsys):
@@ -278,8 +278,7 @@ def test_file_size_limit_during_save_is_reported_and_leaves_nothing_partial(tiny
     assert "/checkpoints/.tmp-step_00000002/state.pt" in err and "about 1.5 MB needed" in err
     assert "Nothing of checkpoint step_00000002 was kept; the last complete checkpoint is none" in err
     assert sorted(p.name for p in (tmp_path / "f" / "checkpoints").iterdir()) == []
-    again = run_cli(args)  # without the limit
-    assert again.returncode == 0, again.stderr
+    assert main(args) == 0  # without the limit (in-process: the same command)
     assert sorted(train_losses(tmp_path / "f")) == [1, 2, 3, 4]
 
 

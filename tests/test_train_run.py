@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_support import _fast_cpu, cli_env, corpus_texts, run_cli, tiny, tiny_args, train_losses  # noqa: F401  (fixtures)
+from train_support import _fast_cpu, cli_env, corpus_texts, tiny, tiny_args, train_losses  # noqa: F401  (fixtures)
 
 from xmodel.train import main
 from xmodel.training import checkpoint as ckpt
@@ -64,7 +64,7 @@ def test_resume_reproduces_uninterrupted_run(tiny, tmp_path, resume_at):
         assert abs(loss - full[step]) <= 1e-6, (step, loss, full[step])
 
 
-def test_sigterm_checkpoints_and_exits_zero_then_resumes(tiny, tmp_path):
+def test_sigterm_checkpoints_and_exits_zero_then_resumes(tiny, tmp_path, capsys):
     # warmup in steps and no decay: a shorter --steps on the rerun leaves the steps already taken unchanged
     args = tiny_args(tiny, tmp_path, "--steps", "400", "--eval-every", "0", "--save-every", "0", "--name", "sig",
                      "--warmup", "2", "--decay", "0")
@@ -84,22 +84,23 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tiny, tmp_path):
     assert 1 <= step < 400
     assert ckpt.read_meta(latest)["data"]["sample"] == 4 * step
     assert not (tmp_path / "sig" / "loss.png").exists()  # not finished
-    # the same command (here with fewer steps, to be quick) continues from the checkpoint
+    # the same command (here with fewer steps, to be quick; in-process: no second start-up) continues from the
+    # checkpoint
     args[args.index("--steps") + 1] = str(step + 2)
-    result = run_cli(args)
-    assert result.returncode == 0, result.stderr
-    assert f"resuming from {latest}" in result.stdout
-    assert "schedule changed on resume (--steps 400 -> " in result.stdout
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {latest}" in out
+    assert "schedule changed on resume (--steps 400 -> " in out
     assert max(train_losses(tmp_path / "sig")) == step + 2
 
 
-def test_nonfinite_steps_skipped_then_stop(tiny, tmp_path):
+def test_nonfinite_steps_skipped_then_stop(tiny, tmp_path, capsys):
     args = tiny_args(tiny, tmp_path, "--steps", "20", "--eval-every", "0", "--save-every", "3", "--name", "nan",
                      "--max-nonfinite", "3", "--inject-nonfinite-at", "[1, 6, 7, 8]")
-    result = run_cli(args)
-    assert result.returncode == 1
-    assert "3 non-finite steps in a row (steps 7-9)" in result.stderr
-    assert "step_00000006" in result.stderr  # the last good checkpoint, named
+    assert main(args) == 1  # in-process: main's return value is the exit status
+    err = capsys.readouterr().err
+    assert "3 non-finite steps in a row (steps 7-9)" in err
+    assert "step_00000006" in err  # the last good checkpoint, named
     run = tmp_path / "nan"
     assert ckpt.latest_checkpoint(run).name == "step_00000006"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
