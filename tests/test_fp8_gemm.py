@@ -293,7 +293,7 @@ def test_kernels_lower_for_hopper_and_ada():
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as err:
         pytest.skip(f"this Triton has no ASTSource/GPUTarget to compile ahead of time: {err}")
-    from op_cases import run_script
+    from aot_worker import run_script
 
     assert "lowered" in run_script(_LOWERING_SCRIPT, timeout=300)
 
@@ -305,7 +305,7 @@ def _aot_rows(script: str) -> list[tuple]:
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as err:
         pytest.skip(f"this Triton has no ASTSource/GPUTarget to compile ahead of time: {err}")
-    from op_cases import run_script
+    from aot_worker import run_script
 
     stdout = run_script(textwrap.dedent(script), timeout=600)
     rows = [line.split() for line in stdout.splitlines() if line.startswith("ROW ")]

@@ -368,7 +368,7 @@ for dt in ("*bf16", "*fp32"):
 @pytest.mark.slow
 def test_sm90a_no_spills():
     """The chunk kernel compiles for sm_90a without spills at the model's vocabulary (129,280)."""
-    from op_cases import aot_available, run_aot
+    from aot_worker import aot_available, run_aot
 
     if aot_available():
         pytest.skip(aot_available())

@@ -413,7 +413,7 @@ for dt in ("*bf16", "*fp32"):
 def test_sm90a_registers_and_spills():
     """Every forward/backward variant compiles for sm_90a with no spills; the backward fits in 64 registers
     per thread (it used 95-127 before: fewer programs per SM) and its row loop is pipelined (cp.async)."""
-    from op_cases import aot_available, run_aot
+    from aot_worker import aot_available, run_aot
 
     why = aot_available()
     if why:

@@ -427,7 +427,7 @@ for dt in ("*bf16", "*fp32"):
 @pytest.mark.slow
 def test_sm90a_no_spills():
     """Every launch configuration at the model's head layouts compiles for sm_90a without spills."""
-    from op_cases import aot_available, run_aot
+    from aot_worker import aot_available, run_aot
 
     if aot_available():
         pytest.skip(aot_available())
