@@ -317,16 +317,18 @@ def _apply(group: dict[str, Any], params: list[torch.Tensor], outs: list[torch.T
     local = [_local(p) for p in params]
     if wd != 0.0:
         torch._foreach_mul_(local, 1.0 - lr * wd)
-    by_factor: dict[float, tuple[Sequence[int], list[torch.Tensor], list[torch.Tensor]]] = {}
+    # a tensor lr groups by the adjustment factor (adjust_lr of 1) and multiplies on the device
+    key_lr = 1.0 if isinstance(lr, torch.Tensor) else lr
+    by_lr: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for p, lp, o in zip(params, local, outs):
-        _, ps, os_ = by_factor.setdefault(adjust_lr(1.0, group["adjust_lr_fn"], p.shape), (p.shape, [], []))
+        ps, os_ = by_lr.setdefault(adjust_lr(key_lr, group["adjust_lr_fn"], p.shape), ([], []))
         ps.append(lp)
         os_.append(o)  # bf16 into fp32 weights: the add casts on the fly
-    for factor, (shape, ps, os_) in by_factor.items():
+    for adjusted, (ps, os_) in by_lr.items():
         if isinstance(lr, torch.Tensor):
-            torch._foreach_add_(ps, torch._foreach_mul(os_, -(lr * factor)))
-        else:  # the float lr exactly as adjust_lr forms it (the same factor gives the same adjusted lr)
-            torch._foreach_add_(ps, os_, alpha=-adjust_lr(lr, group["adjust_lr_fn"], shape))
+            torch._foreach_add_(ps, torch._foreach_mul(os_, -(lr * adjusted)))
+        else:
+            torch._foreach_add_(ps, os_, alpha=-adjusted)
 
 
 def _check_scalar(name: str, v: Any) -> None:
