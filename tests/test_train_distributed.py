@@ -63,8 +63,7 @@ def one_process(tiny, tmp_path_factory):  # noqa: F811
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
 def test_two_process_gloo_matches_one_process(one_process, tiny, tmp_path, parallel):  # noqa: F811
-    common = COMMON
-    two = run(tiny_args(tiny, tmp_path, *common, "--name", "two", "--batch-size", "2", "--parallel", parallel), 2)
+    two = run(tiny_args(tiny, tmp_path, *COMMON, "--name", "two", "--batch-size", "2", "--parallel", parallel), 2)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = train_losses(one_process), train_losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))
@@ -89,7 +88,7 @@ def test_two_process_gloo_matches_one_process(one_process, tiny, tmp_path, paral
     again = Xmodel.from_pretrained(out)
     assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), again.state_dict().values()))
     # resume the 2-process run from its sharded checkpoint for 2 more steps
-    more = run(tiny_args(tiny, tmp_path, *common[:-1], "--name", "two", "--batch-size", "2", "--parallel", parallel,
+    more = run(tiny_args(tiny, tmp_path, *COMMON[:-1], "--name", "two", "--batch-size", "2", "--parallel", parallel,
                          "--steps", "8"), 2)
     assert more.returncode == 0, more.stderr[-3000:]
     assert "resuming from" in more.stdout and "schedule changed on resume" in more.stdout
