@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import xkernels
 import xkernels.cross_entropy as ce
-from xkernels.testing import count_launches
+from xkernels.testing import count_launches, no_host_sync
 from xkernels import force_backend, linear_cross_entropy, linear_cross_entropy_ref
 from xkernels.cross_entropy import default_chunk_size, measure_peak_memory, unfused_cross_entropy
 
@@ -269,16 +269,23 @@ def test_kernel_reads_target_logit_before_overwriting_the_row():
     assert barriers and barriers[0] < pass2, "a barrier must separate the reads of the row from its overwrite"
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_out_of_range_targets_unchecked_by_default(backend, device):
-    """No host sync by default: an out-of-range target is not an error (finite, unspecified loss; the index
-    is clamped so no memory outside the row is read); xkernels.check_inputs() turns the check on."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_targets_are_nan_without_a_sync(backend, device):
+    """No host sync by default, but loud: a target outside [0, V) (not ignore_index) makes its token's loss and
+    the gradient of its logits NaN, so the mean is NaN; the other tokens are untouched (no memory outside the row
+    is read).  xkernels.check_inputs() raises instead."""
     h, w, _ = _problem(4, 10, 8, torch.float32, device)
-    bad = torch.tensor([0, 1, 10, -5], device=device)
-    with force_backend(backend):
+    bad = torch.tensor([0, 10, -100, -5], device=device)
+    with force_backend(backend), no_host_sync():
         loss = linear_cross_entropy(h, w, bad)
-        assert torch.isfinite(loss)
-        loss.backward()
+        per_token = linear_cross_entropy(h, w, bad, reduction="none")
+    assert torch.isnan(loss)
+    assert torch.isnan(per_token[[1, 3]]).all() and per_token[2] == 0 and torch.isfinite(per_token[0])
+    expected = linear_cross_entropy_ref(h.detach(), w.detach(), bad[:1])
+    torch.testing.assert_close(per_token[0], expected)
+    dh, dw = torch.autograd.grad(per_token, (h, w), torch.tensor([1.0, 0.0, 1.0, 0.0], device=device))
+    assert torch.isnan(dh[[1, 3]]).all() and torch.isfinite(dh[[0, 2]]).all() and torch.isnan(dw).all()
+    with force_backend(backend):
         with xkernels.check_inputs(), pytest.raises(ValueError, match=r"targets must lie in \[0, 10\)"):
             linear_cross_entropy(h, w, bad)
         with xkernels.check_inputs(), xkernels.check_inputs(False):
@@ -353,26 +360,31 @@ def test_kernel_path_launches(device):
 
 _CE_AOT = """
 import xkernels.cross_entropy as CE
+# (COMPUTE_GRAD, HAS_ROW_GRAD, HAS_WEIGHT, SMOOTH, SOFTCAP): plain loss, scalar / per-token gradient, every option
+plain = [(False, False, False, False, False), (True, False, False, False, False), (True, True, False, False, False)]
+every = [(True, False, True, True, True), (True, True, True, True, True)]
 for dt in ("*bf16", "*fp32"):
-    for V in (129280, 50):
+    for V, flags in ((129280, plain + every), (50, plain)):
         block = min(4096, triton.next_power_of_2(V))
         nw = 8 if block >= 4096 else 4
-        for grad, rg in ((False, False), (True, False), (True, True)):
-            types = dict(LOGITS=dt, TARGETS="*i64", LOSS="*fp32", ROW_GRAD="*fp32", logit_scale="fp32", z_loss="fp32")
-            r = aot(CE._ce_chunk_kernel, types, dict(COMPUTE_GRAD=grad, HAS_ROW_GRAD=rg, BLOCK=block), nw,
-                    aligned=("stride_l", "n_cols"))
-            rows.append(dict(cfg=(dt, V, grad, rg), **r))
+        for grad, rg, wt, sm, cap in flags:
+            types = dict(LOGITS=dt, TARGETS="*i64", CLASS_W="*fp32", LOSS="*fp32", ZLOSS="*fp32", SCALES="*fp32",
+                         ROW_GRAD="*fp32", logit_scale="fp32", label_smoothing="fp32", softcap="fp32",
+                         lse_square_scale="fp32")
+            consts = dict(COMPUTE_GRAD=grad, HAS_ROW_GRAD=rg, HAS_WEIGHT=wt, SMOOTH=sm, SOFTCAP=cap, BLOCK=block)
+            r = aot(CE._ce_chunk_kernel, types, consts, nw, aligned=("stride_l", "n_cols"))
+            rows.append(dict(cfg=(dt, V, grad, rg, wt, sm, cap), **r))
 """
 
 
 @pytest.mark.slow
 def test_sm90a_no_spills():
-    """The chunk kernel compiles for sm_90a without spills at the model's vocabulary (129,280)."""
+    """The chunk kernel compiles for sm_90a without spills at the model's vocabulary (129,280), every option on too."""
     from aot_worker import aot_available, run_aot
 
     if aot_available():
         pytest.skip(aot_available())
     rows = run_aot(_CE_AOT)
-    assert len(rows) == 12
+    assert len(rows) == 16
     for r in rows:
         assert r["spill_bytes"] == 0 and r["registers"] <= 64, r
