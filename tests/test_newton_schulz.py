@@ -266,3 +266,30 @@ def test_newton_schulz_custom_op_opcheck():
     X = torch.randn(2, 12, 20) / 20
     a, b, c = (list(v) for v in zip(*MUON_COEFFICIENTS * 2))
     torch.library.opcheck(_ns_batched_op, (X, a, b, c))
+
+
+def test_cpu_bf16_probe_runs_outside_compiled_regions(monkeypatch):
+    """The default compute dtype's CPU probe (AVX512-BF16 / AMX) is answered once, at import: with ``dtype`` left to
+    the default, ``newton_schulz`` and ``Muon.step`` trace as one graph even where running the probe would split it.
+    Here the probes are replaced by functions that break any graph they run in (as an untraceable probe does on some
+    CPUs); the import-time constant keeps them out of the trace."""
+    from xkernels.optim import Muon
+
+    def splitting_probe():
+        torch._dynamo.graph_break()
+        return False
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, splitting_probe, raising=False)
+    G = torch.randn(24, 40)
+    torch._dynamo.reset()
+    with force_backend("torch"):
+        explained = torch._dynamo.explain(lambda g: newton_schulz(g, 2))(G)
+        assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+        w = torch.nn.Parameter(torch.randn(24, 40))
+        w.grad = torch.randn_like(w)
+        opt = Muon([w], lr=0.02)
+        opt.step()  # state created eagerly, then the traced step
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(opt.step)()
+        assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
