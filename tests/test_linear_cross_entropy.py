@@ -1,6 +1,7 @@
 """linear_cross_entropy: chunked kernel path and chunked torch path against the unfused float64 reference."""
 
 import ast
+import importlib
 import inspect
 import textwrap
 
@@ -9,10 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import xkernels
-import xkernels.cross_entropy as ce
 from xkernels.testing import count_launches, no_host_sync
 from xkernels import force_backend, linear_cross_entropy, linear_cross_entropy_ref
 from xkernels.cross_entropy import default_chunk_size, measure_peak_memory, unfused_cross_entropy
+
+# (the package exports the function xkernels.cross_entropy, which hides the module attribute of that name)
+ce = importlib.import_module("xkernels.cross_entropy")
 
 BACKENDS = ["auto", "torch"]  # auto = Triton kernel (interpreter on CPU, compiled on CUDA)
 
@@ -359,7 +362,8 @@ def test_kernel_path_launches(device):
 
 
 _CE_AOT = """
-import xkernels.cross_entropy as CE
+import importlib
+CE = importlib.import_module("xkernels.cross_entropy")
 # (COMPUTE_GRAD, HAS_ROW_GRAD, HAS_WEIGHT, SMOOTH, SOFTCAP): plain loss, scalar / per-token gradient, every option
 plain = [(False, False, False, False, False), (True, False, False, False, False), (True, True, False, False, False)]
 every = [(True, False, True, True, True), (True, True, True, True, True)]
