@@ -454,15 +454,15 @@ def test_kernel_path_launches(device):
 
 _CE_AOT = """
 import importlib
+import torch
 CE = importlib.import_module("xkernels.cross_entropy")
 # (COMPUTE_GRAD, HAS_ROW_GRAD, HAS_WEIGHT, SMOOTH, SOFTCAP): plain loss, scalar / per-token gradient, every option
 plain = [(False, False, False, False, False), (True, False, False, False, False), (True, True, False, False, False)]
 every = [(True, False, True, True, True), (True, True, True, True, True)]
 for dt in ("*bf16", "*fp32"):
     for V, flags in ((129280, plain + every), (50, plain)):
-        block = min(4096, triton.next_power_of_2(V))
-        nw = 8 if block >= 4096 else 4
         for grad, rg, wt, sm, cap in flags:
+            block, nw = CE._launch_config(V, torch.float32 if dt == "*fp32" else torch.bfloat16, wt or cap)
             types = dict(LOGITS=dt, TARGETS="*i64", CLASS_W="*fp32", LOSS="*fp32", ZLOSS="*fp32", SCALES="*fp32",
                          ROW_GRAD="*fp32", logit_scale="fp32", label_smoothing="fp32", softcap="fp32",
                          lse_square_scale="fp32")

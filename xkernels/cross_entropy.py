@@ -351,13 +351,19 @@ if triton_available():
                     dz = dz * (1.0 - zc * zc)
                 tl.store(ptr + cols, (dz * out_scale).to(LOGITS.dtype.element_ty), mask=mask)
 
+    def _launch_config(n_cols: int, dtype: torch.dtype, heavy: bool) -> tuple[int, int]:
+        """``(BLOCK, num_warps)``: 4096 elements per block (16 per thread at 8 warps), fewer for tiny vocabularies.
+        fp32 logits with class weights or a soft cap take 2048: at 4096 that variant spilled 16 B on sm_90a
+        (``python -m benchmarks.aot --arch sm_90a --kernels _ce_chunk``)."""
+        block = min(2048 if heavy and dtype == torch.float32 else 4096, triton.next_power_of_2(n_cols))
+        return block, 8 if block >= 2048 else 4
+
     def _ce_chunk_triton(logits, targets, class_w, scales, opts, compute_grad, row_grad=None):
         n_rows, n_cols = logits.shape
         loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
         zl = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-        # 4096 fp32 per block: 32 elements per thread at 4 warps; fewer for tiny vocabularies.
-        block = min(4096, triton.next_power_of_2(n_cols))
         s, ignore_index, eps, cap, lam = opts
+        block, num_warps = _launch_config(n_cols, logits.dtype, class_w is not None or bool(cap))
         with launch_on(logits):  # the launch goes to logits's GPU, not the current one
             _ce_chunk_kernel[(n_rows,)](
                 logits,
@@ -380,7 +386,7 @@ if triton_available():
                 SMOOTH=eps > 0,
                 SOFTCAP=bool(cap),
                 BLOCK=block,
-                num_warps=8 if block >= 4096 else 4,
+                num_warps=num_warps,
             )
         return loss, zl
 
