@@ -172,10 +172,12 @@ def test_inplace_backward(backend, device):
         before = logits.detach().clone()
         with force_backend(backend):
             loss = cross_entropy(logits, t, label_smoothing=0.1, softcap=5.0, inplace_backward=inplace)
-        (grads[inplace],) = torch.autograd.grad(loss, logits, retain_graph=True)
+        (grads[inplace],) = torch.autograd.grad(loss, logits, torch.tensor(0.7, device=device), retain_graph=True)
         assert torch.equal(logits.detach(), before) != inplace  # overwritten only when asked
         if inplace:
-            torch.testing.assert_close(logits.detach(), grads[True])
+            assert grads[True].data_ptr() == logits.data_ptr()  # the gradient is the logits' storage
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # a second backward
+                torch.autograd.grad(loss, logits)
     torch.testing.assert_close(grads[True], grads[False])
 
     leaf = torch.randn(9, 50, device=device, requires_grad=True)

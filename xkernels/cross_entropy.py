@@ -424,8 +424,9 @@ def _reduce(ce, zl, scales, reduction):
     return ce.sum() * scales[0] + z_total, z_total
 
 
-def _times_grad(x, grad_out):
-    """``x * grad_output`` in fp32, rounded once to ``x``'s dtype (a new tensor: the graph may run again).
+def _times_grad(x, grad_out, inplace=False):
+    """``x * grad_output`` in fp32, rounded once to ``x``'s dtype: a new tensor (the graph may run again), or
+    ``x`` itself scaled in place when ``inplace`` (eager only).
 
     A half-precision ``grad_output`` (or one rounded to ``x``'s dtype by type promotion) would bias every
     gradient by up to 2^-9; eager works in slabs so the fp32 temporary stays small, under torch.compile the
@@ -433,9 +434,11 @@ def _times_grad(x, grad_out):
     if x is None:
         return None
     g = grad_out.to(torch.float32)
-    if x.dtype == torch.float32 or compiling():
+    if inplace and x.dtype == torch.float32:
+        return x.mul_(g)
+    if (x.dtype == torch.float32 or compiling()) and not inplace:
         return (x.float() * g).to(x.dtype)
-    out = torch.empty_like(x)
+    out = x if inplace else torch.empty_like(x)
     flat_x, flat_o = x.reshape(-1), out.reshape(-1)
     for i in range(0, flat_x.numel(), _SCALE_SLAB):
         flat_o[i : i + _SCALE_SLAB].copy_(flat_x[i : i + _SCALE_SLAB].float() * g)
@@ -477,6 +480,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, t1, class_w, opts, reduction, inplace, use_kernel):
         loss, z_loss, dlogits = _ce_forward(logits, t1, class_w, opts, reduction, True, inplace, use_kernel)
         ctx.args = (opts, reduction, use_kernel)
+        ctx.inplace = inplace and dlogits is not None and dlogits.data_ptr() == logits.data_ptr()
         ctx.save_for_backward(*((logits, t1, class_w) if reduction == "none" else (dlogits,)))
         ctx.mark_non_differentiable(z_loss)
         return loss, z_loss
@@ -488,7 +492,9 @@ class _CrossEntropyFunction(torch.autograd.Function):
             logits, t1, class_w = ctx.saved_tensors
             return _ce_backward_none(logits, t1, class_w, grad_out, opts, use_kernel), None, None, None, None, None, None
         (dlogits,) = ctx.saved_tensors
-        return _times_grad(dlogits, grad_out), None, None, None, None, None, None
+        # in place: the gradient is scaled in the logits' storage (no second (N, V) buffer); that bumps its version,
+        # so a second backward fails autograd's saved-tensor check instead of scaling twice
+        return _times_grad(dlogits, grad_out, ctx.inplace), None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -876,7 +882,8 @@ def cross_entropy(
     always does, saving that buffer; the logits' values are then gone.  It applies only when all of these hold:
     eager mode (under ``torch.compile`` a new buffer is used), reduction "mean" or "sum", a gradient is
     required, the logits are not a leaf (a leaf's storage is the user's data and its ``.grad`` would alias it)
-    and their ``(N, V)`` view is contiguous.  Opt in only when nothing reads the logits after this call:
+    and their ``(N, V)`` view is contiguous.  The backward then scales that buffer in place too (so it can run
+    only once: a second backward raises autograd's "modified by an inplace operation" error).  Opt in only when nothing reads the logits after this call:
     autograd nodes that saved them raise autograd's "modified by an inplace operation" error (the version counter
     is bumped), but your own later reads (say an accuracy from ``logits.argmax``) would silently see gradients.
     """
