@@ -22,9 +22,10 @@ needs_kernels = pytest.mark.skipif(
 )
 
 # Kernel vs reference, same compute dtype.  fp32: same products, only the accumulation order differs.
-# bf16: A, B and X are rounded to bf16 between products (as in the reference) and the interpreter's fp32->bf16
-# store truncates, so one-ulp differences propagate through 5 steps: measured <= 1.3% relative (Frobenius).
-TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+# bf16: A, B and X are rounded to bf16 between products, as in the reference; with the interpreter's casts rounded
+# to nearest even as on a GPU (tests/conftest.py), kernel and reference round the same values: measured <= 4.9e-5
+# relative (Frobenius) over these shapes x 3 seeds (it was 3.3e-2 while the interpreter truncated).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
