@@ -294,7 +294,8 @@ def test_default_chunk_size():
 def test_peak_memory_far_below_unfused():
     """The chunked torch path never holds the (tokens, vocab) logits: at 2048 tokens x 4096 vocab x 64
     hidden (fp32 logits 32 MiB; default chunks of 1024 tokens = 16 MiB, one chunk buffer reused) its
-    forward+backward peak stays under 25% of F.cross_entropy's."""
+    forward+backward peak stays under 25% of F.cross_entropy's, with every option on too (the soft cap's
+    derivative goes in row slices)."""
     h, w, t = _problem(2048, 4096, 64, torch.float32, "cpu")
 
     def run(fn):
@@ -306,9 +307,15 @@ def test_peak_memory_far_below_unfused():
             step()  # warm-up (lazy allocations)
             return measure_peak_memory(step)
 
-    fused, unfused = run(linear_cross_entropy), run(unfused_cross_entropy)
+    cw = torch.rand(4096) + 0.5
+    every_option = lambda *a, **k: linear_cross_entropy(  # noqa: E731
+        *a, **k, ce_weight=cw, label_smoothing=0.1, softcap=5.0, lse_square_scale=1e-3
+    )
+    fused, with_options, unfused = run(linear_cross_entropy), run(every_option), run(unfused_cross_entropy)
     assert unfused > 2048 * 4096 * 4 * 2  # at least logits + their gradient
     assert fused < 0.25 * unfused, (fused, unfused)
+    # every option on: still no (tokens, vocab) buffer (measured 22 MiB vs 97 MiB for the plain unfused loss)
+    assert with_options < 0.25 * unfused, (with_options, unfused)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

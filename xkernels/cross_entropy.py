@@ -64,6 +64,8 @@ _MIN_CHUNK_LOGITS = 1 << 22
 # elements per slab when a stored half-precision gradient is multiplied by grad_output in fp32 (eager):
 # the fp32 temporary stays 64 MiB instead of a full fp32 copy of dW
 _SCALE_SLAB = 1 << 24
+# rows per slice of the torch path's soft-cap gradient (its (rows, V) fp32 derivative is a second temporary)
+_CAP_ROWS = 256
 
 
 class CEOptions(NamedTuple):
@@ -174,8 +176,18 @@ def _ce_chunk_torch(logits, targets, class_w, scales, opts, compute_grad, row_gr
 
     The chunk is scratch (fp32 logits are modified even without ``compute_grad``); the log-sum-exp is done in
     place (max, subtract, exp, sum) so at most one fp32 copy of the chunk exists (two with a soft cap and a
-    gradient: the cap's derivative is kept)."""
+    gradient: the cap's derivative is kept, so then the rows go in slices of ``_CAP_ROWS``)."""
     s, ignore_index, eps, cap, lam = opts
+    n_rows = logits.shape[0]
+    if cap and compute_grad and n_rows > _CAP_ROWS:
+        parts = [
+            _ce_chunk_torch(
+                logits[i : i + _CAP_ROWS], targets[i : i + _CAP_ROWS], class_w, scales, opts, True,
+                row_grad[i : i + _CAP_ROWS] if row_grad is not None else None,
+            )
+            for i in range(0, n_rows, _CAP_ROWS)
+        ]  # fmt: skip
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     n_cols = logits.shape[1]
     z = logits if logits.dtype == torch.float32 else logits.float()
     if s != 1.0:  # (x * 1.0 == x exactly: skipping it saves a pass over the chunk, numerics unchanged)
@@ -184,7 +196,7 @@ def _ce_chunk_torch(logits, targets, class_w, scales, opts, compute_grad, row_gr
     if cap:
         z = z.div_(cap).tanh_()
         if compute_grad:
-            cap_grad = 1.0 - z * z  # d(c tanh(u / c)) / du
+            cap_grad = z.square().neg_().add_(1.0)  # d(c tanh(u / c)) / du = 1 - tanh^2 (one chunk-sized temporary)
         z = z.mul_(cap)
     valid = targets != ignore_index
     bad = valid & ((targets < 0) | (targets >= n_cols))
@@ -216,7 +228,10 @@ def _ce_chunk_torch(logits, targets, class_w, scales, opts, compute_grad, row_gr
         p.scatter_add_(1, safe_t[:, None], -(g_ce * a)[:, None])
         if eps:
             smooth = (g_ce * (eps / n_cols))[:, None]
-            p.sub_(smooth * class_w[None, :] if class_w is not None else smooth)
+            if class_w is not None:
+                p.addcmul_(smooth, class_w[None, :], value=-1.0)  # broadcast in place: no (C, V) temporary
+            else:
+                p.sub_(smooth)
         if cap_grad is not None:
             p.mul_(cap_grad)
         if s != 1.0:
