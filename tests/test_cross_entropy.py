@@ -40,7 +40,6 @@ def _ref_grad(x, t, g, **kw):
 TORCH_CASES = {
     "plain-mean": dict(),
     "smooth-sum": dict(label_smoothing=0.1, reduction="sum"),
-    "weight-mean": dict(weight=True),
     "weight-smooth-mean": dict(weight=True, label_smoothing=0.2),
     "weight-smooth-none": dict(weight=True, label_smoothing=0.05, reduction="none"),
 }
@@ -49,10 +48,10 @@ TORCH_CASES = {
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", TORCH_CASES)
 def test_matches_torch_cross_entropy(backend, case, device):
-    """fp32, 45 x 203 (odd), every 4th target ignored, against F.cross_entropy in float64 (weights and smoothing
+    """fp32, 21 x 203 (odd), every 4th target ignored, against F.cross_entropy in float64 (weights and smoothing
     with torch's "mean": divided by the summed target weights, smoothing term included)."""
     kw = dict(TORCH_CASES[case])
-    x, t = _logits(45, 203, torch.float32, device), _targets(45, 203, device)
+    x, t = _logits(21, 203, torch.float32, device), _targets(21, 203, device)
     if kw.pop("weight", False):
         kw["weight"] = torch.rand(203, device=device) + 0.5
     with force_backend(backend):
@@ -69,7 +68,6 @@ def test_matches_torch_cross_entropy(backend, case, device):
 
 OPTION_CASES = {
     "softcap": dict(softcap=5.0),
-    "zloss": dict(lse_square_scale=1e-2),
     "softcap-zloss-smooth-sum": dict(softcap=4.0, lse_square_scale=1e-3, label_smoothing=0.1, reduction="sum"),
     "all-weight-mean": dict(softcap=6.0, lse_square_scale=1e-2, label_smoothing=0.1, weight=True),
     "all-none": dict(softcap=3.0, lse_square_scale=1e-2, label_smoothing=0.2, weight=True, reduction="none"),
@@ -80,9 +78,9 @@ OPTION_CASES = {
 @pytest.mark.parametrize("case", OPTION_CASES)
 def test_options_match_float64_reference(backend, case, device):
     """Soft cap, z-loss and their combinations (which torch lacks) against the float64 reference; the returned
-    z-loss is the reference's; 45 x 203 fp32."""
+    z-loss is the reference's; 21 x 203 fp32."""
     kw = dict(OPTION_CASES[case])
-    x, t = _logits(45, 203, torch.float32, device), _targets(45, 203, device)
+    x, t = _logits(21, 203, torch.float32, device), _targets(21, 203, device)
     if kw.pop("weight", False):
         kw["weight"] = torch.rand(203, device=device) + 0.5
     with force_backend(backend):
@@ -109,9 +107,10 @@ def test_reference_is_torch_where_torch_has_the_option():
     torch.testing.assert_close(got, F.cross_entropy(x, t, weight=w, label_smoothing=0.3) + z)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_half_precision(dtype, backend, device):
+@pytest.mark.parametrize(
+    "backend, dtype", [("auto", torch.bfloat16), ("torch", torch.bfloat16), ("torch", torch.float16)], ids=str
+)  # (fp16 through the interpreter costs seconds; the kernel's load/store casts are the same code)
+def test_half_precision(backend, dtype, device):
     """bf16/fp16 logits, every option: fp32 loss equal to the float64 reference of the same (rounded) logits, the
     gradient in the input dtype within one rounding of it (the kernel computes in fp32, rounds dl once)."""
     x, t = _logits(37, 131, dtype, device), _targets(37, 131, device, ignore_every=5)
@@ -257,9 +256,10 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_traces_under_torch_compile_fullgraph(backend, reduction, device):
-    """One graph, no breaks, the opaque custom op in it; values and gradients match eager."""
+def test_traces_under_torch_compile_fullgraph(backend, device):
+    """One graph, no breaks, the opaque custom op in it; values and gradients match eager.  Reduction "none"
+    (both custom ops, per-token upstream gradient); the scalar reductions are tests/op_cases.py's case."""
+    reduction = "none"
     graphs = []
 
     def recording_backend(gm, example_inputs):

@@ -93,8 +93,8 @@ def test_half_precision(dtype, backend, device):
 
 OPTION_CASES = {
     "smooth-weight-mean": dict(label_smoothing=0.1, ce_weight=True),
-    "softcap-zloss-sum": dict(softcap=3.0, lse_square_scale=1e-2, reduction="sum"),
-    "bias-smooth-mean": dict(bias=True, label_smoothing=0.2),
+    "bias-smooth-softcap-zloss-sum": dict(bias=True, label_smoothing=0.2, softcap=3.0, lse_square_scale=1e-2,
+                                          reduction="sum"),
     "all-none": dict(bias=True, ce_weight=True, label_smoothing=0.1, softcap=4.0, lse_square_scale=1e-2, reduction="none"),
 }
 
@@ -120,8 +120,8 @@ def _option_reference(h, w, t, g, kw):
 @pytest.mark.parametrize("case", OPTION_CASES)
 def test_options_match_float64_reference(backend, case, device):
     """Label smoothing, class weights, soft cap, z-loss (returned too), bias: loss, z-loss, dhidden, dweight and
-    dbias against the float64 reference, fp32, 45 tokens in ragged chunks of 16, vocab 203."""
-    h, w, t = _problem(45, 203, 32, torch.float32, device, ignore_every=4)
+    dbias against the float64 reference, fp32, 29 tokens in ragged chunks of 16, vocab 203."""
+    h, w, t = _problem(29, 203, 32, torch.float32, device, ignore_every=4)
     kw = _option_kwargs(case, 203, torch.float32, device)
     with force_backend(backend):
         loss, z = linear_cross_entropy(h, w, t, 0.37, chunk_size=16, return_z_loss=True, **kw)
