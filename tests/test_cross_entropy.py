@@ -290,3 +290,27 @@ def test_kernel_path_launches(device):
     with force_backend("triton"), count_launches() as launches:
         cross_entropy(x, t, softcap=3.0).backward()
     assert launches["_ce_chunk_kernel"] >= 1
+
+
+def test_inplace_backward_saves_the_gradient_buffer():
+    """Torch path, 512 x 2048 fp32 logits (4 MiB): by default forward + backward allocate at least one (N, V)
+    gradient buffer; with inplace_backward=True the peak stays under half of that (the logits are the buffer)."""
+    from xkernels.cross_entropy import measure_peak_memory
+
+    w = torch.randn(16, 2048, requires_grad=True)
+    h = torch.randn(512, 16)
+    t = _targets(512, 2048, "cpu")
+
+    def peak(inplace):
+        def step():
+            logits = h @ w
+            cross_entropy(logits, t, inplace_backward=inplace).backward()
+
+        with force_backend("torch"):
+            step()
+            return measure_peak_memory(step)
+
+    default, inplace = peak(False), peak(True)
+    logits_bytes = 512 * 2048 * 4
+    assert default >= 2 * logits_bytes  # logits + their gradient
+    assert inplace < default - 0.9 * logits_bytes, (inplace, default)
