@@ -395,15 +395,16 @@ for dt in ("*bf16", "*fp32"):
     for H in (1536, 2048, 4096, 8192, 16384):
         for has_res, has_scale in ((False, False), (True, False), (True, True)):
             types = dict(X=dt, R=dt, W=dt, Y=dt, S=dt, RSTD="*fp32", DY=dt, DS=dt, DX=dt, DXS=dt,
-                         DW_PARTIAL="*fp32", eps="fp32", scale="fp32")
+                         DW_PARTIAL="*fp32", eps="fp32", scale="fp32", offset="fp32")
             aligned = ("stride_x", "stride_r", "stride_dy", "stride_ds", "n_cols")
             cfg = R._launch_config(H)
-            consts = dict(HAS_RESIDUAL=has_res, HAS_SCALE=has_scale, BLOCK=cfg.block, ONE_BLOCK=cfg.one_block)
+            opts = dict(HAS_WEIGHT=True, HAS_OFFSET=False, CASTING=0)
+            consts = dict(HAS_RESIDUAL=has_res, HAS_SCALE=has_scale, BLOCK=cfg.block, ONE_BLOCK=cfg.one_block, **opts)
             r = aot(R._rmsnorm_fwd_kernel, types, consts, cfg.num_warps, aligned=aligned)
             rows.append(dict(kernel="fwd", dtype=dt, H=H, res=has_res, scale=has_scale, **r))
             bcfg, stages = R._bwd_launch_config(H)
             consts = dict(HAS_DS=has_res, HAS_SCALE=has_scale, BLOCK=bcfg.block, ONE_BLOCK=bcfg.one_block,
-                          NUM_STAGES=stages)
+                          NUM_STAGES=stages, **opts)
             r = aot(R._rmsnorm_bwd_kernel, types, consts, bcfg.num_warps, num_stages=stages, aligned=aligned)
             rows.append(dict(kernel="bwd", dtype=dt, H=H, res=has_res, scale=has_scale, **r))
 """
