@@ -13,7 +13,7 @@ from xkernels.rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin
 from xkernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from xkernels.patching import PatchReport, patch
 from xkernels.newton_schulz import newton_schulz, newton_schulz_ref
-from xkernels.swiglu import swiglu, swiglu_fused, swiglu_fused_ref, swiglu_ref
+from xkernels.swiglu import geglu, geglu_fused, geglu_fused_ref, geglu_ref, swiglu, swiglu_fused, swiglu_fused_ref, swiglu_ref
 from xkernels import fp8  # subpackage: from xkernels.fp8 import FP8Linear, convert_to_fp8, quantize, fp8_gemm, FP8Recipe
 
 __all__ = [
@@ -40,6 +40,10 @@ __all__ = [
     "swiglu_fused",
     "swiglu_fused_ref",
     "swiglu_ref",
+    "geglu",
+    "geglu_fused",
+    "geglu_fused_ref",
+    "geglu_ref",
     "fp8",
 ]
 __version__ = "0.1.0"
