@@ -15,8 +15,9 @@ from xkernels.testing import count_launches
 ln_mod = importlib.import_module("xkernels.layernorm")
 
 # max|actual - float64 F.layer_norm| / max|reference| (gradients: relative to the size of the cancelling terms).
-# fp32 ~1e-5; fp16/bf16 a few ulp of the output dtype.
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# fp32 ~1e-5; fp16/bf16 ~1 ulp of the output dtype at the largest magnitude (bf16 2^-7; measured <= 3.2e-3 on both
+# paths: the interpreter rounds fp32 -> bf16 to nearest even as a GPU does).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
 
 
 def rel_err(actual, expected, scale=0.0):

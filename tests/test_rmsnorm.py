@@ -13,9 +13,10 @@ from xkernels.testing import count_launches
 from xkernels import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_bwd_ref, rms_norm_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# max|actual - float64 reference| / max|reference|.  fp32 ~1e-5; fp16/bf16 allow ~2-4 ulp of the output
-# dtype (the interpreter truncates fp32->bf16 instead of rounding, costing one extra ulp).
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# max|actual - float64 reference| / max|reference|.  fp32 ~1e-5; fp16/bf16 ~1-2 ulp of the output dtype at the
+# largest magnitude (bf16: 2^-7 = 7.8e-3).  The interpreter rounds fp32 -> bf16 to nearest even as a GPU does
+# (xkernels.testing.round_casts_like_gpu), so the Triton path has the torch path's bounds.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, scale: float = 0.0) -> float:
@@ -305,12 +306,12 @@ def test_add_rms_norm_scale_parity(device, backend, dtype, shape):
         assert not launches
     names = ["y", "s", "dx", "dresidual", "dweight"]
     # s is exact (fp32: bit-equal to eager residual + scale * x); y/dx/dresidual within the dtype's rounding
-    exact = dtype != torch.bfloat16 or backend == "torch"  # the interpreter truncates fp32 -> bf16
+    exact = True  # s rounds once from fp32 on both paths (the interpreter rounds to nearest even like a GPU)
     if exact:
         assert torch.equal(got[1], ref[1]), "s"
     for name, a, b in zip(names, got, ref):
         assert a.dtype == b.dtype == dtype, name
-        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        tol = TOL[dtype]
         if name == "dweight":
             tol *= 4
         err = rel_err(a, b)
@@ -447,9 +448,10 @@ def test_programs_per_sm_from_kernel_resources(monkeypatch):
 # Options (issue 19, Liger-Kernel's keywords): offset, casting_mode, weight=None, in_place
 # ----------------------------------------------------------------------------------------------------
 
-# Triton path vs the same-dtype reference of the same casting mode: bf16/fp16 within a few ulp of the output
-# dtype (the interpreter truncates fp32 -> bf16 at each of up to 6 roundings in "none" mode; a GPU rounds).
-SAME_DTYPE_TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# Triton path vs the same-dtype reference of the same casting mode: one ulp of the output dtype at the largest
+# magnitude (bf16 2^-7; measured 0 in "llama"/"gemma", 7.3e-3 in "none", whose six roundings and fp32 mean can land
+# one ulp apart from torch's summation order).
+SAME_DTYPE_TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 7.9e-3}
 
 
 def _option_case(device, dtype, shape, mode, offset, with_weight, with_residual, backend, in_place=False):

@@ -11,9 +11,10 @@ from xkernels import use_triton as xkernels_use_triton
 from xkernels.swiglu import geglu_bwd_ref, geglu_fused_ref, geglu_ref, swiglu_bwd_ref, swiglu_fused_ref, swiglu_ref
 from xkernels.testing import count_launches
 
-# (atol, rtol) per dtype, against the float64 reference; bf16/fp16 outputs are rounded once (and the
-# interpreter's fp32->bf16 store truncates: up to 1 ulp).
-TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 1.6e-2)}
+# (atol, rtol) per dtype, against the float64 reference; bf16/fp16 outputs are rounded once (half an ulp; the
+# interpreter rounds fp32 -> bf16 to nearest even as a GPU does, so both paths share these bounds: measured <= 0.21
+# of the former (2e-2, 1.6e-2) bf16 bound on 67 x 1000).
+TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (8e-3, 8e-3)}
 SHAPES = [(1, 8), (3, 7, 33), (67, 1000), (2, 1100)]  # 1 row, odd sizes, > one column block
 
 
