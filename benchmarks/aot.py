@@ -72,6 +72,22 @@ def _rmsnorm(torch, xk):
         xk.rms_norm(x, w, offset=1.0, casting_mode="gemma").sum().backward()
         xk.rms_norm(x, w, offset=1.0, casting_mode="none").sum().backward()
         xk.rms_norm(x, None).sum().backward()
+    # issue 21 item 4: the selectable launch structures (warp-per-row forward, one-program-per-SM backward)
+    import importlib
+
+    rn = importlib.import_module("xkernels.rmsnorm")
+    saved = rn.FWD_LAYOUT, rn.BWD_SCHEDULE
+    rn.FWD_LAYOUT, rn.BWD_SCHEDULE = "warp_per_row", "per_sm"
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(ROWS, HIDDEN, dtype=dtype, requires_grad=True)
+            r = torch.randn(ROWS, HIDDEN, dtype=dtype, requires_grad=True)
+            w = torch.ones(HIDDEN, dtype=dtype, requires_grad=True)
+            xk.rms_norm(x, w).sum().backward()
+            y, s = xk.add_rms_norm(x, r, w, scale=1.4 / 48**0.5)
+            (y.sum() + s.sum()).backward()
+    finally:
+        rn.FWD_LAYOUT, rn.BWD_SCHEDULE = saved
 
 
 def _rotary(torch, xk):

@@ -400,7 +400,8 @@ for dt in ("*bf16", "*fp32"):
             aligned = ("stride_x", "stride_r", "stride_dy", "stride_ds", "n_cols")
             cfg = R._launch_config(H)
             opts = dict(HAS_WEIGHT=True, HAS_OFFSET=False, CASTING=0)
-            consts = dict(HAS_RESIDUAL=has_res, HAS_SCALE=has_scale, BLOCK=cfg.block, ONE_BLOCK=cfg.one_block, **opts)
+            consts = dict(HAS_RESIDUAL=has_res, HAS_SCALE=has_scale, BLOCK=cfg.block, ONE_BLOCK=cfg.one_block,
+                          WARP_ROWS=0, **opts)
             r = aot(R._rmsnorm_fwd_kernel, types, consts, cfg.num_warps, aligned=aligned)
             rows.append(dict(kernel="fwd", dtype=dt, H=H, res=has_res, scale=has_scale, **r))
             bcfg, stages = R._bwd_launch_config(H)
@@ -671,3 +672,37 @@ def test_options_chunked_path(device, monkeypatch, mode, offset, with_weight):
     assert rel_err(y, y_same) <= SAME_DTYPE_TOL[torch.bfloat16] and rel_err(y, y64) <= TOL[torch.bfloat16]
     for got, want in grads:
         assert rel_err(got, want) <= 2 * TOL[torch.bfloat16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch structure options (issue 21 item 4): the warp-per-row forward and the one-program-per-SM backward
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "fused_add"])
+def test_warp_per_row_forward(device, monkeypatch, dtype, with_residual):
+    """FWD_LAYOUT="warp_per_row": 4 rows per program (the last program ragged: 7 rows), chunks of one 128-bit
+    vector per lane (bf16 256, fp32 128 columns: 300 columns = 2 full chunks + a ragged one in fp32)."""
+    monkeypatch.setattr(rmsnorm_mod, "FWD_LAYOUT", "warp_per_row")
+    cfg = rmsnorm_mod._launch_config(300, torch.tensor([], dtype=dtype).element_size())
+    assert cfg.warp_rows == 4 and cfg.block == (128 if dtype == torch.float32 else 256)
+    got, ref, scales = run_case(device, dtype, (7, 300), with_residual)
+    assert_parity(got, ref, scales, dtype, 7)
+    # the block layout's output to one ulp (same arithmetic; only the order of the row sum differs)
+    x = torch.randn(7, 300, device=device, dtype=dtype)
+    w = (torch.rand(300, device=device) + 0.5).to(dtype)
+    y_warp = rms_norm(x, w, 1e-5, offset=1.0, casting_mode="gemma")
+    monkeypatch.setattr(rmsnorm_mod, "FWD_LAYOUT", "block")
+    y_block = rms_norm(x, w, 1e-5, offset=1.0, casting_mode="gemma")
+    assert rel_err(y_warp, y_block) <= SAME_DTYPE_TOL[dtype]
+
+
+def test_per_sm_backward_schedule_and_bad_layout(device, monkeypatch):
+    monkeypatch.setattr(rmsnorm_mod, "BWD_SCHEDULE", "per_sm")
+    assert rmsnorm_mod._bwd_launch_config(1536)[1] == 3
+    got, ref, scales = run_case(device, torch.float32, (37, 80), True)
+    assert_parity(got, ref, scales, torch.float32, 37)
+    monkeypatch.setattr(rmsnorm_mod, "FWD_LAYOUT", "warp")
+    with pytest.raises(ValueError, match="FWD_LAYOUT must be one of"):
+        rms_norm(torch.randn(2, 8, device=device), torch.ones(8, device=device))

@@ -271,7 +271,7 @@ def _layernorm_fwd(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
 def _layernorm_bwd(dy2, x2, weight, mean, rstd, has_bias: bool):
     """Returns ``(dx, dweight_or_None, dbias_or_None)`` for 2-D rows; the parameter gradients in the dtype of x."""
     n_rows, n_cols = x2.shape
-    cfg, stages = _bwd_launch_config(n_cols)
+    cfg, stages = _bwd_launch_config(n_cols, "occupancy")  # its grid comes from _bwd_programs: that schedule
     dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     consts = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, BLOCK=cfg.block, ONE_BLOCK=cfg.one_block,

@@ -199,6 +199,7 @@ if triton_available():
         eps,
         scale,  # fp32 multiplier of x before the add (used only when HAS_SCALE)
         offset,  # fp32, the weight is used as offset + w (used only when HAS_OFFSET)
+        n_rows,  # (read only by the WARP_ROWS layout, whose last program may hold fewer rows)
         HAS_RESIDUAL: tl.constexpr,
         HAS_SCALE: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -206,6 +207,7 @@ if triton_available():
         HAS_WEIGHT: tl.constexpr,
         HAS_OFFSET: tl.constexpr,
         CASTING: tl.constexpr,  # 0 llama, 1 gemma, 2 none (CASTING_MODES)
+        WARP_ROWS: tl.constexpr,  # > 0: the "warp_per_row" layout, WARP_ROWS rows per program (see _launch_config)
     ):
         """One program per row.  ``s = x + r`` (rounded to the input dtype, as torch would), then
         ``rstd = 1 / sqrt(mean(s^2) + eps)`` in fp32, ``y = w * (s * rstd).to(dtype)`` rounded once
@@ -218,7 +220,43 @@ if triton_available():
         r_row = R + row * stride_r
         y_row = Y + row * n_cols
         s_row = S + row * n_cols
-        if ONE_BLOCK:
+        if WARP_ROWS > 0:
+            # One warp per row (QuACK style): a (WARP_ROWS, BLOCK) tile with BLOCK = 32 lanes x one 128-bit vector,
+            # so the layout gives each warp one row and the row reduction is warp shuffles only (no shared memory,
+            # no barrier).  The row is walked in BLOCK chunks that divide common hidden sizes exactly (1536 =
+            # 6 x 256 in bf16: no padded lanes); pass 2 re-reads it from L1.
+            rows = tl.program_id(0).to(tl.int64) * WARP_ROWS + tl.arange(0, WARP_ROWS)
+            row_ok = (rows < n_rows)[:, None]
+            rows = rows[:, None]
+            acc = tl.zeros([WARP_ROWS, BLOCK], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)[None, :]
+                mask = row_ok & (cols < n_cols)
+                x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_RESIDUAL:
+                    if HAS_SCALE:
+                        x = x * scale
+                    x += tl.load(R + rows * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+                    s = x.to(S.dtype.element_ty)
+                    tl.store(S + rows * n_cols + cols, s, mask=mask)
+                    x = s.to(tl.float32)
+                acc += _rms_square(x, Y, CASTING)
+            rstd = _rms_rstd(tl.sum(acc, axis=1), n_cols, eps, Y, CASTING)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)[None, :]
+                mask = row_ok & (cols < n_cols)
+                if HAS_RESIDUAL:
+                    x = tl.load(S + rows * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+                else:
+                    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                # the weight chunk read through a (WARP_ROWS, BLOCK) pointer tile (each warp its own copy, L1 hits):
+                # a (1, BLOCK) load gets a layout spread over the warps and a shared-memory conversion per chunk
+                w_cols = cols + tl.zeros([WARP_ROWS, 1], dtype=tl.int32)
+                y = _rms_output(x, rstd[:, None], W, w_cols, w_cols < n_cols, offset, Y, HAS_WEIGHT, HAS_OFFSET,
+                                CASTING)
+                tl.store(Y + rows * n_cols + cols, y, mask=mask)
+            tl.store(RSTD + rows, rstd[:, None], mask=row_ok)
+        elif ONE_BLOCK:
             cols = tl.arange(0, BLOCK)
             mask = cols < n_cols
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -258,7 +296,8 @@ if triton_available():
                     x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
                 y = _rms_output(x, rstd, W, cols, mask, offset, Y, HAS_WEIGHT, HAS_OFFSET, CASTING)
                 tl.store(y_row + cols, y, mask=mask)
-        tl.store(RSTD + row, rstd)
+        if WARP_ROWS == 0:
+            tl.store(RSTD + row, rstd)
 
     @triton.jit
     def _rms_grad_scale(dy, W, cols, mask, offset, X, HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr,
@@ -401,6 +440,7 @@ class _Launch:
     block: int
     one_block: bool
     num_warps: int
+    warp_rows: int = 0  # > 0: the forward's "warp_per_row" layout, this many rows (one per warp) per program
 
 
 # Rows up to _MAX_ONE_BLOCK elements stay in registers in one block (8192 fp32 = 16 values per thread
@@ -409,11 +449,35 @@ class _Launch:
 _MAX_ONE_BLOCK = 8192
 _CHUNK = 4096
 
+# Launch structure, selectable so a GPU session can time old against new (issue 21 item 4); the defaults are the
+# released structure until a GPU measurement says otherwise.
+#
+# FWD_LAYOUT: "block" -- one program per row, BLOCK = next_power_of_2(H) (H = 1536 -> 2048: 25% of the lanes masked
+#   off) spread over 4 warps, so each row reduction goes through shared memory with a barrier;
+#   "warp_per_row" -- WARP_ROWS rows per program, one warp each, 32 lanes x one 128-bit vector per chunk (bf16: 256
+#   columns, fp32: 128), the row walked in chunks (1536 = 6 x 256: no masked lanes), reductions by warp shuffles.
+# BWD_SCHEDULE: "occupancy" -- as many programs as fit on the GPU at once (from the compiled kernel's registers and
+#   shared memory: 4 per SM at H=1536 bf16 = 528 fp32 dweight partial rows on 132 SMs), one row prefetched
+#   (NUM_STAGES=2); "per_sm" -- one program per SM (132 partial rows: ~4x less partial traffic) with two rows in
+#   flight (NUM_STAGES=3) to hide the load latency the fewer resident warps no longer hide.
+FWD_LAYOUT = "block"
+BWD_SCHEDULE = "occupancy"
+_FWD_LAYOUTS = ("block", "warp_per_row")
+_BWD_SCHEDULES = ("occupancy", "per_sm")
+_WARP_ROWS = 4  # rows (= warps) per program of the warp_per_row forward: 128 threads, as the block layout's 4 warps
 
-def _launch_config(n_cols: int) -> _Launch:
-    """The forward's configuration."""
+
+def _launch_config(n_cols: int, elem_size: int | None = None, layout: str | None = None) -> _Launch:
+    """The forward's configuration (``layout`` defaults to :data:`FWD_LAYOUT`; ``warp_per_row`` needs the element
+    size of the rows, and applies up to _MAX_ONE_BLOCK columns)."""
+    layout = FWD_LAYOUT if layout is None else layout
+    if layout not in _FWD_LAYOUTS:
+        raise ValueError(f"xkernels.rmsnorm.FWD_LAYOUT must be one of {_FWD_LAYOUTS}, got {layout!r}")
     block = triton.next_power_of_2(n_cols)
     one_block = block <= _MAX_ONE_BLOCK
+    if layout == "warp_per_row" and elem_size is not None and one_block:
+        vec = 32 * (16 // elem_size)  # one 128-bit vector per lane per chunk
+        return _Launch(min(vec, block), False, _WARP_ROWS, _WARP_ROWS)
     if not one_block:
         block = _CHUNK
     num_warps = 4 if block <= 2048 else 8 if block <= 4096 else 16
@@ -427,15 +491,18 @@ def _launch_config(n_cols: int) -> _Launch:
 _BWD_ELEMENTS_PER_THREAD = 8
 # Row-loop pipelining depth: 2 = one row (x, dy, ds) prefetched into shared memory while this one is
 # computed.  Deeper costs shared memory per program (2-3 x BLOCK x 2 B per stage) that the occupancy
-# computation below then charges against programs per SM.
+# computation below then charges against programs per SM.  The "per_sm" schedule uses 3.
 _BWD_STAGES = 2
 
 
-def _bwd_launch_config(n_cols: int) -> tuple[_Launch, int]:
-    """``(config, num_stages)`` of the backward."""
-    fwd = _launch_config(n_cols)
+def _bwd_launch_config(n_cols: int, schedule: str | None = None) -> tuple[_Launch, int]:
+    """``(config, num_stages)`` of the backward (``schedule`` defaults to :data:`BWD_SCHEDULE`)."""
+    schedule = BWD_SCHEDULE if schedule is None else schedule
+    if schedule not in _BWD_SCHEDULES:
+        raise ValueError(f"xkernels.rmsnorm.BWD_SCHEDULE must be one of {_BWD_SCHEDULES}, got {schedule!r}")
+    fwd = _launch_config(n_cols, layout="block")
     num_warps = max(4, min(32, fwd.block // (32 * _BWD_ELEMENTS_PER_THREAD)))
-    return _Launch(fwd.block, fwd.one_block, num_warps), _BWD_STAGES
+    return _Launch(fwd.block, fwd.one_block, num_warps), (3 if schedule == "per_sm" else _BWD_STAGES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -501,13 +568,13 @@ def _rmsnorm_fwd(
 ):
     """Returns ``(y, s_or_None, rstd)`` for 2-D rows ``x2`` (and residual rows ``r2``, ``s = r2 + scale * x2``)."""
     n_rows, n_cols = x2.shape
-    cfg = _launch_config(n_cols)
+    cfg = _launch_config(n_cols, x2.element_size())
     weight = weight.contiguous() if weight is not None else None
     y = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     s = torch.empty_like(y) if r2 is not None else None
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     with launch_on(x2):  # the launch goes to x2's GPU, not the current one
-        _rmsnorm_fwd_kernel[(n_rows,)](
+        _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, cfg.warp_rows) if cfg.warp_rows else n_rows,)](
             x2,
             r2 if r2 is not None else x2,
             weight if weight is not None else x2,
@@ -520,6 +587,7 @@ def _rmsnorm_fwd(
             eps,
             1.0 if scale is None else scale,
             offset,
+            n_rows,
             HAS_RESIDUAL=r2 is not None,
             HAS_SCALE=scale is not None,
             BLOCK=cfg.block,
@@ -527,6 +595,7 @@ def _rmsnorm_fwd(
             HAS_WEIGHT=weight is not None,
             HAS_OFFSET=offset != 0.0,
             CASTING=casting,
+            WARP_ROWS=cfg.warp_rows,
             num_warps=cfg.num_warps,
             # no FMA contraction of ``scale * x + r``: the product rounds first, as in eager torch
             **({"enable_fp_fusion": False} if scale is not None else {}),
@@ -540,7 +609,8 @@ def _rmsnorm_bwd(dy2, x2, weight, rstd, ds2, scale: float | None = None, offset:
     add) or None; with ``scale`` the third output is ``scale * dx``, the gradient of the scaled input.
     ``in_place``: ``dx`` is written into ``dy2``'s buffer when that is a plain contiguous ``(M, H)`` tensor."""
     n_rows, n_cols = x2.shape
-    cfg, stages = _bwd_launch_config(n_cols)
+    schedule = BWD_SCHEDULE
+    cfg, stages = _bwd_launch_config(n_cols, schedule)
     weight = weight.contiguous() if weight is not None else None
     if in_place and dy2.is_contiguous() and dy2.dtype == x2.dtype:
         dx = dy2
@@ -581,11 +651,14 @@ def _rmsnorm_bwd(dy2, x2, weight, rstd, ds2, scale: float | None = None, offset:
 
     compiled = key = None
     with launch_on(x2):  # compiling loads the module onto the current device: make it x2's
-        if x2.device.type == "cuda":
+        if x2.device.type == "cuda" and schedule == "occupancy":
             key = (x2.device.index, x2.dtype, tuple(sorted(consts.items())))
             if key not in _BWD_OCCUPANCY:  # once per configuration: compile without launching, read its resources
                 compiled = _rmsnorm_bwd_kernel.warmup(*args(rstd, 1), grid=(1,), **consts)
         programs = _bwd_programs(n_rows, x2.device, compiled, key)
+        if x2.device.type == "cuda" and schedule == "per_sm":
+            index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+            programs = max(1, min(triton.cdiv(n_rows, 8), _sm_count(index)))
     rows_per_program = triton.cdiv(n_rows, programs)
     programs = triton.cdiv(n_rows, rows_per_program)
     if weight is not None:
