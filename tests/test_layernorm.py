@@ -86,7 +86,7 @@ def test_parity_forward_backward(device, backend, dtype, shape, with_weight, wit
 def test_chunked_path_ragged(device, monkeypatch, with_weight, with_bias):
     """Long rows (several chunks, a partial last one) through the three-pass forward / two-pass backward."""
     monkeypatch.setattr(ln_mod, "_launch_config", lambda n: xkernels.rmsnorm._Launch(32, False, 4))
-    monkeypatch.setattr(ln_mod, "_bwd_launch_config", lambda n: (xkernels.rmsnorm._Launch(32, False, 4), 2))
+    monkeypatch.setattr(ln_mod, "_bwd_launch_config", lambda n, schedule=None: (xkernels.rmsnorm._Launch(32, False, 4), 2))
     y, y64, leaves, l64, _, launches = _case(device, torch.float32, (5, 100), with_weight, with_bias, "triton")
     assert launches["_layernorm_bwd_kernel"] == 1
     torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
