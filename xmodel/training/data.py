@@ -240,7 +240,7 @@ def open_shard(path: Path, flag: str = "data") -> np.ndarray:
             raise
         with open(path, "rb") as f:
             head = f.read(8)
-        raise ValueError(f"--{flag}: {path} is not a token shard this trainer reads (it starts with {head!r}, and "
+        raise ValueError(f"--{flag}: {path} is not a token shard this trainer reads (bad magic {head!r}, and "
                          f"no {path.with_suffix('.idx').name} beside it makes it a Megatron dataset); "
                          f"{ACCEPTED}") from None
 

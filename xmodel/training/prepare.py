@@ -88,7 +88,7 @@ def build_model_config(cfg: TrainConfig):
         if base.vocab_size < ids:
             raise ValueError(f"--model.vocab_size {base.vocab_size} is smaller than the {ids} ids of {what}; drop it "
                              f"(the model then takes {max(padded_vocab_size(ids), ids)}: the tokenizer's size rounded "
-                             "up to a multiple of 128) or give at least that many")
+                             f"up to a multiple of 128) or give at least --model.vocab_size {ids}")
         return base
     vocab = max(padded_vocab_size(ids), XmodelConfig.from_preset(cfg.preset).vocab_size)
     return base if vocab == base.vocab_size else XmodelConfig.from_preset(cfg.preset, **{**cfg.model,
