@@ -8,14 +8,18 @@
     bytes 16-23  uint64 number of tokens
     bytes 24-31  reserved (0)
 
-followed by the tokens (little endian).  Documents are separated by the tokenizer's EOS (one after each document).
-Text inputs are tokenised once into ``<cache>/shards/<key>.bin`` (the key covers file names, sizes, mtimes, the
-text field and the tokenizer), written to a temporary file and renamed when complete.
+followed by the tokens (little endian).  Each document is framed ``[BOS] + text + EOS`` (see
+:mod:`xmodel.training.tokenizer`).  Text inputs are tokenised once, in parallel, into a prepared directory
+``<cache>/shards/<key>/`` (parts + ``manifest.json``, see :mod:`xmodel.training.preprocess`; the key covers file
+names, sizes, mtimes, the text field, the tokenizer and the framing); its parts are read as one stream
+(:class:`TokenStream`).
 
 **Inputs** (one *source* each; a source may expand to many files): a ``.txt`` file (one document), a directory
 (every ``.txt``/``.jsonl``/``.parquet``/``.bin`` under it), a glob, ``.jsonl`` (one document per line, the
-``text_field`` string), ``.parquet`` (the ``text_field`` column; needs ``pyarrow``), or pre-tokenised ``.bin``
-shards in the format above.
+``text_field`` string), ``.parquet`` (the ``text_field`` column; needs ``pyarrow``), a directory made by
+``python -m xmodel.prepare`` (it holds ``manifest.json``), pre-tokenised ``.bin`` shards in the format above, or a
+Megatron-LM indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``, named by ``PREFIX`` or ``PREFIX.bin``; see
+:mod:`xmodel.training.megatron`).  Any other ``.bin`` is refused with the list of accepted formats.
 
 **Sampling.**  Each source is cut into windows of ``seq_len + 1`` tokens starting every ``seq_len`` tokens
 (inputs ``w[:-1]``, targets ``w[1:]``; windows never cross shard boundaries).  Global sample ``g`` comes from the

@@ -115,6 +115,7 @@ def check_writable_dir(path: Path, flag: str) -> None:
 
 def load_data(cfg: TrainConfig, info: DistInfo):
     """Tokenizer, training sources, validation sources and the document framing (rank 0 fills the caches first)."""
+    from xmodel.training.config import DEFAULT_BPE_VOCAB
     from xmodel.training.corpus import build_default_corpus
     from xmodel.training.preprocess import default_workers
     from xmodel.training.tokenizer import default_tokenizer, framed_tokenizer_dir
@@ -146,7 +147,7 @@ def load_data(cfg: TrainConfig, info: DistInfo):
                 if not cfg.data:
                     train_specs = [SourceSpec(str(corpus_train))]
                     default_val = SourceSpec(str(corpus_val))
-                tokenizer = default_tokenizer(corpus_train, cache, cfg.vocab_size or 4096)
+                tokenizer = default_tokenizer(corpus_train, cache, cfg.vocab_size or DEFAULT_BPE_VOCAB)
                 log0(info, f"default corpus {corpus_train.parent} ready ({time.perf_counter() - t0:.1f} s)")
             elif tokenizer is None and not cfg.data:
                 raise ValueError("--data: no data given")  # pragma: no cover - pretokenised implies data
