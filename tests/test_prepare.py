@@ -205,6 +205,11 @@ def test_framing_end_to_end_train_export_generate(tok_dirs, tmp_path, capsys, to
     assert ids == ([0] if expect_bos else []) + plain  # generate encodes prompts the way training framed documents
     assert generate_main(["--checkpoint", str(hf), "--prompt", "The quick fox", "--max-new-tokens", "2",
                           "--no-stream"]) == 0
+    # python -m xmodel.export re-frames the tokenizer from the checkpoint's identity, whatever directory it finds
+    from xmodel.export import export_checkpoint
+
+    again = export_checkpoint(run / "r", tmp_path / "hf2", log=lambda m: None)
+    assert json.loads((again / "tokenizer_config.json").read_text())["add_bos_token"] is expect_bos
 
 
 # ---------------------------------------------------------------------------------------------------- validation

@@ -271,7 +271,7 @@ class TrainConfig:
     # None = 4096.  Not for --tokenizer: the model's vocabulary then follows the tokenizer (see --model.vocab_size)
     vocab_size: int | None = None
     # documents are framed [BOS] + text + EOS: "auto" = BOS when the tokenizer_config.json beside the tokenizer says
-    # add_bos_token: true (as HF and Megatron-LM do), "always", "never"
+    # add_bos_token: true (as the released pipeline did), "always", "never"
     bos: str = "auto"
     # validation set size in tokens (rounded up to whole sequences): held out from --data (instead of --val-fraction)
     # or taken from --val-data, every sequence evaluated once; None = --val-fraction and --eval-batches

@@ -2,7 +2,7 @@
 of the trainer's own tokenisation of ``--data`` text files.
 
 **Plan.**  The inputs are cut into *tasks* that do not depend on the worker count: a ``.jsonl`` file into byte
-ranges of about :data:`CHUNK_BYTES` ending at line ends, a ``.parquet`` file into row groups of about that much
+ranges of about :func:`chunk_size` (1/64 of the input, 1-64 MiB) ending at line ends, a ``.parquet`` file into row groups of about that much
 data, consecutive ``.txt`` files (one document each) into groups of about that size.  Task ``i`` writes
 ``parts/NNNNNN.bin`` (a token shard, see :mod:`xmodel.training.data`) and then ``parts/NNNNNN.json`` (its counts and
 a key of everything that determines its content).  The token stream -- the parts in task order -- is therefore the
@@ -36,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-CHUNK_BYTES = 4 << 20  # text per task: fixed, so the parts (and the token stream) do not depend on --workers
+# Text per task: about 1/64 of the input (so 2-16 workers stay busy to the end), within [1 MiB, 64 MiB] (per-part
+# overheads, files per directory).  It depends on the inputs only, never on --workers: the same parts for any N.
+MIN_CHUNK, MAX_CHUNK, CHUNKS = 1 << 20, 64 << 20, 64
 BATCH_DOCS = 256  # documents per encode_batch call
 FORMAT = "xmodel-prepared"
 VERSION = 1
@@ -126,9 +128,13 @@ def _parse_line(path: Path, line: bytes, offset: int, text_field: str) -> str | 
     return text if isinstance(text, str) else None
 
 
+def chunk_size(total_bytes: int) -> int:
+    return int(min(MAX_CHUNK, max(MIN_CHUNK, total_bytes // CHUNKS)))
+
+
 def plan(files: list[Path], text_field: str = "text", skip_bad: bool = False,
-         chunk_bytes: int = CHUNK_BYTES) -> Plan:
-    """Check every file and cut the work into tasks (see the module docstring)."""
+         chunk_bytes: int | None = None) -> Plan:
+    """Check every file and cut the work into tasks of ``chunk_bytes`` (default :func:`chunk_size` of the total)."""
     kept, sizes, groups, skipped = [], [], [], []
     for path in files:
         try:
@@ -141,6 +147,8 @@ def plan(files: list[Path], text_field: str = "text", skip_bad: bool = False,
         kept.append(Path(path))
         sizes.append(size)
         groups.append(rg)
+    if chunk_bytes is None:
+        chunk_bytes = chunk_size(sum(sizes))
     tasks: list[list[Segment]] = []
     task_bytes: list[int] = []
     pending: list[Segment] = []
@@ -314,7 +322,7 @@ def _fmt_rate(x: float) -> str:
 
 def prepare(files: list[Path], tokenizer, framing, out_dir: Path, text_field: str = "text", workers: int = 0,
             skip_bad: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-            chunk_bytes: int = CHUNK_BYTES) -> dict:
+            chunk_bytes: int | None = None) -> dict:
     """Tokenise ``files`` into ``out_dir`` (parts + ``manifest.json``); returns the manifest.  Resumable: parts whose
     ``.json`` key matches are kept.  ``workers`` 0 = one per core.  Raises :class:`BadInput` naming the file."""
     from xmodel.training.data import read_shard, token_dtype
@@ -334,7 +342,7 @@ def prepare(files: list[Path], tokenizer, framing, out_dir: Path, text_field: st
     if manifest_path.exists():
         manifest_path.unlink()  # rewritten when every part is done: a directory without it is incomplete
     dtype = token_dtype(tokenizer.vocab_size)
-    base = [FORMAT, VERSION, tokenizer.fingerprint, framing.key(), text_field, skip_bad, str(dtype), chunk_bytes]
+    base = [FORMAT, VERSION, tokenizer.fingerprint, framing.key(), text_field, skip_bad, str(dtype)]
     jobs, done = [], {}
     for i, segs in enumerate(p.tasks):
         ident = [[str(p.files[s.file].resolve()), p.sizes[s.file], p.files[s.file].stat().st_mtime_ns, s.start,

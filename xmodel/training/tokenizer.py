@@ -6,8 +6,9 @@ text is ever out of vocabulary) trained with the ``tokenizers`` library, with th
 
 **Framing.**  How each document becomes tokens: ``[BOS] + ids(document) + EOS``.  EOS always ends a document (it is
 what separates packed documents); BOS begins it when the tokenizer's own ``tokenizer_config.json`` says
-``add_bos_token: true`` (``--bos auto``, what HF's tokenizer and Megatron-LM's ``preprocess_data.py`` do with that
-tokenizer) or when forced with ``--bos always`` / ``--bos never``.  The framing is part of the shard cache key and of
+``add_bos_token: true`` (``--bos auto``; what Megatron-LM's ``preprocess_data.py`` produced for the released model,
+whose HF tokenizer class honoured that flag -- note that transformers 5's generic fast tokenizer ignores it and
+follows ``tokenizer.json``'s post-processor only) or when forced with ``--bos always`` / ``--bos never``.  The framing is part of the shard cache key and of
 the run identity, and the HF export's tokenizer files are rewritten to encode prompts the same way
 (:func:`write_export_tokenizer`).
 """
