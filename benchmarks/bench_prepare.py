@@ -112,20 +112,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.megatron:
             equal, docs = same_tokens(tmp / f"ours-0-{workers[0]}", tmp / f"megatron-0-{workers[0]}")
             print(f"token ids equal in {equal:,} of {docs:,} documents")
-        print("\nworkers  ours tok/s   megatron tok/s  ratio   (median over rounds)")
+        print("\npaired rounds (tokens/s; ratio = ours / Megatron in the same round, same worker count):")
+        rate = {(name, r, w): t / secs for name, r, w, secs, t in rows}
         for w in workers:
-            def med(tool: str) -> float:
-                rates = sorted(t / s for name, _, ww, s, t in rows if name == tool and ww == w)
-                return rates[len(rates) // 2] if rates else float("nan")
-
-            ours, theirs = med("ours"), med("megatron")
-            print(f"{w:>7}  {ours / 1e3:>9.0f}k  {theirs / 1e3:>13.0f}k  {ours / theirs:>5.2f}x")
+            for r in range(args.rounds):
+                ours = rate[("ours", r, w)]
+                line = f"  workers {w} round {r}: ours {ours / 1e3:.0f}k"
+                if args.megatron:
+                    theirs = rate[("megatron", r, w)]
+                    line += f", megatron {theirs / 1e3:.0f}k, ratio {ours / theirs:.2f}x"
+                print(line)
         if len(workers) > 1:
-            def med1(w: int) -> float:
-                rates = sorted(t / s for name, _, ww, s, t in rows if name == "ours" and ww == w)
-                return rates[len(rates) // 2]
-
-            print(f"ours: {workers[0]} -> {workers[-1]} workers x{med1(workers[-1]) / med1(workers[0]):.2f}")
+            for r in range(args.rounds):
+                print(f"  ours round {r}: {workers[0]} -> {workers[-1]} workers "
+                      f"x{rate[('ours', r, workers[-1])] / rate[('ours', r, workers[0])]:.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
