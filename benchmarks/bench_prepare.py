@@ -29,8 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def timed(cmd: list[str], marker: str, env: dict) -> float:
-    """Seconds from the line containing ``marker`` to the process exit."""
+def timed(cmd: list[str], marker: str, env: dict) -> tuple[float, float]:
+    """Seconds from the line containing ``marker`` to the process exit, and from the start to the exit."""
+    t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     start = None
     lines = []
@@ -40,10 +41,11 @@ def timed(cmd: list[str], marker: str, env: dict) -> float:
             start = time.perf_counter()
     if proc.wait() != 0 or start is None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{''.join(lines[-20:])}")
-    return time.perf_counter() - start
+    end = time.perf_counter()
+    return end - start, end - t0
 
 
-def run_ours(inp: Path, tokenizer: str, workers: int, out: Path) -> tuple[float, int]:
+def run_ours(inp: Path, tokenizer: str, workers: int, out: Path) -> tuple[tuple[float, float], int]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     secs = timed([sys.executable, "-m", "xmodel.prepare", str(inp), "--tokenizer", tokenizer, "--out", str(out),
                   "--workers", str(workers), "--no-progress"], "tokenizing", env)
@@ -51,7 +53,7 @@ def run_ours(inp: Path, tokenizer: str, workers: int, out: Path) -> tuple[float,
 
 
 def run_megatron(inp: Path, tokenizer: str, workers: int, prefix: Path, megatron: Path, shim: Path | None
-                 ) -> tuple[float, int]:
+                 ) -> tuple[tuple[float, float], int]:
     from xmodel.training.megatron import IndexedDataset
 
     path = os.pathsep.join(str(p) for p in (shim, megatron) if p)
@@ -102,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
                 for tool in order if args.megatron else ["ours"]:
                     out = tmp / f"{tool}-{r}-{w}"
                     if tool == "ours":
-                        secs, tokens = run_ours(args.input, args.tokenizer, w, out)
+                        (secs, wall), tokens = run_ours(args.input, args.tokenizer, w, out)
                     else:
-                        secs, tokens = run_megatron(args.input, args.tokenizer, w, out, args.megatron, args.shim)
+                        (secs, wall), tokens = run_megatron(args.input, args.tokenizer, w, out, args.megatron,
+                                                            args.shim)
                     rows.append((tool, r, w, secs, tokens))
                     print(f"round {r} {tool:<8} workers {w}: {tokens:,} tokens in {secs:.1f} s = "
-                          f"{tokens / secs / 1e3:.0f}k tok/s, {mb / secs:.2f} MB/s "
-                          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+                          f"{tokens / secs / 1e3:.0f}k tok/s, {mb / secs:.2f} MB/s; {wall:.1f} s with the "
+                          f"start-up (load {os.getloadavg()[0]:.1f})", flush=True)
         if args.megatron:
             equal, docs = same_tokens(tmp / f"ours-0-{workers[0]}", tmp / f"megatron-0-{workers[0]}")
             print(f"token ids equal in {equal:,} of {docs:,} documents")

@@ -249,11 +249,10 @@ def iter_segment(path: Path, seg: Segment, text_field: str, skip_bad: bool, coun
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_path: str, bos_id: int | None, eos_id: int, dtype: str) -> None:
+def _init_worker() -> None:
+    """Pool initializer: the tokenizer and framing come with the fork (``_WORKER`` is set before it), so no worker
+    parses the tokenizer file again (about a second for a 128k-id tokenizer.json)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: processes scale better (see above)
-    from tokenizers import Tokenizer
-
-    _WORKER.update(tok=Tokenizer.from_file(tokenizer_path), bos=bos_id, eos=eos_id, dtype=np.dtype(dtype))
 
 
 def _run_task(job: tuple) -> dict:
@@ -375,16 +374,15 @@ def prepare(files: list[Path], tokenizer, framing, out_dir: Path, text_field: st
     t_work = time.perf_counter()
     new_tokens = 0
     results = dict(done)
-    init = (str(tokenizer.path), framing.bos_id, framing.eos_id, dtype.str)
+    _WORKER.update(tok=tokenizer.tokenizer, bos=framing.bos_id, eos=framing.eos_id, dtype=dtype)
     saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # also keeps the fork below quiet and safe
     try:
         if workers == 1 or len(jobs) <= 1:
-            _init_worker(*init)
             stream = map(_run_task, jobs)
             pool = None
         else:
-            pool = multiprocessing.get_context("fork").Pool(min(workers, len(jobs)), _init_worker, init)
+            pool = multiprocessing.get_context("fork").Pool(min(workers, len(jobs)), _init_worker)
             stream = pool.imap_unordered(_run_task, jobs)
         try:
             for stats in stream:
@@ -401,6 +399,7 @@ def prepare(files: list[Path], tokenizer, framing, out_dir: Path, text_field: st
     finally:
         if bar is not None:
             bar.close()
+        _WORKER.clear()
         if saved_env is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
