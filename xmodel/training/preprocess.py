@@ -265,6 +265,20 @@ def _run_task(job: tuple) -> dict:
     docs = tokens = 0
     writer = ShardWriter(Path(part), _WORKER["dtype"])
     t0 = time.perf_counter()
+    counted = [0, 0]  # characters and tokens reported to the progress bar so far
+
+    def _report(chars: int, ntok: int) -> None:
+        if chars > 0:
+            counted[0] += chars
+            counted[1] += ntok
+        live = _WORKER.get("live")
+        if live is not None:
+            with live.get_lock():
+                live[0] += chars
+                live[1] += ntok
+        tick = _WORKER.get("tick")
+        if tick is not None:
+            tick()
 
     def flush(batch: list[str]) -> None:
         nonlocal docs, tokens
@@ -278,6 +292,7 @@ def _run_task(job: tuple) -> dict:
         writer.write(arr)
         docs += len(batch)
         tokens += len(arr)
+        _report(sum(map(len, batch)), len(arr))
 
     try:
         batch: list[str] = []
@@ -293,6 +308,7 @@ def _run_task(job: tuple) -> dict:
         writer.abort()
         raise
     writer.close()
+    _report(-counted[0], -counted[1])  # the driver now counts this task exactly
     stats = {"key": key, "index": index, "tokens": tokens, "documents": docs, "bad": counts["bad"],
              "bytes": Path(part).stat().st_size, "seconds": round(time.perf_counter() - t0, 3)}
     _atomic_text(Path(part).with_suffix(".json"), json.dumps(stats) + "\n")
@@ -374,29 +390,46 @@ def prepare(files: list[Path], tokenizer, framing, out_dir: Path, text_field: st
     t_work = time.perf_counter()
     new_tokens = 0
     results = dict(done)
-    _WORKER.update(tok=tokenizer.tokenizer, bos=framing.bos_id, eos=framing.eos_id, dtype=dtype)
+    ctx = multiprocessing.get_context("fork")
+    live = ctx.Array("q", 2)  # characters and tokens of the tasks in flight (all workers), for the bar
+    finished = [reused_bytes]
+
+    def refresh() -> None:
+        if bar is None:
+            return
+        with live.get_lock():
+            chars, toks = live[0], live[1]
+        dt = max(1e-9, time.perf_counter() - t_work)
+        bar.set_postfix_str(f"{_fmt_rate((new_tokens + toks) / dt)} tok/s", refresh=False)
+        bar.update(max(0, min(total_bytes, finished[0] + chars) - bar.n))
+
+    _WORKER.update(tok=tokenizer.tokenizer, bos=framing.bos_id, eos=framing.eos_id, dtype=dtype, live=live)
     saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # also keeps the fork below quiet and safe
+    pool = None
     try:
         if workers == 1 or len(jobs) <= 1:
+            _WORKER["tick"] = refresh  # in this process: the bar moves after every batch
             stream = map(_run_task, jobs)
-            pool = None
         else:
-            pool = multiprocessing.get_context("fork").Pool(min(workers, len(jobs)), _init_worker)
+            pool = ctx.Pool(min(workers, len(jobs)), _init_worker)
             stream = pool.imap_unordered(_run_task, jobs)
-        try:
-            for stats in stream:
-                results[stats["index"]] = stats
-                new_tokens += stats["tokens"]
-                if bar is not None:
-                    dt = max(1e-9, time.perf_counter() - t_work)
-                    bar.set_postfix_str(f"{_fmt_rate(new_tokens / dt)} tok/s", refresh=False)
-                    bar.update(p.task_bytes[stats["index"]])
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+        left = len(jobs)
+        while left:
+            try:
+                stats = stream.next(timeout=0.5) if pool is not None else next(stream)
+            except multiprocessing.TimeoutError:
+                refresh()  # the workers' in-flight progress
+                continue
+            left -= 1
+            results[stats["index"]] = stats
+            new_tokens += stats["tokens"]
+            finished[0] += p.task_bytes[stats["index"]]
+            refresh()
     finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
         if bar is not None:
             bar.close()
         _WORKER.clear()
