@@ -38,6 +38,7 @@ setup(
         "console_scripts": [
             "xmodel-train=xmodel.train:main",
             "xmodel-export=xmodel.export:main",
+            "xmodel-prepare=xmodel.prepare:main",
             "xmodel-generate=xmodel.generate:main",
             "xmodel-eval=xmodel.lm_eval_adapter:main",
         ]

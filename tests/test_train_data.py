@@ -14,6 +14,7 @@ from xmodel.training.data import (
     TokenSource,
     eval_batches,
     load_source,
+    open_prepared,
     read_shard,
     tokenize_files,
     write_shard,
@@ -26,6 +27,11 @@ TEXTS = [f"Document {i}: the quick brown fox {'jumps over the lazy dog ' * (i % 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> TextTokenizer:
     return train_bpe(TEXTS, 300, tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def stream(directory) -> list[int]:
+    """The token stream of a prepared directory."""
+    return open_prepared(directory, None, None)[:].tolist()
 
 
 def source(tokens, seq_len, weight=1.0, name="s"):
@@ -65,13 +71,12 @@ def test_text_inputs_tokenize_with_eos_between_documents(tmp_path, tok):
     expected = tok.encode_batch([TEXTS[0]])[0] + [tok.eos_id] + tok.encode_batch([TEXTS[1]])[0] + [tok.eos_id]
     for spec in [SourceSpec(str(tmp_path / "d")), SourceSpec(str(tmp_path / "d" / "*.txt")),
                  SourceSpec(str(tmp_path / "docs.jsonl"), text_field="body")]:
-        shard = read_shard(tokenize_files(spec.files(), tok, tmp_path / "cache", spec.text_field))
-        assert shard.tolist() == expected, spec
+        assert stream(tokenize_files(spec.files(), tok, tmp_path / "cache", spec.text_field)) == expected, spec
     # cached: the second call reuses the shard file
     files = SourceSpec(str(tmp_path / "d")).files()
     first = tokenize_files(files, tok, tmp_path / "cache")
-    mtime = first.stat().st_mtime_ns
-    assert tokenize_files(files, tok, tmp_path / "cache") == first and first.stat().st_mtime_ns == mtime
+    mtime = (first / "manifest.json").stat().st_mtime_ns
+    assert tokenize_files(files, tok, tmp_path / "cache") == first and (first / "manifest.json").stat().st_mtime_ns == mtime
 
 
 def test_parquet_input(tmp_path, tok):
@@ -79,14 +84,13 @@ def test_parquet_input(tmp_path, tok):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": TEXTS[:3], "id": [1, 2, 3]}), tmp_path / "p.parquet")
-    shard = read_shard(tokenize_files([tmp_path / "p.parquet"], tok, tmp_path / "cache"))
     expected = [t for ids in tok.encode_batch(TEXTS[:3]) for t in ids + [tok.eos_id]]
-    assert shard.tolist() == expected
+    assert stream(tokenize_files([tmp_path / "p.parquet"], tok, tmp_path / "cache")) == expected
 
 
 def test_bad_sources(tmp_path, tok):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"content": "no text field"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2: no string field 'text'"):
+    with pytest.raises(ValueError, match="bad.jsonl: the line at byte 15 has no string field 'text'"):
         tokenize_files([tmp_path / "bad.jsonl"], tok, tmp_path / "cache")
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(ValueError, match="unsupported file type"):

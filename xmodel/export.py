@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -41,6 +42,22 @@ def tokenizer_dir_of(meta: dict) -> Path | None:
         if c and (Path(c) / "tokenizer.json").is_file():
             return Path(c)
     return None
+
+
+def framed_tokenizer(meta: dict, tokenizer_dir: Path | None, tmp: Path) -> Path | None:
+    """The tokenizer files to ship: ``tokenizer_dir``'s, rewritten (in ``tmp``) to frame prompts as the run framed
+    its documents (the ``framing`` of the run identity: BOS or not), so that ``tokenizer_config.json`` states what
+    training did and ``tokenizer.json`` encodes prompts that way."""
+    framing = (meta.get("identity") or {}).get("framing")
+    if tokenizer_dir is None or not framing:
+        return tokenizer_dir
+    from xmodel.training.tokenizer import Framing, TextTokenizer, write_export_tokenizer
+
+    try:
+        tokenizer = TextTokenizer.load(tokenizer_dir)
+    except ValueError:
+        return tokenizer_dir
+    return write_export_tokenizer(tokenizer, Framing(framing[0], framing[1]), tmp / "tokenizer")
 
 
 def export_checkpoint(source: Path, out: Path | None = None, dtype: torch.dtype | None = None,
@@ -73,7 +90,8 @@ def export_checkpoint(source: Path, out: Path | None = None, dtype: torch.dtype 
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     out = Path(out) if out is not None else default_out(path, meta)
     tokenizer_dir = tokenizer_dir_of(meta)
-    ckpt.write_hf(state, config, out, tokenizer_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt.write_hf(state, config, out, framed_tokenizer(meta, tokenizer_dir, Path(tmp)))
     log(f"exported {path} (step {meta['step']}) -> {out}" + ("" if tokenizer_dir else " (no tokenizer found to copy)"))
     return out
 

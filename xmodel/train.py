@@ -29,7 +29,7 @@ import yaml
 
 from xmodel.training import checkpoint as ckpt
 from xmodel.training.config import TrainConfig, parse_args, resolve_lr
-from xmodel.training.data import MixtureSampler, check_token_ids, eval_batches
+from xmodel.training.data import MixtureSampler, check_token_ids
 from xmodel.training.distributed import DistInfo, init_distributed, shutdown, unwrap, wrap_model
 from xmodel.training.metrics import MetricsLogger, peak_flops, plot_metrics
 from xmodel.training.optim import TrainOptimizer, build_adamw
@@ -44,6 +44,7 @@ from xmodel.training.prepare import (
     load_data,
     log0,
     run_identity,
+    validation_set,
 )
 from xmodel.training.schedule import WSDSchedule
 
@@ -180,7 +181,7 @@ def setup(cfg: TrainConfig) -> Run:
     schedule = WSDSchedule(cfg.warmup_steps, cfg.decay_start_step, cfg.decay_steps, cfg.min_lr_ratio, cfg.decay_shape)
     sampler = MixtureSampler(train, cfg.seed)
     sampler.vocab_size = model_config.vocab_size
-    val_batches = eval_batches(val, cfg.eval_batches, cfg.batch_size, info.rank, info.world)
+    val_batches = validation_set(cfg, val, info)
 
     start_step = 0
     source = chosen or init
@@ -200,7 +201,7 @@ def setup(cfg: TrainConfig) -> Run:
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
                 else contextlib.nullcontext())
     run = Run(cfg, info, device, model, model_config, optimizer, schedule, sampler, val_batches, start_step,
-              identity, tokenizer.path.parent if tokenizer else None, autocast=autocast,
+              identity, tokenizer.export_dir if tokenizer else None, autocast=autocast,
               resumed_from=chosen.path if chosen else None)
     run.first_val = meta.get("first_val") if meta else None
     run.last_val = meta.get("last_val") if meta else None

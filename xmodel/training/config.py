@@ -40,6 +40,8 @@ MUON_DTYPES = ("auto", "bf16", "fp32")
 MUON_ADJUST_LR = ("match_rms_adamw", "original", "spectral")
 INITS = ("megatron", "hf")
 DECAY_OPTIMIZERS = ("muon", "adamw")
+BOS_MODES = ("auto", "always", "never")
+DEFAULT_BPE_VOCAB = 4096  # ids of the default BPE when --vocab-size is not given
 MIN_VOCAB = 256 + 3  # a byte-level BPE: 256 byte tokens + <|bos|> <|eos|> <|pad|>
 
 # How a run ends (``python -m xmodel.train`` exit status); shown by --help and in README's Training section.
@@ -265,7 +267,16 @@ class TrainConfig:
     val_data: list = field(default_factory=list)  # validation sources (same forms); [] = held-out tail of `data`
     val_fraction: float = 0.01  # share of each training source held out for validation when val_data is empty
     tokenizer: str | None = None  # a tokenizer.json (or its directory); None = train/load the default BPE
-    vocab_size: int = 4096  # vocabulary of the default tokenizer (specials <|bos|> <|eos|> <|pad|> = 0, 1, 2)
+    # ids of the default BPE trained when no --tokenizer is given (specials <|bos|> <|eos|> <|pad|> = 0, 1, 2);
+    # None = 4096.  Not for --tokenizer: the model's vocabulary then follows the tokenizer (see --model.vocab_size)
+    vocab_size: int | None = None
+    # documents are framed [BOS] + text + EOS: "auto" = BOS when the tokenizer_config.json beside the tokenizer says
+    # add_bos_token: true (as the released pipeline did), "always", "never"
+    bos: str = "auto"
+    # validation set size in tokens (rounded up to whole sequences): held out from --data (instead of --val-fraction)
+    # or taken from --val-data, every sequence evaluated once; None = --val-fraction and --eval-batches
+    val_tokens: int | None = None
+    prepare_workers: int = 0  # processes tokenising text inputs (0 = one per CPU core); see python -m xmodel.prepare
     cache_dir: str | None = None  # corpus/tokenizer/shard cache; None = $XMODEL_CACHE or ~/.cache/xmodel
     corpus_max_mb: float = 6.0  # size cap of the default corpus' training split (MB of text)
 
@@ -343,8 +354,19 @@ class TrainConfig:
         self.val_data = _as_list("val_data", self.val_data)
         self.val_fraction = f("val_fraction", self.val_fraction, 0, 1, hi_open=True)
         self.tokenizer = to_text("tokenizer", self.tokenizer, optional=True)
-        self.vocab_size = i("vocab_size", self.vocab_size, MIN_VOCAB,
-                            hint=f" (a byte-level BPE needs {MIN_VOCAB} ids: 256 bytes and 3 specials)")
+        if self.vocab_size is not None and not (isinstance(self.vocab_size, str)
+                                                and self.vocab_size.strip().lower() in _NONE):
+            self.vocab_size = i("vocab_size", self.vocab_size, MIN_VOCAB,
+                                hint=f" (a byte-level BPE needs {MIN_VOCAB} ids: 256 bytes and 3 specials)")
+        else:
+            self.vocab_size = None
+        self.bos = to_choice("bos", self.bos, BOS_MODES)
+        if self.val_tokens is not None and not (isinstance(self.val_tokens, str)
+                                                and self.val_tokens.strip().lower() in _NONE):
+            self.val_tokens = i("val_tokens", self.val_tokens, 1, hint=" (tokens of validation data, e.g. 262144)")
+        else:
+            self.val_tokens = None
+        self.prepare_workers = i("prepare_workers", self.prepare_workers, 0, hint=" (0 = one per CPU core)")
         self.cache_dir = to_text("cache_dir", self.cache_dir, optional=True)
         self.corpus_max_mb = f("corpus_max_mb", self.corpus_max_mb, 0, lo_open=True)
         for name in ("seq_len", "batch_size", "grad_accum", "steps"):
@@ -399,6 +421,10 @@ class TrainConfig:
         need(self.init_from is None or Path(self.init_from).is_dir(), "init_from",
              f"no such checkpoint directory {self.init_from!r}")
         need(not self.fp8_emulate or self.fp8 is not None, "fp8_emulate", "only makes sense with --fp8 RECIPE")
+        need(self.vocab_size is None or self.tokenizer is None, "vocab_size",
+             f"{self.vocab_size} sizes the default BPE, which --tokenizer {self.tokenizer} replaces; drop "
+             "--vocab-size (the model's vocabulary follows the tokenizer: its size rounded up to a multiple of 128, "
+             "or the preset's if larger) or set the model's explicitly with --model.vocab_size")
         model_config = self.model_config()
         need(self.seq_len <= model_config.max_position_embeddings, "seq_len",
              f"{self.seq_len} exceeds the model's max_position_embeddings {model_config.max_position_embeddings} "

@@ -8,14 +8,18 @@
     bytes 16-23  uint64 number of tokens
     bytes 24-31  reserved (0)
 
-followed by the tokens (little endian).  Documents are separated by the tokenizer's EOS (one after each document).
-Text inputs are tokenised once into ``<cache>/shards/<key>.bin`` (the key covers file names, sizes, mtimes, the
-text field and the tokenizer), written to a temporary file and renamed when complete.
+followed by the tokens (little endian).  Each document is framed ``[BOS] + text + EOS`` (see
+:mod:`xmodel.training.tokenizer`).  Text inputs are tokenised once, in parallel, into a prepared directory
+``<cache>/shards/<key>/`` (parts + ``manifest.json``, see :mod:`xmodel.training.preprocess`; the key covers file
+names, sizes, mtimes, the text field, the tokenizer and the framing); its parts are read as one stream
+(:class:`TokenStream`).
 
 **Inputs** (one *source* each; a source may expand to many files): a ``.txt`` file (one document), a directory
 (every ``.txt``/``.jsonl``/``.parquet``/``.bin`` under it), a glob, ``.jsonl`` (one document per line, the
-``text_field`` string), ``.parquet`` (the ``text_field`` column; needs ``pyarrow``), or pre-tokenised ``.bin``
-shards in the format above.
+``text_field`` string), ``.parquet`` (the ``text_field`` column; needs ``pyarrow``), a directory made by
+``python -m xmodel.prepare`` (it holds ``manifest.json``), pre-tokenised ``.bin`` shards in the format above, or a
+Megatron-LM indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``, named by ``PREFIX`` or ``PREFIX.bin``; see
+:mod:`xmodel.training.megatron`).  Any other ``.bin`` is refused with the list of accepted formats.
 
 **Sampling.**  Each source is cut into windows of ``seq_len + 1`` tokens starting every ``seq_len`` tokens
 (inputs ``w[:-1]``, targets ``w[1:]``; windows never cross shard boundaries).  Global sample ``g`` comes from the
@@ -148,97 +152,101 @@ class SourceSpec:
         raise ValueError(f"--{flag}: a source is a path or {{path, weight, text_field}}, got {entry!r}")
 
     def files(self, flag: str = "data") -> list[Path]:
-        """The files this source names, sorted; raises if there are none."""
+        """The files this source names, sorted: text files, ``.bin`` shards / Megatron datasets, or the manifest of a
+        prepared directory; raises if there are none or they mix text with tokens."""
+        from xmodel.training.megatron import prefix_of
+
         p = Path(self.path).expanduser()
+        if p.is_dir() and (p / "manifest.json").is_file():
+            return [p / "manifest.json"]
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES + (".bin",))
         elif any(ch in self.path for ch in "*?["):
             found = sorted(Path(f) for f in globlib.glob(str(p), recursive=True) if Path(f).is_file())
         elif p.is_file():
             found = [p]
+        elif prefix_of(p) is not None:  # a Megatron dataset named by its prefix
+            found = [p.with_name(p.name + ".bin")]
         else:
             raise ValueError(f"--{flag}: no such file or directory: {self.path}")
         if not found:
             raise ValueError(f"--{flag}: {self.path} matches no .txt/.jsonl/.parquet/.bin files")
+        if p.suffix == ".idx" and prefix_of(p) is not None:
+            found = [p.with_suffix(".bin")]
         bad = [f for f in found if f.suffix not in TEXT_SUFFIXES + (".bin",)]
         if bad:
-            raise ValueError(f"--{flag}: unsupported file type {bad[0]} (use .txt, .jsonl, .parquet or .bin)")
+            raise ValueError(f"--{flag}: unsupported file type {bad[0]}; {ACCEPTED}")
         if any(f.suffix == ".bin" for f in found) and any(f.suffix != ".bin" for f in found):
             raise ValueError(f"--{flag}: {self.path} mixes .bin shards and text files; give them as separate sources")
         return found
 
 
 def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """The documents of one text file."""
-    if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if text.strip():  # empty documents are skipped (no lone EOS)
-            yield text
-    elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{lineno}: no string field {text_field!r} (set text_field for this source)")
-                if text.strip():
-                    yield text
-    elif path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-        pf = pq.ParquetFile(path)
-        if text_field not in pf.schema_arrow.names:
-            raise ValueError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
-        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-            for text in batch.column(0).to_pylist():
-                if text and text.strip():
-                    yield text
-    else:  # pragma: no cover - filtered by SourceSpec.files
-        raise ValueError(f"unsupported file type {path}")
+    """The non-empty documents of one text file (bad records raise ``ValueError`` naming the file)."""
+    from xmodel.training.preprocess import Segment, _check_file, iter_segment
+
+    size, groups = _check_file(Path(path), text_field)
+    seg = Segment(0, 0, len(groups) if groups is not None else size)
+    yield from iter_segment(Path(path), seg, text_field, False, {"bad": 0})
 
 
-def tokenize_files(files: list[Path], tokenizer, cache_dir: Path, text_field: str = "text",
-                   log=print) -> Path:
-    """Tokenise text files into one cached shard (EOS after each document); returns the shard path."""
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = hashlib.sha1(json.dumps([stats, text_field, tokenizer.fingerprint, 1]).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / "shards" / f"{key}.bin"
-    if path.is_file():
-        try:
-            read_shard(path)
-            return path
-        except ValueError:
-            path.unlink()  # a damaged cache entry is rebuilt
-    log(f"tokenizing {len(files)} file(s) ({sum(s[1] for s in stats) / 1e6:.1f} MB) -> {path}")
-    writer = ShardWriter(path, token_dtype(tokenizer.vocab_size))
-    eos = np.array([tokenizer.eos_id])
+class TokenStream:
+    """Token shards read as one sequence (the parts of a prepared directory), so windows run across part
+    boundaries and the stream does not depend on how the work was cut.  Supports ``len`` and slicing."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = [p for p in parts if len(p)]
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])]).astype(np.int64)
+        self.dtype = self.parts[0].dtype if self.parts else np.dtype(np.uint16)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("TokenStream supports contiguous slices only")
+        start, stop, _ = key.indices(len(self))
+        if stop <= start:
+            return np.zeros(0, dtype=self.dtype)
+        first = int(np.searchsorted(self.offsets, start, side="right") - 1)
+        out = []
+        k = first
+        while k < len(self.parts) and self.offsets[k] < stop:
+            lo, hi = max(start, int(self.offsets[k])), min(stop, int(self.offsets[k + 1]))
+            out.append(np.asarray(self.parts[k][lo - self.offsets[k]:hi - self.offsets[k]]))
+            k += 1
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+ACCEPTED = ("accepted inputs: text (.txt, .jsonl, .parquet, or a directory/glob of them), a directory made by "
+            "python -m xmodel.prepare (holding manifest.json), an xmodel token shard (.bin, magic XMTOKv1), or a "
+            "Megatron-LM indexed dataset (PREFIX.bin + PREFIX.idx, made by its tools/preprocess_data.py; give "
+            "PREFIX or PREFIX.bin)")
+
+
+def file_kind(path: Path) -> str:
+    """``"text"``, ``"prepared"`` (a manifest.json), ``"megatron"`` (.bin with its .idx) or ``"shard"``."""
+    from xmodel.training.megatron import prefix_of
+
+    if path.name == "manifest.json":
+        return "prepared"
+    if path.suffix == ".bin":
+        return "megatron" if prefix_of(path) is not None else "shard"
+    return "text"
+
+
+def open_shard(path: Path, flag: str = "data") -> np.ndarray:
+    """An xmodel token shard; a ``.bin`` in another format gets an error saying what is accepted."""
     try:
-        chunk: list[str] = []
-        for f in files:
-            for doc in iter_documents(f, text_field):
-                chunk.append(doc)
-                if len(chunk) >= 256:
-                    _write_docs(writer, tokenizer, chunk, eos)
-                    chunk = []
-        _write_docs(writer, tokenizer, chunk, eos)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.close()
-
-
-def _write_docs(writer: ShardWriter, tokenizer, docs: list[str], eos: np.ndarray) -> None:
-    if not docs:
-        return
-    for ids in tokenizer.encode_batch(docs):
-        writer.write(np.concatenate([np.asarray(ids, dtype=np.int64), eos]))
+        return read_shard(path)
+    except ValueError as exc:
+        if "bad magic" not in str(exc):
+            raise
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise ValueError(f"--{flag}: {path} is not a token shard this trainer reads (bad magic {head!r}, and "
+                         f"no {path.with_suffix('.idx').name} beside it makes it a Megatron dataset); "
+                         f"{ACCEPTED}") from None
 
 
 class TokenSource:
@@ -261,7 +269,10 @@ class TokenSource:
     def split(self, fraction: float) -> tuple[TokenSource, TokenSource]:
         """``(head, tail)``: the last ``ceil(fraction * n)`` windows (at least 1) as the tail."""
         n = self.num_windows
-        tail = min(n - 1, max(1, math.ceil(fraction * n)))
+        return self.split_count(min(n - 1, max(1, math.ceil(fraction * n))))
+
+    def split_count(self, tail: int) -> tuple[TokenSource, TokenSource]:
+        """``(head, tail)``: the last ``tail`` windows (1 <= tail < num_windows) as the tail."""
         head, rest = TokenSource.__new__(TokenSource), TokenSource.__new__(TokenSource)
         head.__dict__.update(self.__dict__)
         rest.__dict__.update(self.__dict__)
@@ -278,13 +289,127 @@ class TokenSource:
         return np.asarray(self.shards[shard][start:start + self.seq_len + 1], dtype=np.int64)
 
 
-def load_source(spec: SourceSpec, tokenizer, cache_dir: Path, seq_len: int, flag: str = "data", log=print) -> TokenSource:
+def tokenize_files(files: list[Path], tokenizer, cache_dir: Path, text_field: str = "text", log=print,
+                   framing=None, workers: int = 1, progress: bool = False) -> Path:
+    """Tokenise text files once into ``<cache>/shards/<key>/`` (a prepared directory, see
+    :mod:`xmodel.training.preprocess`; the key covers the files' names, sizes and mtimes, the text field, the
+    tokenizer and the framing); returns the directory.  An interrupted run resumes where it stopped."""
+    from xmodel.training.preprocess import prepare
+
+    framing = framing or tokenizer.framing("auto")
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha1(json.dumps([stats, text_field, tokenizer.fingerprint, framing.key(), 2]).encode()).hexdigest()
+    out = Path(cache_dir) / "shards" / key[:16]
+    if (out / "manifest.json").is_file():
+        from xmodel.training.preprocess import read_manifest
+
+        try:
+            read_manifest(out)
+            return out
+        except ValueError:
+            pass  # a damaged cache entry is rebuilt (finished parts are reused)
+    prepare(files, tokenizer, framing, out, text_field, workers, progress=progress, log=log)
+    return out
+
+
+def open_prepared(directory: Path, tokenizer, framing, flag: str = "data") -> TokenStream:
+    """The token stream of a prepared directory; refuses one made with another tokenizer or framing."""
+    from xmodel.training.preprocess import read_manifest
+
+    manifest = read_manifest(directory, flag)
+    tok, fr = manifest["tokenizer"], manifest["framing"]
+    if tokenizer is not None and tok["fingerprint"] != tokenizer.fingerprint:
+        raise ValueError(f"--{flag}: {directory} was prepared with the tokenizer {tok['path']} (fingerprint "
+                         f"{tok['fingerprint']}), this run uses {tokenizer.path} ({tokenizer.fingerprint}); pass "
+                         f"--tokenizer {tok['path']} or prepare the data again with this tokenizer")
+    if framing is not None and [fr["bos_id"], fr["eos_id"]] != framing.key():
+        raise ValueError(f"--{flag}: {directory} frames documents as {fr['text']}, this run as {framing.describe()}; "
+                         f"set --bos {'always' if fr['bos_id'] is not None else 'never'} to train on it as prepared, "
+                         "or prepare it again with this run's --bos")
+    return TokenStream([read_shard(directory / p["file"]) for p in manifest["parts"]])
+
+
+def open_megatron(path: Path, tokenizer, framing, cache_dir: Path, flag: str = "data", log=print):
+    """A Megatron indexed dataset as one token stream with an EOS after every document: read in place when its
+    documents already end with the run's EOS (``preprocess_data.py --append-eod``), else copied once into the
+    cache with EOS inserted (the document boundaries come from the ``.idx``)."""
+    from xmodel.training.megatron import IndexedDataset, prefix_of
+
+    prefix = prefix_of(path)
+    try:
+        ds = IndexedDataset(prefix)
+    except ValueError as exc:
+        raise ValueError(f"--{flag}: {exc}") from None
+    if ds.num_documents == 0:
+        return np.zeros(0, dtype=np.uint16)
+    if (ds.tokens[:min(len(ds.tokens), 1 << 20)] < 0).any():
+        raise ValueError(f"--{flag}: {ds.bin_path} holds negative token ids")
+    last = ds.last_tokens()
+    eos = framing.eos_id if framing is not None else None
+    if eos is None:
+        common = np.unique(last)
+        if len(common) != 1:
+            raise ValueError(f"--{flag}: the documents of {ds.bin_path} do not all end with one end-of-document "
+                             "token; give --tokenizer so its EOS can be put between them")
+        eos = int(common[0])
+    starts_bos = framing is not None and framing.bos and bool(np.all(ds.first_tokens() == framing.bos_id))
+    log(f"Megatron dataset {prefix}: {ds.num_documents:,} documents, {ds.num_tokens:,} tokens, "
+        f"{'BOS + ' if starts_bos else ''}document{' + EOS' if np.all(last == eos) else ' (EOS inserted)'}")
+    if framing is not None and framing.bos and not starts_bos:
+        log(f"warning: this run frames text documents as {framing.describe()} but the documents of {prefix} do not "
+            "all begin with BOS")
+    if np.all(last == eos):
+        return ds.tokens
+    stat = [str(ds.bin_path.resolve()), ds.bin_path.stat().st_size, ds.bin_path.stat().st_mtime_ns,
+            ds.idx_path.stat().st_mtime_ns, eos]
+    out = Path(cache_dir) / "shards" / f"megatron-{hashlib.sha1(json.dumps(stat).encode()).hexdigest()[:16]}.bin"
+    if out.is_file():
+        try:
+            return read_shard(out)
+        except ValueError:
+            out.unlink()
+    log(f"inserting EOS between the documents of {prefix} -> {out}")
+    top = int(np.max(ds.tokens)) if ds.num_tokens else 0
+    writer = ShardWriter(out, token_dtype(max(top, eos) + 1))
+    try:
+        b = ds.doc_bounds
+        for i in range(0, len(b) - 1, 65536):
+            j = min(len(b) - 1, i + 65536)
+            seg = np.asarray(ds.tokens[b[i]:b[j]], dtype=np.int64)
+            ends = b[i + 1:j + 1] - b[i]
+            need = seg[ends - 1] != eos
+            writer.write(np.insert(seg, ends[need], eos))
+    except BaseException:
+        writer.abort()
+        raise
+    return read_shard(writer.close())
+
+
+def load_source(spec: SourceSpec, tokenizer, cache_dir: Path, seq_len: int, flag: str = "data", log=print,
+                framing=None, workers: int = 1, progress: bool = False) -> TokenSource:
     """Resolve, tokenise (cached) and window one source; errors name the flag and the path."""
     files = spec.files(flag)
-    if files[0].suffix == ".bin":
-        shards = [read_shard(f) for f in files]
+    kind = file_kind(files[0])
+    if kind == "text":
+        if framing is None and tokenizer is not None:
+            framing = tokenizer.framing("auto")
+        from xmodel.training.preprocess import BadInput
+
+        try:
+            out = tokenize_files(files, tokenizer, cache_dir, spec.text_field, log, framing, workers, progress)
+        except BadInput as exc:
+            raise ValueError(f"--{flag}: {exc}") from None
+        shards = [open_prepared(out, tokenizer, framing, flag)]
     else:
-        shards = [read_shard(tokenize_files(files, tokenizer, cache_dir, spec.text_field, log=log))]
+        shards = []
+        for f in files:
+            k = file_kind(f)
+            if k == "prepared":
+                shards.append(open_prepared(f.parent, tokenizer, framing, flag))
+            elif k == "megatron":
+                shards.append(open_megatron(f, tokenizer, framing, cache_dir, flag, log))
+            else:
+                shards.append(open_shard(f, flag))
     source = TokenSource(spec.path, shards, seq_len, spec.weight)
     if source.num_tokens == 0:
         raise ValueError(f"--{flag}: {spec.path} is empty (no tokens)")
@@ -301,7 +426,7 @@ def check_token_ids(sources: list[TokenSource], vocab_size: int, flag: str = "da
     last ``sample`` tokens (the sampler checks every batch too, so a bad id in the middle is still caught)."""
     for src in sources:
         for shard in src.shards:
-            parts = [shard] if len(shard) <= 2 * sample else [shard[:sample], shard[-sample:]]
+            parts = [shard[:]] if len(shard) <= 2 * sample else [shard[:sample], shard[len(shard) - sample:]]
             top = max((int(np.max(p)) for p in parts if len(p)), default=0)
             if top >= vocab_size:
                 raise ValueError(f"--{flag}: {src.name} holds token id {top} >= the model's vocab_size {vocab_size} "
@@ -383,21 +508,41 @@ class MixtureSampler:
         self.counts = [int(c) for c in state["counts"]]
 
 
-def eval_batches(sources: list[TokenSource], num_batches: int, batch_size: int, rank: int = 0,
-                 world: int = 1) -> list[torch.Tensor]:
-    """A fixed validation set: ``num_batches`` global batches of windows spread evenly over all validation windows
-    (round robin over sources); this rank's rows of each."""
-    total = num_batches * batch_size * world
+def eval_windows(sources: list[TokenSource], count: int) -> list[tuple[int, int]]:
+    """``count`` distinct ``(source, window)`` pairs (at most all of them), shared round robin over the sources and
+    spread evenly within each, interleaved source by source."""
+    count = min(count, sum(s.num_windows for s in sources))
+    per = [0] * len(sources)
+    left = count
+    while left:
+        for k, s in enumerate(sources):
+            if left and per[k] < s.num_windows:
+                per[k] += 1
+                left -= 1
+    lists = [list(np.linspace(0, s.num_windows - 1, num=c).astype(np.int64)) if c else []
+             for s, c in zip(sources, per)]
     picks: list[tuple[int, int]] = []
-    per = [np.linspace(0, s.num_windows - 1, num=min(s.num_windows, total)).astype(np.int64) for s in sources]
-    i = 0
-    while len(picks) < total:
-        k = i % len(sources)
-        j = i // len(sources)
-        picks.append((k, int(per[k][j % len(per[k])])))
-        i += 1
+    for j in range(max(per, default=0)):
+        picks += [(k, int(lst[j])) for k, lst in enumerate(lists) if j < len(lst)]
+    return picks
+
+
+def eval_batches(sources: list[TokenSource], num_batches: int, batch_size: int, rank: int = 0,
+                 world: int = 1, num_windows: int | None = None) -> list[torch.Tensor]:
+    """A fixed validation set: ``num_windows`` (default ``num_batches * batch_size * world``) distinct windows --
+    fewer when the sources hold fewer, never a repeated one -- in global batches of ``batch_size * world``; this
+    rank's rows of each.  The last batch may be smaller (the same number of rows on every rank)."""
+    want = num_windows if num_windows is not None else num_batches * batch_size * world
+    picks = eval_windows(sources, want)
+    picks = picks[:len(picks) - len(picks) % world]
+    if not picks:
+        raise ValueError(f"--val-data: the validation data holds {sum(s.num_windows for s in sources)} "
+                         f"sequence(s), fewer than the {world} ranks; give more validation data")
     out = []
-    for b in range(num_batches):
-        rows = picks[(b * world + rank) * batch_size:(b * world + rank + 1) * batch_size]
+    step = batch_size * world
+    for b in range(0, len(picks), step):
+        chunk = picks[b:b + step]
+        per = len(chunk) // world
+        rows = chunk[rank * per:(rank + 1) * per]
         out.append(torch.from_numpy(np.stack([sources[k].window(i) for k, i in rows])))
     return out

@@ -7,7 +7,9 @@ before anything is written to the run directory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -25,8 +27,72 @@ def log0(info: DistInfo, *args) -> None:
         print(*args, flush=True)
 
 
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(path: str, mtime_ns: int):
+    from xmodel.training.tokenizer import TextTokenizer
+
+    return TextTokenizer.load(path)
+
+
+def load_tokenizer(path: str | Path):
+    """``TextTokenizer.load`` (cached: setup sizes the model from the tokenizer before it loads the data)."""
+    p = Path(path).expanduser()
+    f = p / "tokenizer.json" if p.is_dir() else p
+    return _load_tokenizer(str(p), f.stat().st_mtime_ns if f.is_file() else 0)
+
+
+def _pretokenised(cfg: TrainConfig) -> bool:
+    """Every --data/--val-data source is token data (shards, prepared directories, Megatron datasets)."""
+    from xmodel.training.data import file_kind
+
+    specs = [SourceSpec.parse(e, "data") for e in cfg.data] + [SourceSpec.parse(e, "val-data") for e in cfg.val_data]
+    return bool(cfg.data) and all(file_kind(f) != "text" for s in specs for f in s.files())
+
+
+def run_tokenizer(cfg: TrainConfig):
+    """The run's tokenizer file: ``--tokenizer``, else (for prepared data only) the tokenizer its manifest names if it
+    is still there; None for the default BPE and for token data without one."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if _pretokenised(cfg):
+        for entry in cfg.data + cfg.val_data:
+            f = SourceSpec.parse(entry).files()[0]
+            if f.name == "manifest.json":
+                try:
+                    path = json.loads(f.read_text(encoding="utf-8"))["tokenizer"]["path"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                if Path(path).is_file():
+                    return load_tokenizer(path)
+    return None
+
+
 def build_model_config(cfg: TrainConfig):
-    return cfg.model_config()  # validated when the config was built; errors name the --model. field
+    """The model config, its vocabulary sized from the tokenizer (before any data is read): the tokenizer's ids
+    rounded up to a multiple of 128, or the preset's vocabulary if that is larger; an explicit
+    ``--model.vocab_size`` must hold every id.  Errors name the flag."""
+    from xmodel.config import XmodelConfig
+    from xmodel.training.config import DEFAULT_BPE_VOCAB
+    from xmodel.training.tokenizer import padded_vocab_size
+
+    base = cfg.model_config()  # validated when the config was built; errors name the --model. field
+    tokenizer = run_tokenizer(cfg)
+    if tokenizer is not None:
+        ids, what = tokenizer.vocab_size, f"the tokenizer {tokenizer.path}"
+    elif _pretokenised(cfg):
+        return base  # token data without a tokenizer: the ids are checked against the model when loaded
+    else:
+        ids = cfg.vocab_size or DEFAULT_BPE_VOCAB
+        what = f"the default BPE (--vocab-size {ids})"
+    if "vocab_size" in cfg.model:
+        if base.vocab_size < ids:
+            raise ValueError(f"--model.vocab_size {base.vocab_size} is smaller than the {ids} ids of {what}; drop it "
+                             f"(the model then takes {max(padded_vocab_size(ids), ids)}: the tokenizer's size rounded "
+                             f"up to a multiple of 128) or give at least --model.vocab_size {ids}")
+        return base
+    vocab = max(padded_vocab_size(ids), XmodelConfig.from_preset(cfg.preset).vocab_size)
+    return base if vocab == base.vocab_size else XmodelConfig.from_preset(cfg.preset, **{**cfg.model,
+                                                                                         "vocab_size": vocab})
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
@@ -48,9 +114,11 @@ def check_writable_dir(path: Path, flag: str) -> None:
 
 
 def load_data(cfg: TrainConfig, info: DistInfo):
-    """Tokenizer, training sources and validation sources (rank 0 fills the caches first)."""
+    """Tokenizer, training sources, validation sources and the document framing (rank 0 fills the caches first)."""
+    from xmodel.training.config import DEFAULT_BPE_VOCAB
     from xmodel.training.corpus import build_default_corpus
-    from xmodel.training.tokenizer import TextTokenizer, default_tokenizer
+    from xmodel.training.preprocess import default_workers
+    from xmodel.training.tokenizer import default_tokenizer, framed_tokenizer_dir
 
     cache = cfg.cache_path
     train_specs = [SourceSpec.parse(e, "data") for e in cfg.data]
@@ -59,45 +127,99 @@ def load_data(cfg: TrainConfig, info: DistInfo):
         spec.files("data")  # fail fast on missing paths, on every rank
     for spec in val_specs:
         spec.files("val-data")
+    workers = cfg.prepare_workers or default_workers()
+    pretokenised = _pretokenised(cfg)
+    file_tokenizer = run_tokenizer(cfg)
+    if file_tokenizer is None and pretokenised and cfg.bos != "auto":
+        raise ValueError(f"--bos {cfg.bos}: the data is already tokenised (its framing is fixed) and no tokenizer is "
+                         "known; drop --bos, or pass the --tokenizer the data was made with")
+    if file_tokenizer is not None:
+        file_tokenizer.framing(cfg.bos)  # a BOS asked for but missing: fail before any work
 
     result = None
     for turn in ("main", "others"):  # rank 0 builds caches, the others then read them
         if (turn == "main") == info.is_main:
             default_val = None
-            all_bin = bool(cfg.data) and all(f.suffix == ".bin" for spec in train_specs + val_specs
-                                             for f in spec.files())
-            if all_bin and cfg.tokenizer is None:
-                tokenizer = None  # pre-tokenised data needs no tokenizer (the HF export then has none)
-            elif not cfg.data or cfg.tokenizer is None:
+            tokenizer = file_tokenizer
+            if tokenizer is None and not pretokenised:
                 t0 = time.perf_counter()
                 corpus_train, corpus_val = build_default_corpus(cache, cfg.corpus_max_mb)
                 if not cfg.data:
                     train_specs = [SourceSpec(str(corpus_train))]
                     default_val = SourceSpec(str(corpus_val))
-                tokenizer = (TextTokenizer.load(cfg.tokenizer) if cfg.tokenizer
-                             else default_tokenizer(corpus_train, cache, cfg.vocab_size))
+                tokenizer = default_tokenizer(corpus_train, cache, cfg.vocab_size or DEFAULT_BPE_VOCAB)
                 log0(info, f"default corpus {corpus_train.parent} ready ({time.perf_counter() - t0:.1f} s)")
-            else:
-                tokenizer = TextTokenizer.load(cfg.tokenizer)
+            elif tokenizer is None and not cfg.data:
+                raise ValueError("--data: no data given")  # pragma: no cover - pretokenised implies data
+            framing = tokenizer.framing(cfg.bos) if tokenizer is not None else None
+            if framing is not None:
+                log0(info, f"tokenizer {tokenizer.path}: {tokenizer.vocab_size} ids; documents framed as "
+                           f"{framing.describe()} (--bos {cfg.bos}"
+                           + (f", tokenizer_config.json add_bos_token {str(tokenizer.add_bos_token).lower()})"
+                              if cfg.bos == "auto" else ")"))
+                if info.is_main:
+                    tokenizer.export_dir = framed_tokenizer_dir(tokenizer, framing, cache)
             log = (lambda msg: log0(info, msg))
-            train = [load_source(s, tokenizer, cache, cfg.seq_len, "data", log) for s in train_specs]
+            progress = cfg.progress and info.is_main
+
+            def load(spec: SourceSpec, flag: str):
+                return load_source(spec, tokenizer, cache, cfg.seq_len, flag, log, framing, workers, progress)
+
+            train = [load(s, "data") for s in train_specs]
             if val_specs:
-                val = [load_source(s, tokenizer, cache, cfg.seq_len, "val-data", log) for s in val_specs]
+                val = [load(s, "val-data") for s in val_specs]
             elif default_val is not None:
-                val = [load_source(default_val, tokenizer, cache, cfg.seq_len, "data", log)]
+                val = [load(default_val, "data")]
             else:
-                if cfg.val_fraction == 0:
-                    raise ValueError("--val-fraction: 0 leaves no validation data; give --val-data or a fraction > 0")
-                pairs = []
-                for s in train:
-                    if s.num_windows < 2:
-                        raise ValueError(f"--data: {s.name} has one sequence; too short to hold out validation data "
-                                         "(give --val-data)")
-                    pairs.append(s.split(cfg.val_fraction))
-                train, val = [p[0] for p in pairs], [p[1] for p in pairs]
+                train, val = hold_out(cfg, train)
             result = (tokenizer, train, val, train_specs, val_specs)
         info.barrier()
+    if result[0] is not None and not info.is_main:
+        result[0].export_dir = framed_tokenizer_dir(result[0], result[0].framing(cfg.bos), cache, write=False)
     return result
+
+
+def hold_out(cfg: TrainConfig, train: list) -> tuple[list, list]:
+    """Split validation windows off the end of each training source: ``--val-tokens`` (shared in proportion to the
+    sources' sizes) or ``--val-fraction`` of each."""
+    if cfg.val_tokens is None and cfg.val_fraction == 0:
+        raise ValueError("--val-fraction: 0 leaves no validation data; give --val-data or a fraction > 0")
+    for s in train:
+        if s.num_windows < 2:
+            raise ValueError(f"--data: {s.name} has one sequence; too short to hold out validation data "
+                             "(give --val-data)")
+    if cfg.val_tokens is None:
+        pairs = [s.split(cfg.val_fraction) for s in train]
+    else:
+        want = math.ceil(cfg.val_tokens / cfg.seq_len)
+        total = sum(s.num_windows for s in train)
+        if want >= total:
+            raise ValueError(f"--val-tokens {cfg.val_tokens}: that is {want} sequences of {cfg.seq_len}, but the "
+                             f"training data holds only {total}; give fewer or a separate --val-data")
+        shares = [max(1, min(s.num_windows - 1, round(want * s.num_windows / total))) for s in train]
+        pairs = [s.split_count(n) for s, n in zip(train, shares)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+SMALL_VALIDATION = 65536  # tokens; below this the validation loss is noisy (a warning says so)
+
+
+def validation_set(cfg: TrainConfig, val: list, info: DistInfo) -> list[torch.Tensor]:
+    """The fixed validation batches (every sequence distinct), reported at start with a warning when small."""
+    from xmodel.training.data import eval_batches
+
+    windows = math.ceil(cfg.val_tokens / cfg.seq_len) if cfg.val_tokens else None
+    batches = eval_batches(val, cfg.eval_batches, cfg.batch_size, info.rank, info.world, windows)
+    rows = sum(b.shape[0] for b in batches) * info.world
+    available = sum(s.num_windows for s in val)
+    tokens = rows * cfg.seq_len
+    log0(info, f"validation {rows} sequences x {cfg.seq_len} = {tokens:,} tokens ({len(batches)} batches, each "
+               f"sequence once; {available} available in {', '.join(Path(s.name).name for s in val)})")
+    if tokens < SMALL_VALIDATION:
+        log0(info, f"warning: the validation set is small ({tokens:,} tokens < {SMALL_VALIDATION:,}); its loss is "
+                   "noisy. Give more with --val-tokens N, --val-fraction or --val-data"
+                   + ("" if cfg.val_tokens or available > rows else " (every available sequence is used)"))
+    return batches
 
 
 def fp8_convert(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, info: DistInfo) -> None:
@@ -125,6 +247,7 @@ def run_identity(cfg: TrainConfig, model_config, tokenizer, train_specs, val_spe
         "model": model_config.to_dict(),
         "seq_len": cfg.seq_len,
         "tokenizer": tokenizer.fingerprint if tokenizer is not None else None,
+        "framing": tokenizer.framing(cfg.bos).key() if tokenizer is not None else None,
         "data": [dataclasses.asdict(s) for s in train_specs],
         "val_data": [dataclasses.asdict(s) for s in val_specs],
         "seed": cfg.seed,
@@ -132,8 +255,13 @@ def run_identity(cfg: TrainConfig, model_config, tokenizer, train_specs, val_spe
 
 
 def check_compatible(saved: dict, current: dict, path: Path) -> None:
-    diffs = [k for k in current if json.dumps(saved.get(k), sort_keys=True, default=str)
-             != json.dumps(current[k], sort_keys=True, default=str)]
+    def same(k: str) -> bool:
+        if k == "framing" and k not in saved and (current[k] is None or current[k][0] is None):
+            return True  # checkpoints from before the framing was recorded trained on document + EOS
+        return json.dumps(saved.get(k), sort_keys=True, default=str) == json.dumps(current[k], sort_keys=True,
+                                                                                   default=str)
+
+    diffs = [k for k in current if not same(k)]
     if diffs:
         lines = []
         for k in diffs:
