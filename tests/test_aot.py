@@ -131,3 +131,21 @@ def test_specialisation_follows_triton_rules():
     assert sig == {"x": "*bf16", "y": "*fp8e4nv", "n": "i32", "one": "constexpr", "s": "fp32", "B": "constexpr"}
     assert consts == {"one": 1, "B": 128}
     assert attrs == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
+
+
+def test_occupancy_follows_the_sm90_calculator():
+    """Blocks per SM from registers (per-warp allocation in units of 256), shared memory (+1 KiB reserved per block),
+    warps (64 per SM) and the 32-block cap; hand-computed cases."""
+    from xkernels.aot import occupancy
+
+    full = occupancy(32, 0, 4)  # 32 regs x 32 lanes = 1024 per warp -> 64 warps: 16 blocks of 4, all 64 warps
+    assert (full.blocks, full.warps, full.fraction, full.limiter) == (16, 64, 1.0, "warps")
+    assert occupancy(128, 0, 4).blocks == 4 and occupancy(128, 0, 4).limiter == "registers"
+    assert occupancy(130, 0, 4).by_registers == 3  # 130 -> 136 per thread (granularity 8): 65536 // 4352 = 15 warps
+    assert occupancy(168, 0, 8).fraction == 0.125  # 168 * 32 = 5376 -> 12 warps -> one block of 8
+    assert occupancy(16, 0, 1).limiter == "blocks" and occupancy(16, 0, 1).blocks == 32
+    smem = occupancy(40, 100 * 1024, 4)  # (100 + 1) KiB per block: 2 fit in 228 KiB
+    assert (smem.blocks, smem.limiter) == (2, "shared")
+    assert occupancy(256, 0, 4).blocks == 0  # past 255 registers nothing launches
+    with pytest.raises(ValueError, match="num_warps"):
+        occupancy(32, 0, 0)

@@ -19,7 +19,10 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-__all__ = ["ARCHS", "KernelStats", "compile_kernel", "compile_signature", "ptx_facts", "ptxas_path", "ptxas_stats"]
+__all__ = [
+    "ARCHS", "SM_LIMITS", "KernelStats", "Occupancy", "compile_kernel", "compile_signature", "occupancy", "ptx_facts",
+    "ptxas_path", "ptxas_stats",
+]
 
 # The targets we check, by ``--gpu-name``: Hopper (H100/H200), Ada (L4/L40: FP8 without wgmma), Ampere (A100).
 ARCHS = {"sm_90a": 90, "sm_89": 89, "sm_80": 80}
@@ -42,6 +45,67 @@ class KernelStats:
     @property
     def spill_bytes(self) -> int:
         return self.spill_stores + self.spill_loads
+
+
+@dataclass(frozen=True)
+class SMLimits:
+    """Per-SM resources that bound how many blocks (programs) of a kernel are resident at once."""
+
+    registers: int = 65536  # 32-bit registers per SM
+    max_warps: int = 64
+    shared: int = 228 * 1024  # bytes of shared memory per SM (the carve-out's maximum)
+    max_blocks: int = 32
+    reg_granularity: int = 256  # registers are allocated per warp in units of 256 (8 per thread)
+    max_regs_per_thread: int = 255
+    reserved_shared: int = 1024  # the CUDA runtime reserves 1 KiB of shared memory per block (sm_80 and later)
+    shared_granularity: int = 128
+
+
+# CUDA occupancy-calculator values (CUDA C Programming Guide, "Compute capabilities" table).
+SM_LIMITS = {
+    90: SMLimits(),
+    89: SMLimits(max_warps=48, shared=100 * 1024, max_blocks=24),
+    80: SMLimits(shared=164 * 1024),
+}
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """Theoretical occupancy of one kernel variant: resident blocks per SM and what limits them."""
+
+    blocks: int  # resident blocks (programs) per SM: the minimum of the four limits below
+    warps: int  # resident warps per SM
+    fraction: float  # warps / max warps per SM
+    by_registers: int
+    by_shared: int
+    by_warps: int
+    by_blocks: int
+    limiter: str  # "registers", "shared", "warps" or "blocks" (the first that reaches the minimum)
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int, cc: int = 90) -> Occupancy:
+    """Blocks per SM from registers per thread, shared memory per block and warps per block (the CUDA occupancy
+    calculator's rules). Registers: a warp takes ``ceil(32 * registers / 256) * 256`` of the SM's 65536 and the
+    blocks that fit are ``floor(floor(65536 / per_warp) / num_warps)``; shared: each block takes its bytes plus
+    1 KiB the runtime reserves, rounded up to 128 B, out of 228 KiB; warps: 64 per SM; at most 32 blocks (sm_90).
+
+    >>> occupancy(128, 0, 4).blocks   # 128 regs x 32 lanes = 4096 per warp -> 16 warps -> 4 blocks of 4 warps
+    4
+    """
+    if num_warps < 1 or registers < 0 or shared_bytes < 0:
+        raise ValueError(f"need num_warps >= 1, registers >= 0, shared_bytes >= 0; got {num_warps}, {registers}, "
+                         f"{shared_bytes}")
+    lim = SM_LIMITS.get(cc, SM_LIMITS[90])
+    per_warp = -(-max(registers, 1) * 32 // lim.reg_granularity) * lim.reg_granularity
+    by_regs = (lim.registers // per_warp) // num_warps if registers <= lim.max_regs_per_thread else 0
+    smem = -(-(shared_bytes + lim.reserved_shared) // lim.shared_granularity) * lim.shared_granularity
+    by_smem = lim.shared // smem
+    by_warps = lim.max_warps // num_warps
+    limits = {"warps": by_warps, "blocks": lim.max_blocks, "registers": by_regs, "shared": by_smem}  # ties: the first
+    blocks = min(limits.values())
+    limiter = next(k for k, v in limits.items() if v == blocks)
+    return Occupancy(blocks, blocks * num_warps, blocks * num_warps / lim.max_warps, by_regs, by_smem, by_warps,
+                     lim.max_blocks, limiter)
 
 
 def ptxas_path(cc: int) -> str:
