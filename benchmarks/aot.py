@@ -45,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from xkernels.aot import ARCHS, compile_signature, ptx_facts
+from xkernels.aot import ARCHS, compile_signature, occupancy, ptx_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,8 @@ SCENARIOS = {
 
 
 def _fp8_gemm_variants(cc: int, spec: dict) -> list[dict]:
-    """On CUDA the FP8 GEMM launcher uses its autotuner (all configs) and, on sm_90 with descriptors, TMA."""
+    """On CUDA the FP8 GEMM launcher uses its autotuner (all configs) and, on sm_90 with descriptors, TMA (and a TMA
+    store of C where its rows are 16-byte aligned); both kernel structures (``gemm.STRUCTURES``) are compiled."""
     from xkernels.fp8 import gemm
 
     arg = lambda name, default: spec["args"].get(name, {}).get("value", default)  # noqa: E731
@@ -143,20 +144,29 @@ def _fp8_gemm_variants(cc: int, spec: dict) -> list[dict]:
     fast = bool(arg("FAST_ACCUM", False)) and mode != 2  # as gemm._launch: block scaling always promotes
     configs = gemm.gemm_configs(gemm._mode_name(mode, sb_rows), fast_accum=fast, cc=min(cc, 90)) or [None]
     tma = [False] + ([True] if cc >= 90 and gemm.tma_available() else [])
+    c_bytes = {"float32": 4}.get(spec["args"].get("c_ptr", {}).get("dtype"), 2)
+    c_aligned = int(arg("N", 0)) * c_bytes % 16 == 0
     out = []
     for cfg in configs:
-        for use_tma in tma:
-            v = json.loads(json.dumps(spec))
-            if "USE_TMA" in v["args"]:
-                v["args"]["USE_TMA"] = {"kind": "bool", "value": use_tma}
-            if "FAST_ACCUM" in v["args"]:
-                v["args"]["FAST_ACCUM"] = {"kind": "bool", "value": fast}
-            if cfg is not None:
-                for k in ("BM", "BN", "BK", "GROUP_M"):
-                    v["args"][k] = _encode(getattr(cfg, k))
-                v["num_warps"], v["num_stages"] = cfg.num_warps, cfg.num_stages
-            v["variant"] = ("tma" if use_tma else "ptr") + (f" cfg{configs.index(cfg)}" if cfg is not None else "")
-            out.append(v)
+        for structure in gemm.STRUCTURES:
+            for use_tma in tma:
+                flat = structure == "flat"
+                v = json.loads(json.dumps(spec))
+                if "USE_TMA" in v["args"]:
+                    v["args"]["USE_TMA"] = {"kind": "bool", "value": use_tma}
+                if "FAST_ACCUM" in v["args"]:
+                    v["args"]["FAST_ACCUM"] = {"kind": "bool", "value": fast}
+                if "FLAT" in v["args"]:
+                    v["args"]["FLAT"] = {"kind": "bool", "value": flat}
+                if "C_TMA" in v["args"]:
+                    v["args"]["C_TMA"] = {"kind": "bool", "value": flat and use_tma and c_aligned}
+                if cfg is not None:
+                    for k in ("BM", "BN", "BK", "GROUP_M"):
+                        v["args"][k] = _encode(getattr(cfg, k))
+                    v["num_warps"], v["num_stages"] = cfg.num_warps, cfg.num_stages
+                v["variant"] = ("tma" if use_tma else "ptr") + f" {structure}" + (
+                    f" cfg{configs.index(cfg)}" if cfg is not None else "")
+                out.append(v)
     return out
 
 
@@ -379,6 +389,8 @@ def compile_spec(spec: dict, arch: str) -> dict:
                               cc=ARCHS[arch])
     row.update(registers=stats.registers, spill_bytes=stats.spill_bytes, shared_bytes=stats.shared)
     row.update(ptx_facts(stats.ptx))
+    occ = occupancy(stats.registers, stats.shared, spec["num_warps"], ARCHS[arch])
+    row.update(occupancy_blocks=occ.blocks, occupancy=round(occ.fraction, 4), occupancy_limiter=occ.limiter)
     row["asks_ieee_div"] = _asks_ieee_division(kernel)
     row["compile_s"] = round(time.monotonic() - t0, 2)
     return row
@@ -454,6 +466,19 @@ def expand(specs: list[dict], cc: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------- reporting
+def _occ_cell(r: dict) -> str:
+    if "occupancy_blocks" not in r:
+        return "-"
+    return f"{r['occupancy_blocks']} ({r['occupancy'] * 100:.0f}%, {r['occupancy_limiter'][0]})"
+
+
+def _loop_cell(r: dict) -> str:
+    if not r.get("mma_loop_depth"):
+        return "-"
+    return (f"{r['mma_loop_depth']}/{r['tile_prologue_loads']}/{r['kstep_global_loads']}/"
+            f"{r['loads_before_stores'] if r['epilogue_in_loop'] else '-'}/{r['tma_stores']}")
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"# Ahead-of-time compile, {result['arch']} (triton {result['triton']}, torch {result['torch']})",
@@ -462,25 +487,32 @@ def markdown(result: dict) -> str:
         "variant the launchers make at the 1.3B model's shapes, every autotune config, compiled as a real launch "
         "specialises it. regs/spill from `ptxas -v` (spill = store + load bytes per thread); smem = shared memory "
         "per block; div rn/full = IEEE / approximate fp32 divides in the PTX; wgmma = async MMA instructions; "
-        "wait = `wgmma.wait_group` depths; sat = `cvt.rn.satfinite` conversions.",
+        "wait = `wgmma.wait_group` depths; sat = `cvt.rn.satfinite` conversions; occ = theoretical occupancy "
+        "(`xkernels.aot.occupancy`: resident blocks/SM and warps/64, with the limiting resource: r registers, "
+        "s shared memory, w warps, b the block cap). Main loop (`xkernels.aot.loop_facts`, kernels with MMAs): "
+        "depth = loops around the MMAs (1 = flattened persistent loop, 2 = K loop nested in the tile loop), "
+        "pro = tile loads re-issued per tile outside the main loop (pipeline prologue), ld/k = `ld.global` per "
+        "K-step (scale loads), pre-st = tile loads in flight before the epilogue's stores (epilogue inside the "
+        "loop), tma-st = TMA stores.",
         "",
         f"**{'PASS' if not result['failures'] else 'FAIL'}**: {len(result['rows'])} variants, "
         f"{len(result['failures'])} with problems.",
         "",
-        "| kernel | config | warps/stages | regs | spill B | smem B | div rn/full | wgmma | wait | sat | problems |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | config | warps/stages | regs | spill B | smem B | occ | div rn/full | wgmma | wait | sat | "
+        "main loop depth/pro/ld-k/pre-st/tma-st | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if r.get("error"):
-            lines.append(f"| {r['kernel']} | {r['config']} | {r['num_warps']}/{r['num_stages']} | | | | | | | | "
+            lines.append(f"| {r['kernel']} | {r['config']} | {r['num_warps']}/{r['num_stages']} | | | | | | | | | | "
                          f"**compile error** |")
             continue
         probs = "; ".join(problems(r, result["arch"]))
         lines.append(
             f"| {r['kernel']} | {r['config']} | {r['num_warps']}/{r['num_stages']} | {r['registers']} | "
-            f"{r['spill_bytes']} | {r['shared_bytes']} | {r['div_rn']}/{r['div_full'] + r['div_approx']} | "
+            f"{r['spill_bytes']} | {r['shared_bytes']} | {_occ_cell(r)} | {r['div_rn']}/{r['div_full'] + r['div_approx']} | "
             f"{r['wgmma']} | {','.join(map(str, r['wait_group_depths'])) or '-'} | {r['cvt_satfinite']} | "
-            f"{'**' + probs + '**' if probs else ''} |"
+            f"{_loop_cell(r)} | {'**' + probs + '**' if probs else ''} |"
         )
     if result.get("capture_errors"):
         lines += ["", "Scenarios that failed to capture:", ""]

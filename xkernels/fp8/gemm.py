@@ -31,6 +31,7 @@ shapes are autotuned on CUDA (configs below); the interpreter uses one fixed sma
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -387,14 +388,32 @@ def _tma_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
 # python -m benchmarks.gpu_session). Chosen per call by ``_run(structure=...)`` or for the process by
 # XKERNELS_FP8_GEMM_STRUCTURE=nested.
 STRUCTURES = ("flat", "nested")
+_structure_override: str | None = None
 
 
 def default_structure() -> str:
-    """``XKERNELS_FP8_GEMM_STRUCTURE`` (``flat`` or ``nested``; ``flat`` when unset)."""
+    """The structure a launch uses when none is passed: :func:`kernel_structure`'s, else
+    ``XKERNELS_FP8_GEMM_STRUCTURE`` (``flat`` or ``nested``; ``flat`` when unset)."""
+    if _structure_override is not None:
+        return _structure_override
     value = os.environ.get("XKERNELS_FP8_GEMM_STRUCTURE", "flat")
     if value not in STRUCTURES:
         raise ValueError(f"XKERNELS_FP8_GEMM_STRUCTURE must be one of {STRUCTURES}, got {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def kernel_structure(structure: str):
+    """Run the Triton GEMMs inside the block with kernel ``structure`` (``"flat"`` or ``"nested"``): the A/B switch
+    of the benchmarks (eager code; a torch.compile graph does not see it)."""
+    global _structure_override
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    previous, _structure_override = _structure_override, structure
+    try:
+        yield
+    finally:
+        _structure_override = previous
 
 
 def _launch(*args, **kwargs) -> torch.Tensor:
