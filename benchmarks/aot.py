@@ -10,7 +10,14 @@ non-zero on
 * an approximate division (``div.full.f32`` / ``div.approx.f32``) in a kernel whose source asks for IEEE division
   (``tl.div_rn`` or ``tl.fdiv(..., ieee_rounding=True)``) without any ``div.rn.f32`` in its PTX -- e.g. Triton 3.6
   ignores ``ieee_rounding=True``,
-* a compile error on an architecture the kernel supports.
+* a compile error on an architecture the kernel supports,
+* a structural regression named in :data:`STRUCTURE_RULES` (the flattened FP8 GEMM: per-tile pipeline prologue,
+  epilogue without in-flight loads / TMA store, per-K-step scale reloads), read from the PTX by
+  :func:`xkernels.aot.loop_facts`.
+
+Every row also reports the theoretical occupancy (:func:`xkernels.aot.occupancy`) and, for MMA kernels, the main
+loop's facts (loop depth, per-tile prologue loads, ``ld.global`` per K-step, loads in flight before the epilogue's
+stores, TMA stores).
 
 How the variants are found (so the table follows the launchers when their configs change):
 
@@ -412,10 +419,42 @@ def _short_error(err: Exception) -> str:
     return f"{type(err).__name__}: {text[:400]}"
 
 
+def _consts(row: dict) -> dict:
+    """The ``NAME=value`` constexprs of a row's config label."""
+    return dict(re.findall(r"\b([A-Z_][A-Z0-9_]*)=(\S+)", row.get("config", "")))
+
+
+def _fp8_gemm_structure(row: dict) -> list[str]:
+    """What the flattened FP8 GEMM (FLAT=1) must keep on Hopper (wgmma), read from its PTX (``loop_facts``): one
+    loop around the MMAs with no per-tile pipeline prologue; with a TMA store (C_TMA=1) the stores inside that loop
+    after tile loads that are then in flight; with 128x128 weight scales one scalar weight-scale load per K-step
+    next to the activation-scale words a thread needs (BM / (8 * warps))."""
+    c = _consts(row)
+    if c.get("FLAT") != "1" or not row.get("wgmma"):
+        return []
+    out = []
+    if row["mma_loop_depth"] != 1 or row["tile_prologue_loads"]:
+        out.append(f"tile loop not flattened (depth {row['mma_loop_depth']}, "
+                   f"{row['tile_prologue_loads']} prologue loads per tile)")
+    if c.get("C_TMA") == "1" and not (row["tma_stores"] and row["loads_before_stores"]):
+        out.append("epilogue not overlapped (no TMA store after in-flight tile loads in the main loop)")
+    if c.get("SCALE_MODE") == "2" and c.get("SB_ROWS") == "128":
+        limit = 1 + int(c["BM"]) // (8 * row["num_warps"])
+        if row["kstep_global_loads"] > limit:
+            out.append(f"{row['kstep_global_loads']} scale loads per K-step (> {limit})")
+    return out
+
+
+# kernel name -> function(row) -> structural problems (facts from xkernels.aot.loop_facts)
+STRUCTURE_RULES = {"_fp8_gemm_kernel": _fp8_gemm_structure}
+
+
 def problems(row: dict, arch: str) -> list[str]:
     out = []
     if row.get("error"):
         return [f"compile error: {row['error']}"]
+    if row["kernel"] in STRUCTURE_RULES and "mma_loop_depth" in row:
+        out += STRUCTURE_RULES[row["kernel"]](row)
     if row["spill_bytes"] > 0:
         out.append(f"spills {row['spill_bytes']} B")
     if row["shared_bytes"] > SHARED_LIMIT[arch]:

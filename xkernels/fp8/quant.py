@@ -122,10 +122,12 @@ def mn_major(s: torch.Tensor) -> torch.Tensor:
 
     1x128 scales are written this way (as DeepGEMM and torchao keep them): the GEMM reads, per K-step, the scales
     of BM consecutive rows of one K block -- contiguous words instead of a ``4 * Kb``-byte-stride gather."""
-    return s.t().contiguous().t()
+    return _empty_mn_major(*s.shape, s.device).copy_(s)
 
 
 def _empty_mn_major(rows: int, cols: int, device) -> torch.Tensor:
+    """``(rows, cols)`` fp32 with strides ``(1, rows)`` (also when ``cols == 1``, where ``.contiguous()`` keeps
+    whichever strides it finds)."""
     return torch.empty(cols, rows, device=device, dtype=torch.float32).t()
 
 
