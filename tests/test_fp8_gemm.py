@@ -56,7 +56,7 @@ def test_out_dtypes_and_bias(device, out_dtype, ga, gb):
     assert out.dtype == out_dtype
     ref = _dequantised_product(a, b, sa, sb, bias)
     # Error of the final rounding to out_dtype dominates for half types (bf16: 8 bits, fp16: 11 bits).
-    tol = {torch.float32: 1e-3, torch.bfloat16: 5e-3, torch.float16: 1e-3}[out_dtype]
+    tol = {torch.float32: 1e-3, torch.bfloat16: 2e-3, torch.float16: 1e-3}[out_dtype]  # bf16 RNE: ~1.1e-3
     assert _rel_err(out, ref) < tol
 
 
@@ -96,7 +96,7 @@ def test_persistent_grid_and_tma_descriptors(use_tma, structure, ga, gb, out_dty
     cfg = GemmConfig(BM=32, BN=32, GROUP_M=3)
     out = _launch(a, b, sa, sb, out_dtype, bias, *mode, config=cfg, num_programs=5, use_tma=use_tma,
                   structure=structure)
-    tol = 1e-3 if out_dtype == torch.float32 else 1e-2
+    tol = 1e-3 if out_dtype == torch.float32 else 2e-3  # bf16 round-to-nearest-even (interpreter as GPU)
     assert out.dtype == out_dtype and _rel_err(out.float(), _dequantised_product(a, b, sa, sb, bias)) < tol
     with pytest.raises(ValueError, match="structure must be one of"):
         _launch(a, b, sa, sb, out_dtype, bias, *mode, config=cfg, structure="flattened")

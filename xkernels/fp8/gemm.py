@@ -27,6 +27,18 @@ GPU specifics: one persistent kernel walks output tiles in grouped order (GROUP_
 On Hopper the grid is one program per SM and A/B tiles are fetched with TMA tensor descriptors when the installed
 Triton has ``tl.make_tensor_descriptor``; elsewhere the grid is one program per tile with pointer loads. Tile
 shapes are autotuned on CUDA (configs below); the interpreter uses one fixed small config.
+
+Kernel structure (``STRUCTURES``): ``"flat"`` (default) runs the tile loop as ``tl.range(..., flatten=True)``, one
+software-pipelined loop over (tile, K-step) pairs: the TMA loads of the next tile's first K-steps are issued before
+this tile's epilogue, which stores C through a TMA descriptor in two (BM, BN/2) halves (where C's rows are 16-byte
+aligned); a 128x128 weight scale is loaded once per (tile, K block) as a scalar, and the quantiser writes 1x128
+scales M-major so the activation-scale words of a K-step are contiguous. ``"nested"`` is the first version (a
+K loop nested in the tile loop: the pipeline prologue re-issued and drained per tile, pointer stores, per-column
+weight scales). Pick it with ``XKERNELS_FP8_GEMM_STRUCTURE=nested`` or ``with kernel_structure("nested"):``
+(benchmarks/bench_fp8.py ``*-nested`` impls and the ``fp8ab`` phase of ``python -m benchmarks.gpu_session`` time
+both). What each structure compiles to on sm_90a (loop depth, per-tile prologue loads, scale loads per K-step,
+TMA stores, registers, occupancy) is in ``benchmarks/results/aot-sm_90a.md``; the AOT gate fails if the flat
+kernel loses any of it.
 """
 
 from __future__ import annotations
