@@ -42,7 +42,7 @@ def test_dry_run_runs_every_phase_and_writes_its_files(tmp_path):
     assert runs["fp32"]["status"] == "ok" and runs["fp32"]["tokens_per_s"] > 0
     assert runs["fp8"]["status"] == "ok"
     ab = session["fp8ab"]["cases"]  # both kernel structures ran (interpreted) on each scale pairing and agree
-    assert len(ab) == 4 and all(c["max_abs_diff"] < 1e-2 for c in ab), ab
+    assert len(ab) == 2 and all(c["max_abs_diff"] < 1e-2 for c in ab), ab
     md = (out / "session.md").read_text()
     assert "DRY RUN" in md and "| train | ok |" in md and "tokens/s" in md and "| fp8ab | ok |" in md
 
