@@ -116,7 +116,9 @@ def _fp8(torch, xk):
             cast_transpose(x, fmt, gran, pad_to=16, return_amax=True)
     for name in ("delayed", "current", "row", "block"):
         layer = FP8Linear(HIDDEN, FFN, bias=False, recipe=FP8Recipe.from_name(name)).to(torch.bfloat16)
-        inp = torch.randn(ROWS * 2, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
+        # 256 tokens: the weight-gradient GEMM contracts over tokens, and with one 128-token block its 1x128 x 1x128
+        # scales would have the row pairing's shapes (and launch as it): two blocks make it the block pairing.
+        inp = torch.randn(ROWS * 4, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
         layer(inp).float().sum().backward()
     a, sa = quantize(x, torch.float8_e4m3fn, "row")
     b, sb = quantize(torch.randn(FFN, HIDDEN, dtype=torch.bfloat16), torch.float8_e4m3fn, "row")
