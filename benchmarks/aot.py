@@ -75,6 +75,26 @@ def _rmsnorm(torch, xk):
         for scale in (None, 1.4 / 48**0.5):  # the model folds the residual-branch multiplier into the add
             y, s = xk.add_rms_norm(x, r, w, scale=scale)
             (y.sum() + s.sum()).backward()
+        # issue 19 options: Gemma (offset + fp32-inside "gemma" casting), "none" casting, weight-free
+        xk.rms_norm(x, w, offset=1.0, casting_mode="gemma").sum().backward()
+        xk.rms_norm(x, w, offset=1.0, casting_mode="none").sum().backward()
+        xk.rms_norm(x, None).sum().backward()
+    # issue 21 item 4: the selectable launch structures (warp-per-row forward, one-program-per-SM backward)
+    import importlib
+
+    rn = importlib.import_module("xkernels.rmsnorm")
+    saved = rn.FWD_LAYOUT, rn.BWD_SCHEDULE
+    rn.FWD_LAYOUT, rn.BWD_SCHEDULE = "warp_per_row", "per_sm"
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(ROWS, HIDDEN, dtype=dtype, requires_grad=True)
+            r = torch.randn(ROWS, HIDDEN, dtype=dtype, requires_grad=True)
+            w = torch.ones(HIDDEN, dtype=dtype, requires_grad=True)
+            xk.rms_norm(x, w).sum().backward()
+            y, s = xk.add_rms_norm(x, r, w, scale=1.4 / 48**0.5)
+            (y.sum() + s.sum()).backward()
+    finally:
+        rn.FWD_LAYOUT, rn.BWD_SCHEDULE = saved
 
 
 def _rotary(torch, xk):
@@ -94,6 +114,17 @@ def _swiglu(torch, xk):
     xk.swiglu(g, u).float().sum().backward()
     x = torch.randn(ROWS, 2 * FFN, dtype=torch.bfloat16, requires_grad=True)
     xk.swiglu_fused(x).float().sum().backward()
+    xk.geglu(g, u).float().sum().backward()
+    xk.geglu_fused(x).float().sum().backward()
+
+
+def _layernorm(torch, xk):
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(ROWS, HIDDEN, dtype=dtype, requires_grad=True)
+        w = torch.ones(HIDDEN, dtype=dtype, requires_grad=True)
+        b = torch.zeros(HIDDEN, dtype=dtype, requires_grad=True)
+        xk.layer_norm(x, w, b).sum().backward()
+        xk.layer_norm(x, None, None).sum().backward()
 
 
 def _cross_entropy(torch, xk):
@@ -137,6 +168,7 @@ SCENARIOS = {
     "rmsnorm": _rmsnorm,
     "rotary": _rotary,
     "swiglu": _swiglu,
+    "layernorm": _layernorm,
     "cross_entropy": _cross_entropy,
     "fp8": _fp8,
     "newton_schulz": _newton_schulz,
