@@ -20,8 +20,8 @@ import tempfile
 from dataclasses import dataclass
 
 __all__ = [
-    "ARCHS", "SM_LIMITS", "KernelStats", "Occupancy", "compile_kernel", "compile_signature", "loop_facts", "occupancy", "ptx_facts",
-    "ptxas_path", "ptxas_stats",
+    "ARCHS", "SM_LIMITS", "KernelStats", "Occupancy", "compile_kernel", "compile_signature", "loop_facts", "occupancy",
+    "ptx_facts", "ptxas_path", "ptxas_stats",
 ]
 
 # The targets we check, by ``--gpu-name``: Hopper (H100/H200), Ada (L4/L40: FP8 without wgmma), Ampere (A100).

@@ -478,7 +478,8 @@ def _run(
         tiles = cdiv(m, cfg.BM) * cdiv(n, cfg.BN)
         grid = (min(num_programs or tiles, tiles),)
         _fp8_gemm_kernel[grid](
-            *args, **flags, USE_TMA=use_tma, C_TMA=c_tma and use_tma, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+            *args, **flags, USE_TMA=use_tma, C_TMA=c_tma and use_tma, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+            GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return c
