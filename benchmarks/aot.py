@@ -154,6 +154,10 @@ def _fp8(torch, xk):
     a, sa = quantize(x, torch.float8_e4m3fn, "row")
     b, sb = quantize(torch.randn(FFN, HIDDEN, dtype=torch.bfloat16), torch.float8_e4m3fn, "row")
     fp8_gemm(a, b, sa, sb, bias=torch.zeros(FFN), out_dtype=torch.bfloat16)
+    # fp32 output (a weight gradient for fp32 master weights): the flat kernel's TMA-store staging is twice as big
+    a, sa = quantize(torch.randn(FFN, ROWS * 4, dtype=torch.bfloat16), torch.float8_e5m2, "block_1x128")
+    b, sb = quantize(torch.randn(HIDDEN, ROWS * 4, dtype=torch.bfloat16), torch.float8_e4m3fn, "block_1x128")
+    fp8_gemm(a, b, sa, sb, out_dtype=torch.float32)
 
 
 def _newton_schulz(torch, xk):
