@@ -502,17 +502,31 @@ def problems(row: dict, arch: str) -> list[str]:
     return out
 
 
+def _constexpr_names(spec: dict) -> set:
+    """The kernel's ``tl.constexpr`` parameters (their integer values are compiled in, not specialised by class)."""
+    try:
+        kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+        while not hasattr(kernel, "params") and hasattr(kernel, "fn"):  # autotuner / heuristics wrappers
+            kernel = kernel.fn
+        return {p.name for p in kernel.params if p.is_constexpr}
+    except (ImportError, AttributeError):
+        return set()
+
+
 def _variant_key(spec: dict) -> str:
-    """Two launches compile the same code when they differ only in integer values Triton does not specialise on."""
-    def norm(arg):
-        if arg["kind"] == "int":
+    """Two launches compile the same code when they differ only in integer values Triton does not specialise on
+    (a constexpr integer, e.g. NUM_STAGES=2 vs 3, is compiled in: kept as is)."""
+    constexprs = _constexpr_names(spec)
+
+    def norm(arg, name=None):
+        if arg["kind"] == "int" and name not in constexprs:
             v = arg["value"]
             return {"kind": "int", "class": "1" if v == 1 else ("d16" if v % 16 == 0 else "n"),
                     "wide": not -(2**31) <= v < 2**31}
         return arg
 
     body = {k: v for k, v in spec.items() if k not in ("scenario", "args")}
-    body["args"] = {k: norm(v) for k, v in spec["args"].items()}
+    body["args"] = {k: norm(v, k) for k, v in spec["args"].items()}
     return json.dumps(body, sort_keys=True)
 
 
