@@ -10,7 +10,14 @@ non-zero on
 * an approximate division (``div.full.f32`` / ``div.approx.f32``) in a kernel whose source asks for IEEE division
   (``tl.div_rn`` or ``tl.fdiv(..., ieee_rounding=True)``) without any ``div.rn.f32`` in its PTX -- e.g. Triton 3.6
   ignores ``ieee_rounding=True``,
-* a compile error on an architecture the kernel supports.
+* a compile error on an architecture the kernel supports,
+* a structural regression named in :data:`STRUCTURE_RULES` (the flattened FP8 GEMM: per-tile pipeline prologue,
+  epilogue without in-flight loads / TMA store, per-K-step scale reloads), read from the PTX by
+  :func:`xkernels.aot.loop_facts`.
+
+Every row also reports the theoretical occupancy (:func:`xkernels.aot.occupancy`) and, for MMA kernels, the main
+loop's facts (loop depth, per-tile prologue loads, ``ld.global`` per K-step, loads in flight before the epilogue's
+stores, TMA stores).
 
 How the variants are found (so the table follows the launchers when their configs change):
 
@@ -45,7 +52,7 @@ import sys
 import time
 from pathlib import Path
 
-from xkernels.aot import ARCHS, compile_signature, ptx_facts
+from xkernels.aot import ARCHS, compile_signature, occupancy, ptx_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,11 +156,17 @@ def _fp8(torch, xk):
             cast_transpose(x, fmt, gran, pad_to=16, return_amax=True)
     for name in ("delayed", "current", "row", "block"):
         layer = FP8Linear(HIDDEN, FFN, bias=False, recipe=FP8Recipe.from_name(name)).to(torch.bfloat16)
-        inp = torch.randn(ROWS * 2, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
+        # 256 tokens: the weight-gradient GEMM contracts over tokens, and with one 128-token block its 1x128 x 1x128
+        # scales would have the row pairing's shapes (and launch as it): two blocks make it the block pairing.
+        inp = torch.randn(ROWS * 4, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
         layer(inp).float().sum().backward()
     a, sa = quantize(x, torch.float8_e4m3fn, "row")
     b, sb = quantize(torch.randn(FFN, HIDDEN, dtype=torch.bfloat16), torch.float8_e4m3fn, "row")
     fp8_gemm(a, b, sa, sb, bias=torch.zeros(FFN), out_dtype=torch.bfloat16)
+    # fp32 output (a weight gradient for fp32 master weights): the flat kernel's TMA-store staging is twice as big
+    a, sa = quantize(torch.randn(FFN, ROWS * 4, dtype=torch.bfloat16), torch.float8_e5m2, "block_1x128")
+    b, sb = quantize(torch.randn(HIDDEN, ROWS * 4, dtype=torch.bfloat16), torch.float8_e4m3fn, "block_1x128")
+    fp8_gemm(a, b, sa, sb, out_dtype=torch.float32)
 
 
 def _newton_schulz(torch, xk):
@@ -176,7 +189,8 @@ SCENARIOS = {
 
 
 def _fp8_gemm_variants(cc: int, spec: dict) -> list[dict]:
-    """On CUDA the FP8 GEMM launcher uses its autotuner (all configs) and, on sm_90 with descriptors, TMA."""
+    """On CUDA the FP8 GEMM launcher uses its autotuner (all configs) and, on sm_90 with descriptors, TMA (and a TMA
+    store of C where its rows are 16-byte aligned); both kernel structures (``gemm.STRUCTURES``) are compiled."""
     from xkernels.fp8 import gemm
 
     arg = lambda name, default: spec["args"].get(name, {}).get("value", default)  # noqa: E731
@@ -184,20 +198,29 @@ def _fp8_gemm_variants(cc: int, spec: dict) -> list[dict]:
     fast = bool(arg("FAST_ACCUM", False)) and mode != 2  # as gemm._launch: block scaling always promotes
     configs = gemm.gemm_configs(gemm._mode_name(mode, sb_rows), fast_accum=fast, cc=min(cc, 90)) or [None]
     tma = [False] + ([True] if cc >= 90 and gemm.tma_available() else [])
+    c_bytes = {"float32": 4}.get(spec["args"].get("c_ptr", {}).get("dtype"), 2)
+    c_aligned = int(arg("N", 0)) * c_bytes % 16 == 0
     out = []
     for cfg in configs:
-        for use_tma in tma:
-            v = json.loads(json.dumps(spec))
-            if "USE_TMA" in v["args"]:
-                v["args"]["USE_TMA"] = {"kind": "bool", "value": use_tma}
-            if "FAST_ACCUM" in v["args"]:
-                v["args"]["FAST_ACCUM"] = {"kind": "bool", "value": fast}
-            if cfg is not None:
-                for k in ("BM", "BN", "BK", "GROUP_M"):
-                    v["args"][k] = _encode(getattr(cfg, k))
-                v["num_warps"], v["num_stages"] = cfg.num_warps, cfg.num_stages
-            v["variant"] = ("tma" if use_tma else "ptr") + (f" cfg{configs.index(cfg)}" if cfg is not None else "")
-            out.append(v)
+        for structure in gemm.STRUCTURES:
+            for use_tma in tma:
+                flat = structure == "flat"
+                v = json.loads(json.dumps(spec))
+                if "USE_TMA" in v["args"]:
+                    v["args"]["USE_TMA"] = {"kind": "bool", "value": use_tma}
+                if "FAST_ACCUM" in v["args"]:
+                    v["args"]["FAST_ACCUM"] = {"kind": "bool", "value": fast}
+                if "FLAT" in v["args"]:
+                    v["args"]["FLAT"] = {"kind": "bool", "value": flat}
+                if "C_TMA" in v["args"]:
+                    v["args"]["C_TMA"] = {"kind": "bool", "value": flat and use_tma and c_aligned}
+                if cfg is not None:
+                    for k in ("BM", "BN", "BK", "GROUP_M"):
+                        v["args"][k] = _encode(getattr(cfg, k))
+                    v["num_warps"], v["num_stages"] = cfg.num_warps, cfg.num_stages
+                v["variant"] = ("tma" if use_tma else "ptr") + f" {structure}" + (
+                    f" cfg{configs.index(cfg)}" if cfg is not None else "")
+                out.append(v)
     return out
 
 
@@ -420,6 +443,8 @@ def compile_spec(spec: dict, arch: str) -> dict:
                               cc=ARCHS[arch])
     row.update(registers=stats.registers, spill_bytes=stats.spill_bytes, shared_bytes=stats.shared)
     row.update(ptx_facts(stats.ptx))
+    occ = occupancy(stats.registers, stats.shared, spec["num_warps"], ARCHS[arch])
+    row.update(occupancy_blocks=occ.blocks, occupancy=round(occ.fraction, 4), occupancy_limiter=occ.limiter)
     row["asks_ieee_div"] = _asks_ieee_division(kernel)
     row["compile_s"] = round(time.monotonic() - t0, 2)
     return row
@@ -441,10 +466,42 @@ def _short_error(err: Exception) -> str:
     return f"{type(err).__name__}: {text[:400]}"
 
 
+def _consts(row: dict) -> dict:
+    """The ``NAME=value`` constexprs of a row's config label."""
+    return dict(re.findall(r"\b([A-Z_][A-Z0-9_]*)=(\S+)", row.get("config", "")))
+
+
+def _fp8_gemm_structure(row: dict) -> list[str]:
+    """What the flattened FP8 GEMM (FLAT=1) must keep on Hopper (wgmma), read from its PTX (``loop_facts``): one
+    loop around the MMAs with no per-tile pipeline prologue; with a TMA store (C_TMA=1) the stores inside that loop
+    after tile loads that are then in flight; with 128x128 weight scales one scalar weight-scale load per K-step
+    next to the activation-scale words a thread needs (BM / (8 * warps))."""
+    c = _consts(row)
+    if c.get("FLAT") != "1" or not row.get("wgmma"):
+        return []
+    out = []
+    if row["mma_loop_depth"] != 1 or row["tile_prologue_loads"]:
+        out.append(f"tile loop not flattened (depth {row['mma_loop_depth']}, "
+                   f"{row['tile_prologue_loads']} prologue loads per tile)")
+    if c.get("C_TMA") == "1" and not (row["tma_stores"] and row["loads_before_stores"]):
+        out.append("epilogue not overlapped (no TMA store after in-flight tile loads in the main loop)")
+    if c.get("SCALE_MODE") == "2" and c.get("SB_ROWS") == "128":
+        limit = 1 + int(c["BM"]) // (8 * row["num_warps"])
+        if row["kstep_global_loads"] > limit:
+            out.append(f"{row['kstep_global_loads']} scale loads per K-step (> {limit})")
+    return out
+
+
+# kernel name -> function(row) -> structural problems (facts from xkernels.aot.loop_facts)
+STRUCTURE_RULES = {"_fp8_gemm_kernel": _fp8_gemm_structure}
+
+
 def problems(row: dict, arch: str) -> list[str]:
     out = []
     if row.get("error"):
         return [f"compile error: {row['error']}"]
+    if row["kernel"] in STRUCTURE_RULES and "mma_loop_depth" in row:
+        out += STRUCTURE_RULES[row["kernel"]](row)
     if row["spill_bytes"] > 0:
         out.append(f"spills {row['spill_bytes']} B")
     if row["shared_bytes"] > SHARED_LIMIT[arch]:
@@ -509,6 +566,19 @@ def expand(specs: list[dict], cc: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------- reporting
+def _occ_cell(r: dict) -> str:
+    if "occupancy_blocks" not in r:
+        return "-"
+    return f"{r['occupancy_blocks']} ({r['occupancy'] * 100:.0f}%, {r['occupancy_limiter'][0]})"
+
+
+def _loop_cell(r: dict) -> str:
+    if not r.get("mma_loop_depth"):
+        return "-"
+    return (f"{r['mma_loop_depth']}/{r['tile_prologue_loads']}/{r['kstep_global_loads']}/"
+            f"{r['loads_before_stores'] if r['epilogue_in_loop'] else '-'}/{r['tma_stores']}")
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"# Ahead-of-time compile, {result['arch']} (triton {result['triton']}, torch {result['torch']})",
@@ -517,25 +587,32 @@ def markdown(result: dict) -> str:
         "variant the launchers make at the 1.3B model's shapes, every autotune config, compiled as a real launch "
         "specialises it. regs/spill from `ptxas -v` (spill = store + load bytes per thread); smem = shared memory "
         "per block; div rn/full = IEEE / approximate fp32 divides in the PTX; wgmma = async MMA instructions; "
-        "wait = `wgmma.wait_group` depths; sat = `cvt.rn.satfinite` conversions.",
+        "wait = `wgmma.wait_group` depths; sat = `cvt.rn.satfinite` conversions; occ = theoretical occupancy "
+        "(`xkernels.aot.occupancy`: resident blocks/SM and warps/64, with the limiting resource: r registers, "
+        "s shared memory, w warps, b the block cap). Main loop (`xkernels.aot.loop_facts`, kernels with MMAs): "
+        "depth = loops around the MMAs (1 = flattened persistent loop, 2 = K loop nested in the tile loop), "
+        "pro = tile loads re-issued per tile outside the main loop (pipeline prologue), ld/k = `ld.global` per "
+        "K-step (scale loads), pre-st = tile loads in flight before the epilogue's stores (epilogue inside the "
+        "loop), tma-st = TMA stores.",
         "",
         f"**{'PASS' if not result['failures'] else 'FAIL'}**: {len(result['rows'])} variants, "
         f"{len(result['failures'])} with problems.",
         "",
-        "| kernel | config | warps/stages | regs | spill B | smem B | div rn/full | wgmma | wait | sat | problems |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | config | warps/stages | regs | spill B | smem B | occ | div rn/full | wgmma | wait | sat | "
+        "main loop depth/pro/ld-k/pre-st/tma-st | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if r.get("error"):
-            lines.append(f"| {r['kernel']} | {r['config']} | {r['num_warps']}/{r['num_stages']} | | | | | | | | "
+            lines.append(f"| {r['kernel']} | {r['config']} | {r['num_warps']}/{r['num_stages']} | | | | | | | | | | "
                          f"**compile error** |")
             continue
         probs = "; ".join(problems(r, result["arch"]))
         lines.append(
             f"| {r['kernel']} | {r['config']} | {r['num_warps']}/{r['num_stages']} | {r['registers']} | "
-            f"{r['spill_bytes']} | {r['shared_bytes']} | {r['div_rn']}/{r['div_full'] + r['div_approx']} | "
+            f"{r['spill_bytes']} | {r['shared_bytes']} | {_occ_cell(r)} | {r['div_rn']}/{r['div_full'] + r['div_approx']} | "
             f"{r['wgmma']} | {','.join(map(str, r['wait_group_depths'])) or '-'} | {r['cvt_satfinite']} | "
-            f"{'**' + probs + '**' if probs else ''} |"
+            f"{_loop_cell(r)} | {'**' + probs + '**' if probs else ''} |"
         )
     if result.get("capture_errors"):
         lines += ["", "Scenarios that failed to capture:", ""]

@@ -34,6 +34,7 @@ from benchmarks.common import (
     run,
 )
 from xkernels import fp8
+from xkernels.fp8 import gemm as fp8_gemm_module
 
 
 E4M3 = torch.float8_e4m3fn
@@ -81,7 +82,10 @@ def _scaled_mm_available() -> None:
         pytest.skip("torch._scaled_mm needs an FP8 GPU (compute capability >= 8.9)")
 
 
-GEMM_IMPLS = ["xkernels", "xkernels-row", "xkernels-block", "scaled_mm", "scaled_mm-row", "bf16"]
+# "-nested": the first version of our kernel (K loop nested in the tile loop, pointer-store epilogue, per-column
+# weight scales, row-major 1x128 activation scales) next to today's flattened one, for A/B runs on one GPU.
+GEMM_IMPLS = ["xkernels", "xkernels-row", "xkernels-block", "xkernels-nested", "xkernels-block-nested", "scaled_mm",
+              "scaled_mm-row", "bf16"]
 
 
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=_shape_id)
@@ -90,8 +94,9 @@ def test_fp8_gemm(benchmark, impl, shape):
     m, n, k = shape
     if impl.startswith("scaled_mm"):
         _scaled_mm_available()
+    structure = "nested" if impl.endswith("-nested") else "flat"
     gran_a, gran_b = {"row": ("row", "row"), "block": ("block_1x128", "block_128x128")}.get(
-        impl.partition("-")[2], ("tensor", "tensor")
+        impl.removesuffix("-nested").partition("-")[2], ("tensor", "tensor")
     )
 
     def make_inputs():
@@ -100,6 +105,8 @@ def test_fp8_gemm(benchmark, impl, shape):
             return (a_hi, b_hi), None
         a, sa = fp8.quantize_ref(a_hi, E4M3, gran_a)
         b, sb = fp8.quantize_ref(b_hi, E4M3, gran_b)
+        if structure == "nested":
+            sa = sa.contiguous()  # the first version's row-major 1x128 scales (now written M-major)
         if impl.startswith("scaled_mm"):
             sa = sa.reshape(()) if gran_a == "tensor" else sa.reshape(m, 1)
             sb = sb.reshape(()) if gran_b == "tensor" else sb.reshape(1, n)
@@ -110,7 +117,11 @@ def test_fp8_gemm(benchmark, impl, shape):
     elif impl.startswith("scaled_mm"):
         fn = lambda a, b, sa, sb: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=ACT)
     else:
-        fn = lambda a, b, sa, sb: fp8.fp8_gemm(a, b, sa, sb, out_dtype=ACT)
+
+        def fn(a, b, sa, sb):
+            with fp8_gemm_module.kernel_structure(structure):
+                return fp8.fp8_gemm(a, b, sa, sb, out_dtype=ACT)
+
     dtype = ACT if impl == "bf16" else E4M3
     run(
         benchmark,
@@ -124,7 +135,8 @@ def test_fp8_gemm(benchmark, impl, shape):
         dtype="bfloat16" if impl == "bf16" else "float8_e4m3fn->bfloat16",
         flops=2 * m * n * k,
         ceiling=ceilings.matmul_key(dtype),
-        extra={"scales": "none" if impl == "bf16" else f"{gran_a}/{gran_b}"},
+        extra={"scales": "none" if impl == "bf16" else f"{gran_a}/{gran_b}",
+               "structure": structure if impl.startswith("xkernels") else None},
     )
 
 

@@ -11,7 +11,10 @@ rest still run, and the whole plan stays within ``--budget-s`` (default 540 s = 
 3. ``parity`` -- the CUDA parity tests (``pytest tests -k cuda -x``: stops at the first failure; the log is kept).
 4. ``bench``  -- the kernel benchmarks against the peers at the model's shapes (:mod:`benchmarks.report`, parity
    tests skipped since phase 3 ran them).
-5. ``train``  -- a 1.3 B-shaped training step (Xmodel-2.5: 48 x 1536, vocab 129,280), bf16 then FP8
+5. ``fp8ab``  -- the FP8 GEMM's two kernel structures side by side (``nested``: the first version; ``flat``: the
+   flattened persistent loop with the TMA-store epilogue and scalar 128x128 weight scales) for every scale pairing
+   at the model's shapes: ms, TFLOP/s, speed-up and the largest output difference (``session.json`` ``fp8ab``).
+6. ``train``  -- a 1.3 B-shaped training step (Xmodel-2.5: 48 x 1536, vocab 129,280), bf16 then FP8
    (``convert_to_fp8``, delayed scaling): tokens/s and MFU (matmul FLOPs over the GPU's dense bf16 peak and over
    the measured bf16 matmul ceiling).
 
@@ -45,7 +48,12 @@ LOG_CAP = 400_000  # characters of each phase's output kept in session.log
 # (name, budget on a GPU, budget in a dry run) -- seconds.  Sum on a GPU: 530 s, under the 540 s default total.
 # A failed phase does not stop the later ones (benchmarks of a kernel whose parity failed are still worth having:
 # session.md shows both).  The AOT phase also fills Triton's compile cache for the later phases where the keys match.
-PHASES = [("setup", 25, 20), ("aot", 75, 45), ("parity", 120, 45), ("bench", 200, 60), ("train", 110, 45)]
+# fp8ab: the FP8 GEMM's two kernel structures (xkernels.fp8.gemm.STRUCTURES) timed side by side at the model's
+# shapes, so the first GPU run measures what the flattened loop / TMA-store epilogue / scalar block scales bought.
+# Its 45 s cover up to 24 autotuned launches (3 shapes x 4 pairings x 2 structures, ~4 configs each); cases are
+# written as they finish, most important first (the K = 1536 forward shape), so a cut-off run still reports.
+PHASES = [("setup", 25, 20), ("aot", 75, 45), ("parity", 120, 45), ("bench", 155, 50), ("fp8ab", 45, 30),
+          ("train", 110, 45)]
 # Dense bf16 tensor-core peaks (data sheets, SXM parts) for MFU; the measured matmul ceiling is reported as well.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
 
@@ -102,6 +110,7 @@ def plan(dry_run: bool, out: Path, work: Path, arch: str) -> list[tuple[str, lis
     parity = [py, "-m", "pytest", "tests", "-q", "-x", "-k", "cuda", "-p", "no:cacheprovider"]
     bench = [py, "-m", "benchmarks.report", "--out", str(work / "bench"), "--skip-tests", "--no-compile"]
     train = [py, "-m", "benchmarks.gpu_session", "--_train", str(work / "train.json")]
+    fp8ab = [py, "-m", "benchmarks.gpu_session", "--_fp8ab", str(work / "fp8ab.json")]
     interp = {}
     if dry_run:
         aot += ["--scenarios", "swiglu", "--kernels", "_swiglu_fwd"]
@@ -110,11 +119,13 @@ def plan(dry_run: bool, out: Path, work: Path, arch: str) -> list[tuple[str, lis
         interp = {"TRITON_INTERPRET": "1"}
         bench = [*bench, "--cpu-smoke", "--modules", "bench_rmsnorm"]
         train += ["--dry-run"]
+        fp8ab += ["--dry-run"]
     return [
         ("setup", setup, {}),
         ("aot", aot, {"TRITON_INTERPRET": "0"}),
         ("parity", parity, interp),
         ("bench", bench, {}),
+        ("fp8ab", fp8ab, interp),
         ("train", train, {"XKERNELS_BACKEND": "torch"} if dry_run else {}),
     ]
 
@@ -212,6 +223,64 @@ def _train_main(result_path: Path, dry_run: bool) -> int:
     return 0 if all(r["status"] == "ok" for r in results["runs"]) else 1
 
 
+# ---------------------------------------------------------------------------------------------- fp8ab phase
+def _fp8ab_main(result_path: Path, dry_run: bool) -> int:
+    """The ``fp8ab`` phase's child: each FP8 GEMM scale pairing at the model's shapes, ``nested`` (the first
+    version; 1x128 activation scales row-major, as it was fed) then ``flat`` (today's; M-major scales), timed with
+    CUDA events after the autotuner's first call. Writes JSON after every case (a timeout keeps what was done)."""
+    import torch
+
+    from xkernels.fp8 import fp8_gemm, gemm, quantize
+
+    on_cuda = torch.cuda.is_available() and not dry_run
+    device = "cuda" if on_cuda else "cpu"
+    # (M, N, K): gate+up and o projections forward (K = 1536: 12 K-steps per tile), the down projection's weight
+    # gradient (N x K = 1536 x 3840 over 16384 tokens); the dry run: one tiny shape through the interpreter.
+    shapes = [(16384, 7680, 1536), (16384, 1536, 1536), (1536, 3840, 16384)] if on_cuda else [(64, 64, 128)]
+    pairings = [("tensor", "tensor"), ("row", "row"), ("block_1x128", "block_128x128"), ("block_1x128", "block_1x128")]
+    if not on_cuda:
+        pairings = pairings[::2]  # the rehearsal: one epilogue-scaled and one block-scaled pairing
+    reps = 20 if on_cuda else 1
+    results = {"device": torch.cuda.get_device_name(0) if on_cuda else "cpu", "cases": []}
+    torch.manual_seed(0)
+    status = 0
+    for m, n, k in shapes:
+        a_hi = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        b_hi = torch.randn(n, k, device=device, dtype=torch.bfloat16) * k**-0.5
+        for ga, gb in pairings:
+            a, sa = quantize(a_hi, torch.float8_e4m3fn, ga)
+            b, sb = quantize(b_hi, torch.float8_e4m3fn, gb)
+            case = {"shape": f"{m}x{n}x{k}", "scales": f"{ga}/{gb}"}
+            outs = {}
+            for structure in ("nested", "flat"):
+                sa_s = sa.contiguous() if structure == "nested" else sa
+                try:
+                    with gemm.kernel_structure(structure):
+                        outs[structure] = fp8_gemm(a, b, sa_s, sb, out_dtype=torch.bfloat16, backend="triton")
+                        if on_cuda:
+                            torch.cuda.synchronize()
+                            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                            start.record()
+                            for _ in range(reps):
+                                fp8_gemm(a, b, sa_s, sb, out_dtype=torch.bfloat16, backend="triton")
+                            end.record()
+                            torch.cuda.synchronize()
+                            ms = start.elapsed_time(end) / reps
+                            case[f"{structure}_ms"] = round(ms, 4)
+                            case[f"{structure}_tflops"] = round(2 * m * n * k / ms / 1e9, 1)
+                except Exception as err:  # noqa: BLE001 -- recorded; the other structure still runs
+                    case[f"{structure}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                    status = 1
+            if len(outs) == 2:
+                case["max_abs_diff"] = float((outs["flat"].float() - outs["nested"].float()).abs().max())
+            if "flat_ms" in case and "nested_ms" in case:
+                case["speedup"] = round(case["nested_ms"] / case["flat_ms"], 3)
+            results["cases"].append(case)
+            print(f"[fp8ab] {json.dumps(case)}", flush=True)
+            result_path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    return status
+
+
 # ------------------------------------------------------------------------------------------------- markdown
 def markdown(session: dict) -> str:
     lines = [
@@ -241,6 +310,17 @@ def markdown(session: dict) -> str:
             meas = f"{r['pct_of_measured_matmul']:.1f}" if "pct_of_measured_matmul" in r else "—"
             lines.append(f"| {r['variant']} | ok | {r['step_s']:.4f} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} | "
                          f"{mfu} | {meas} |")
+    ab = session.get("fp8ab")
+    if ab and ab.get("cases"):
+        lines += ["", "## FP8 GEMM structures: nested (first version) vs flat (flattened loop, TMA-store epilogue)", "",
+                  "| M x N x K | scales | nested ms | flat ms | nested TFLOP/s | flat TFLOP/s | speed-up | max abs diff |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in ab["cases"]:
+            cells = [c.get(f"{s}_{f}", c.get(f"{s}_error", "—") if f == "ms" else "—")
+                     for f in ("ms", "tflops") for s in ("nested", "flat")]
+            cells = [cells[0], cells[2], cells[1], cells[3]]
+            lines.append(f"| {c['shape']} | {c['scales']} | " + " | ".join(str(x)[:60] for x in cells)
+                         + f" | {c.get('speedup', '—')} | {c.get('max_abs_diff', '—')} |")
     aot = session.get("aot")
     if aot:
         lines += ["", f"## AOT ({aot['arch']}): {aot['variants']} variants, {len(aot['failures'])} with problems", ""]
@@ -260,6 +340,11 @@ def _summary(name: str, rec: dict, work: Path, out: Path, arch: str, session: di
         return f"{len(data['rows'])} variants, {len(data['failures'])} with problems"
     if name in ("parity", "bench"):
         return _summary_line(text)[:200]
+    if name == "fp8ab" and (work / "fp8ab.json").exists():
+        session["fp8ab"] = json.loads((work / "fp8ab.json").read_text())
+        return "; ".join(f"{c['shape']} {c['scales']}: x{c['speedup']}" if "speedup" in c
+                         else f"{c['shape']} {c['scales']}: {'ok' if 'max_abs_diff' in c else 'failed'}"
+                         for c in session["fp8ab"]["cases"])[:200]
     if name == "train" and (work / "train.json").exists():
         session["train"] = json.loads((work / "train.json").read_text())
         return "; ".join(
@@ -274,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_train"]:
         return _train_main(Path(argv[1]), "--dry-run" in argv)
+    if argv[:1] == ["--_fp8ab"]:
+        return _fp8ab_main(Path(argv[1]), "--dry-run" in argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="directory for the session's files (flat)")

@@ -131,3 +131,88 @@ def test_specialisation_follows_triton_rules():
     assert sig == {"x": "*bf16", "y": "*fp8e4nv", "n": "i32", "one": "constexpr", "s": "fp32", "B": "constexpr"}
     assert consts == {"one": 1, "B": 128}
     assert attrs == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
+
+
+def test_occupancy_follows_the_sm90_calculator():
+    """Blocks per SM from registers (per-warp allocation in units of 256), shared memory (+1 KiB reserved per block),
+    warps (64 per SM) and the 32-block cap; hand-computed cases."""
+    from xkernels.aot import occupancy
+
+    full = occupancy(32, 0, 4)  # 32 regs x 32 lanes = 1024 per warp -> 64 warps: 16 blocks of 4, all 64 warps
+    assert (full.blocks, full.warps, full.fraction, full.limiter) == (16, 64, 1.0, "warps")
+    assert occupancy(128, 0, 4).blocks == 4 and occupancy(128, 0, 4).limiter == "registers"
+    assert occupancy(130, 0, 4).by_registers == 3  # 130 -> 136 per thread (granularity 8): 65536 // 4352 = 15 warps
+    assert occupancy(168, 0, 8).fraction == 0.125  # 168 * 32 = 5376 -> 12 warps -> one block of 8
+    assert occupancy(16, 0, 1).limiter == "blocks" and occupancy(16, 0, 1).blocks == 32
+    smem = occupancy(40, 100 * 1024, 4)  # (100 + 1) KiB per block: 2 fit in 228 KiB
+    assert (smem.blocks, smem.limiter) == (2, "shared")
+    assert occupancy(256, 0, 4).blocks == 0  # past 255 registers nothing launches
+    with pytest.raises(ValueError, match="num_warps"):
+        occupancy(32, 0, 0)
+
+
+_NESTED_PTX = """
+$L__BB0_1:
+\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2, %r3}], [%r4];
+\t@%p1 bra $L__BB0_3;
+$L__BB0_2:
+\tld.global.b32 %r5, [%rd2];
+\tld.global.b32 %r6, [%rd3];
+\twgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%f1}, %rd4, %rd5, 1, 1, 1;
+\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2, %r3}], [%r4];
+\t@%p2 bra $L__BB0_2;
+$L__BB0_3:
+\tst.global.v4.b32 [%rd6], {%r7, %r8, %r9, %r10};
+\t@%p3 bra $L__BB0_1;
+\tret;
+"""
+
+_FLAT_PTX = """
+\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2, %r3}], [%r4];
+$L__BB0_1:
+\tld.global.b32 %r5, [%rd2];
+\twgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%f1}, %rd4, %rd5, 1, 1, 1;
+\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2, %r3}], [%r4];
+\t@%p1 bra $L__BB0_2;
+\tld.global.b32 %r6, [%rd3];
+\tcp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd7, {%r2, %r3}], [%r11];
+$L__BB0_2:
+\t@%p2 bra $L__BB0_1;
+\tret;
+"""
+
+
+def test_loop_facts_tell_nested_from_flattened_loops():
+    """xkernels.aot.loop_facts on two hand-written PTX skeletons: a K loop inside a tile loop (per-tile prologue
+    load, two scale loads per K-step, stores after the loop) and one flattened loop (the epilogue's bias load and
+    TMA store inside it, after the next K-step's TMA load)."""
+    from xkernels.aot import loop_facts
+
+    nested = loop_facts(_NESTED_PTX)
+    assert nested == {"mma_loop_depth": 2, "tile_prologue_loads": 1, "kstep_global_loads": 2,
+                      "epilogue_in_loop": False, "loads_before_stores": 0, "tma_stores": 0, "global_stores": 1}
+    flat = loop_facts(_FLAT_PTX)
+    assert flat == {"mma_loop_depth": 1, "tile_prologue_loads": 0, "kstep_global_loads": 1,
+                    "epilogue_in_loop": True, "loads_before_stores": 1, "tma_stores": 1, "global_stores": 0}
+    assert loop_facts("\tret;\n")["mma_loop_depth"] == 0
+
+
+def test_gate_flags_a_flattened_gemm_that_lost_its_structure():
+    """The gate's STRUCTURE_RULES: a FLAT=1 FP8 GEMM row with a per-tile prologue, stores outside the loop and 34
+    scale loads per K-step is a failure; the facts the flattened kernel compiles to are not."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from benchmarks import aot
+
+    base = {"kernel": "_fp8_gemm_kernel", "num_warps": 8, "spill_bytes": 0, "shared_bytes": 1024, "div_rn": 0,
+            "div_full": 0, "div_approx": 0, "asks_ieee_div": False, "wgmma": 8,
+            "config": "[tma flat cfg0] SCALE_MODE=2 SB_ROWS=128 HAS_BIAS=0 USE_TMA=1 FAST_ACCUM=0 FLAT=1 C_TMA=1 "
+                      "BM=128 BN=128 BK=128 GROUP_M=8 (float8_e4m3fn)"}
+    good = dict(base, mma_loop_depth=1, tile_prologue_loads=0, kstep_global_loads=3, epilogue_in_loop=True,
+                loads_before_stores=2, tma_stores=4, global_stores=0)
+    assert aot.problems(good, "sm_90a") == []
+    bad = dict(base, mma_loop_depth=2, tile_prologue_loads=6, kstep_global_loads=34, epilogue_in_loop=False,
+               loads_before_stores=0, tma_stores=0, global_stores=8)
+    text = "; ".join(aot.problems(bad, "sm_90a"))
+    assert "not flattened" in text and "not overlapped" in text and "34 scale loads" in text, text
+    nested = dict(bad, config=bad["config"].replace("FLAT=1 C_TMA=1", "FLAT=0 C_TMA=0"))
+    assert aot.problems(nested, "sm_90a") == []  # the first version, kept for A/B runs, is not held to it

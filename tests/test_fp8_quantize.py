@@ -46,6 +46,8 @@ def test_quantize_matches_reference_exactly(device, granularity, fp8_dtype, shap
     q, s = quantize(x, fp8_dtype, granularity)
     q_ref, s_ref = quantize_ref(x, fp8_dtype, granularity)
     assert s.shape == scale_shape(*shape, granularity)
+    if granularity == "block_1x128":  # M-major: the block-scaled GEMM reads a K block's scales of BM rows at once
+        assert s.stride() == s_ref.stride() == (1, shape[0]), (s.stride(), s_ref.stride())
     _same_scale(s, s_ref)
     _same_codes(q, q_ref)
     # The reference itself is the documented formula: one IEEE reciprocal per group, then a multiply.
@@ -132,6 +134,8 @@ def test_cast_transpose_matches_reference(device, granularity, fp8_dtype):
     assert qt.shape == (144, 160) and (qt.float()[:, 150:] == 0).all()
     # xᵀ is a valid quantisation of xᵀ at the same granularity.
     assert st.shape == scale_shape(144, 150, granularity)
+    if granularity == "block_1x128":  # both the scales of x and of xᵀ are M-major (xᵀ's M is K = 144)
+        assert s.stride() == (1, 150) and st.stride() == (1, 144), (s.stride(), st.stride())
     torch.testing.assert_close(dequantize(qt[:, :150], st), x.t(), rtol=2.0**-2, atol=1e-2 * x.abs().max().item())
     if granularity in ("row", "block_1x128"):
         qx, sx = quantize_ref(x.t().contiguous(), fp8_dtype, granularity)
@@ -156,6 +160,7 @@ def test_torch_backend_gives_the_same_answer(device):
         q2, s2 = quantize(x, E5M2, "block_1x128")
     _same_codes(q, q2)
     _same_scale(s, s2)
+    assert s.stride() == s2.stride() == (1, 64)  # one layout on every backend
 
 
 def test_amax_ref_groups():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ["setup", "aot", "parity", "bench", "train"]
+PHASES = ["setup", "aot", "parity", "bench", "fp8ab", "train"]
 
 
 @pytest.mark.slow
@@ -41,8 +41,10 @@ def test_dry_run_runs_every_phase_and_writes_its_files(tmp_path):
     runs = {r["variant"]: r for r in session["train"]["runs"]}
     assert runs["fp32"]["status"] == "ok" and runs["fp32"]["tokens_per_s"] > 0
     assert runs["fp8"]["status"] == "ok"
+    ab = session["fp8ab"]["cases"]  # both kernel structures ran (interpreted) on each scale pairing and agree
+    assert len(ab) == 2 and all(c["max_abs_diff"] < 1e-2 for c in ab), ab
     md = (out / "session.md").read_text()
-    assert "DRY RUN" in md and "| train | ok |" in md and "tokens/s" in md
+    assert "DRY RUN" in md and "| train | ok |" in md and "tokens/s" in md and "| fp8ab | ok |" in md
 
 
 def test_phase_over_budget_is_killed_and_recorded():

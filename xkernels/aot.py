@@ -19,7 +19,10 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-__all__ = ["ARCHS", "KernelStats", "compile_kernel", "compile_signature", "ptx_facts", "ptxas_path", "ptxas_stats"]
+__all__ = [
+    "ARCHS", "SM_LIMITS", "KernelStats", "Occupancy", "compile_kernel", "compile_signature", "loop_facts", "occupancy",
+    "ptx_facts", "ptxas_path", "ptxas_stats",
+]
 
 # The targets we check, by ``--gpu-name``: Hopper (H100/H200), Ada (L4/L40: FP8 without wgmma), Ampere (A100).
 ARCHS = {"sm_90a": 90, "sm_89": 89, "sm_80": 80}
@@ -42,6 +45,67 @@ class KernelStats:
     @property
     def spill_bytes(self) -> int:
         return self.spill_stores + self.spill_loads
+
+
+@dataclass(frozen=True)
+class SMLimits:
+    """Per-SM resources that bound how many blocks (programs) of a kernel are resident at once."""
+
+    registers: int = 65536  # 32-bit registers per SM
+    max_warps: int = 64
+    shared: int = 228 * 1024  # bytes of shared memory per SM (the carve-out's maximum)
+    max_blocks: int = 32
+    reg_granularity: int = 256  # registers are allocated per warp in units of 256 (8 per thread)
+    max_regs_per_thread: int = 255
+    reserved_shared: int = 1024  # the CUDA runtime reserves 1 KiB of shared memory per block (sm_80 and later)
+    shared_granularity: int = 128
+
+
+# CUDA occupancy-calculator values (CUDA C Programming Guide, "Compute capabilities" table).
+SM_LIMITS = {
+    90: SMLimits(),
+    89: SMLimits(max_warps=48, shared=100 * 1024, max_blocks=24),
+    80: SMLimits(shared=164 * 1024),
+}
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """Theoretical occupancy of one kernel variant: resident blocks per SM and what limits them."""
+
+    blocks: int  # resident blocks (programs) per SM: the minimum of the four limits below
+    warps: int  # resident warps per SM
+    fraction: float  # warps / max warps per SM
+    by_registers: int
+    by_shared: int
+    by_warps: int
+    by_blocks: int
+    limiter: str  # "registers", "shared", "warps" or "blocks" (the first that reaches the minimum)
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int, cc: int = 90) -> Occupancy:
+    """Blocks per SM from registers per thread, shared memory per block and warps per block (the CUDA occupancy
+    calculator's rules). Registers: a warp takes ``ceil(32 * registers / 256) * 256`` of the SM's 65536 and the
+    blocks that fit are ``floor(floor(65536 / per_warp) / num_warps)``; shared: each block takes its bytes plus
+    1 KiB the runtime reserves, rounded up to 128 B, out of 228 KiB; warps: 64 per SM; at most 32 blocks (sm_90).
+
+    >>> occupancy(128, 0, 4).blocks   # 128 regs x 32 lanes = 4096 per warp -> 16 warps -> 4 blocks of 4 warps
+    4
+    """
+    if num_warps < 1 or registers < 0 or shared_bytes < 0:
+        raise ValueError(f"need num_warps >= 1, registers >= 0, shared_bytes >= 0; got {num_warps}, {registers}, "
+                         f"{shared_bytes}")
+    lim = SM_LIMITS.get(cc, SM_LIMITS[90])
+    per_warp = -(-max(registers, 1) * 32 // lim.reg_granularity) * lim.reg_granularity
+    by_regs = (lim.registers // per_warp) // num_warps if registers <= lim.max_regs_per_thread else 0
+    smem = -(-(shared_bytes + lim.reserved_shared) // lim.shared_granularity) * lim.shared_granularity
+    by_smem = lim.shared // smem
+    by_warps = lim.max_warps // num_warps
+    limits = {"warps": by_warps, "blocks": lim.max_blocks, "registers": by_regs, "shared": by_smem}  # ties: the first
+    blocks = min(limits.values())
+    limiter = next(k for k, v in limits.items() if v == blocks)
+    return Occupancy(blocks, blocks * num_warps, blocks * num_warps / lim.max_warps, by_regs, by_smem, by_warps,
+                     lim.max_blocks, limiter)
 
 
 def ptxas_path(cc: int) -> str:
@@ -83,8 +147,82 @@ def ptxas_stats(ptx: str, cc: int) -> tuple[int, int, int]:
     return max(regs, default=0), stores, loads
 
 
+_LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+)\s*;")
+_TILE_LOAD = re.compile(r"\bcp\.async\.bulk\.tensor\.\w+\.shared::\w+\.global\b|\bcp\.async\.c[ag]\.shared\.global\b")
+_TMA_STORE = re.compile(r"\bcp\.async\.bulk\.tensor\.\w+\.global\.shared::\w+\b")
+_GLOBAL_LOAD = re.compile(r"\bld\.global\b")
+_GLOBAL_STORE = re.compile(r"\bst\.global\b")
+_WGMMA = re.compile(r"\bwgmma\.mma_async\b")
+_MMA = re.compile(r"\bwgmma\.mma_async\b|\bmma\.sync\b")
+
+
+def _loops(lines: list[str]) -> list[tuple[int, int]]:
+    """Natural loops as ``(first line, last line)`` spans: a ``$L__BB`` label and the last branch back to it.
+
+    LLVM lays a loop's blocks out contiguously in the PTX it emits for these kernels, so a span is the loop.
+    Branches to non-``$L__BB`` labels (the ``waitLoop`` of an inline-asm mbarrier wait) are not loops here."""
+    labels = {}
+    back: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        m = _LABEL.match(line.strip())
+        if m:
+            labels[m.group(1)] = i
+            continue
+        m = _BRANCH.search(line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            back[m.group(1)] = i
+    return sorted((labels[name], end) for name, end in back.items())
+
+
+def loop_facts(ptx: str) -> dict:
+    """The shape of a GEMM-like kernel's main loop, read from its PTX (no GPU).
+
+    The main loop is the innermost loop holding the MMA instructions (``wgmma.mma_async``, else ``mma.sync``).
+    Its *K-step* part runs from the loop's start through its last tile load / MMA; whatever follows inside the loop
+    (a flattened persistent loop's epilogue, entered on a tile's last K-step) is its *epilogue* part.
+
+    * ``mma_loop_depth``: loops enclosing the MMAs (1: one flattened loop; 2: a K loop inside a tile loop).
+    * ``tile_prologue_loads``: tile loads (TMA ``cp.async.bulk.tensor`` global->shared, or ``cp.async``) inside an
+      enclosing loop but outside the main loop: the software pipeline's prologue, re-issued for every tile.
+    * ``kstep_global_loads``: ``ld.global`` instructions per K-step (scale loads in the block-scaled GEMM).
+    * ``epilogue_in_loop``: the output stores sit inside the main loop (flattened: the next tile's loads are in the
+      same pipeline); ``loads_before_stores``: tile loads in the main loop issued before its first store, i.e. in
+      flight while the epilogue runs.
+    * ``tma_stores`` / ``global_stores``: TMA stores (shared->global) and ``st.global`` in the whole kernel.
+    """
+    lines = ptx.splitlines()
+    mma_lines = [i for i, ln in enumerate(lines) if _MMA.search(ln)]
+    facts = {"mma_loop_depth": 0, "tile_prologue_loads": 0, "kstep_global_loads": 0, "epilogue_in_loop": False,
+             "loads_before_stores": 0, "tma_stores": sum(bool(_TMA_STORE.search(ln)) for ln in lines),
+             "global_stores": sum(bool(_GLOBAL_STORE.search(ln)) for ln in lines)}
+    if not mma_lines:
+        return facts
+    first_mma = mma_lines[0]
+    loops = [(a, b) for a, b in _loops(lines) if a <= first_mma <= b]
+    if not loops:
+        return facts
+    start, end = min(loops, key=lambda span: span[1] - span[0])  # innermost
+    facts["mma_loop_depth"] = len(loops)
+    inside = lambda i: start <= i <= end  # noqa: E731
+    for a, b in loops:
+        if (a, b) != (start, end):
+            facts["tile_prologue_loads"] = max(
+                facts["tile_prologue_loads"],
+                sum(1 for i in range(a, b + 1) if not inside(i) and _TILE_LOAD.search(lines[i])),
+            )
+    body = range(start, end + 1)
+    kstep_end = max([i for i in body if _TILE_LOAD.search(lines[i]) or _MMA.search(lines[i])])
+    facts["kstep_global_loads"] = sum(1 for i in range(start, kstep_end + 1) if _GLOBAL_LOAD.search(lines[i]))
+    stores = [i for i in body if _TMA_STORE.search(lines[i]) or _GLOBAL_STORE.search(lines[i])]
+    if stores:
+        facts["epilogue_in_loop"] = True
+        facts["loads_before_stores"] = sum(1 for i in range(start, stores[0]) if _TILE_LOAD.search(lines[i]))
+    return facts
+
+
 def ptx_facts(ptx: str) -> dict:
-    """Instruction counts that tell whether the kernel got the code it asked for."""
+    """Instruction counts that tell whether the kernel got the code it asked for (and :func:`loop_facts`)."""
     depths = sorted({int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)})
     return {
         "div_rn": len(re.findall(r"\bdiv\.rn\.f32\b", ptx)),
@@ -95,6 +233,7 @@ def ptx_facts(ptx: str) -> dict:
         "cp_async": len(re.findall(r"\bcp\.async\.(ca|cg)\b", ptx)),
         "cvt_satfinite": len(re.findall(r"\bcvt\.rn\.satfinite\b", ptx)),
         "wait_group_depths": depths,
+        **loop_facts(ptx),
     }
 
 

@@ -7,6 +7,8 @@ without ``TRITON_INTERPRET=1`` (the tests run it in a subprocess).
 
 from __future__ import annotations
 
+import itertools
+
 from xkernels.aot import KernelStats, compile_kernel
 
 __all__ = ["KernelStats", "cast_variants", "compile_kernel", "gemm_variants", "table"]
@@ -22,20 +24,22 @@ CAST_PTRS = {"x_ptr": "*bf16", "y_ptr": "*fp8e4nv", "yt_ptr": "*fp8e4nv", "s_ptr
 CAST_ALIGNED = ("stride_xm", "stride_ym", "stride_ytk")
 
 
-def gemm_variants(cc: int = 90, modes=("tensor", "row", "block", "block_1x128"), use_tma=(True, False)):
-    """(name, constexprs, num_warps, num_stages) for every config the autotuner can pick, per scale pairing."""
+def gemm_variants(cc: int = 90, modes=("tensor", "row", "block", "block_1x128"), use_tma=(True, False),
+                  structures=("flat", "nested")):
+    """(name, constexprs, num_warps, num_stages) for every config the autotuner can pick, per scale pairing and
+    kernel structure (``gemm.STRUCTURES``; flat with TMA stores C through TMA, as for a 16-byte aligned N)."""
     from xkernels.fp8.gemm import SCALE_MODES, gemm_configs
 
-    for mode in modes:
-        for tma in use_tma:
-            for fast in ((True, False) if SCALE_MODES[mode] != 2 else (False,)):
-                for c in gemm_configs(mode, fast_accum=fast, cc=cc):
-                    consts = dict(stride_ak=1, stride_bk=1, stride_cn=1, SCALE_MODE=SCALE_MODES[mode],
-                                  SB_ROWS=128 if mode == "block" else 1, HAS_BIAS=True, USE_TMA=tma, FAST_ACCUM=fast,
-                                  BM=c.BM, BN=c.BN, BK=c.BK, GROUP_M=c.GROUP_M)
-                    name = f"fp8_gemm_{mode}_{c.BM}x{c.BN}x{c.BK}_w{c.num_warps}_s{c.num_stages}_tma{int(tma)}" \
-                           f"_fast{int(fast)}"
-                    yield name, consts, c.num_warps, c.num_stages
+    for mode, structure, tma in itertools.product(modes, structures, use_tma):
+        for fast in ((True, False) if SCALE_MODES[mode] != 2 else (False,)):
+            for c in gemm_configs(mode, fast_accum=fast, cc=cc):
+                consts = dict(stride_ak=1, stride_bk=1, stride_cn=1, SCALE_MODE=SCALE_MODES[mode],
+                              SB_ROWS=128 if mode == "block" else 1, HAS_BIAS=True, USE_TMA=tma, FAST_ACCUM=fast,
+                              FLAT=structure == "flat", C_TMA=structure == "flat" and tma,
+                              BM=c.BM, BN=c.BN, BK=c.BK, GROUP_M=c.GROUP_M)
+                name = f"fp8_gemm_{mode}_{c.BM}x{c.BN}x{c.BK}_w{c.num_warps}_s{c.num_stages}_tma{int(tma)}" \
+                       f"_fast{int(fast)}_{structure}"
+                yield name, consts, c.num_warps, c.num_stages
 
 
 def cast_variants():

@@ -27,10 +27,23 @@ GPU specifics: one persistent kernel walks output tiles in grouped order (GROUP_
 On Hopper the grid is one program per SM and A/B tiles are fetched with TMA tensor descriptors when the installed
 Triton has ``tl.make_tensor_descriptor``; elsewhere the grid is one program per tile with pointer loads. Tile
 shapes are autotuned on CUDA (configs below); the interpreter uses one fixed small config.
+
+Kernel structure (``STRUCTURES``): ``"flat"`` (default) runs the tile loop as ``tl.range(..., flatten=True)``, one
+software-pipelined loop over (tile, K-step) pairs: the TMA loads of the next tile's first K-steps are issued before
+this tile's epilogue, which stores C through a TMA descriptor in two (BM, BN/2) halves (where C's rows are 16-byte
+aligned); a 128x128 weight scale is loaded once per (tile, K block) as a scalar, and the quantiser writes 1x128
+scales M-major so the activation-scale words of a K-step are contiguous. ``"nested"`` is the first version (a
+K loop nested in the tile loop: the pipeline prologue re-issued and drained per tile, pointer stores, per-column
+weight scales). Pick it with ``XKERNELS_FP8_GEMM_STRUCTURE=nested`` or ``with kernel_structure("nested"):``
+(benchmarks/bench_fp8.py ``*-nested`` impls and the ``fp8ab`` phase of ``python -m benchmarks.gpu_session`` time
+both). What each structure compiles to on sm_90a (loop depth, per-tile prologue loads, scale loads per K-step,
+TMA stores, registers, occupancy) is in ``benchmarks/results/aot-sm_90a.md``; the AOT gate fails if the flat
+kernel loses any of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -74,12 +87,23 @@ def fp8_gemm_ref(
 
 
 @triton.jit
+def _tile_coords(tile, num_pid_m, GROUP_M: tl.constexpr, tiles_per_group):
+    """Grouped order: GROUP_M consecutive row-tiles sweep the column-tiles together, so B stays in L2."""
+    group = tile // tiles_per_group
+    first_m = group * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % tiles_per_group) % group_m
+    pid_n = (tile % tiles_per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _fp8_gemm_kernel(
     a_ptr,  # (M, K) fp8
     b_ptr,  # (N, K) fp8; the kernel reads bᵀ tiles (BK, BN)
     c_ptr,  # (M, N) output in out_dtype
     bias_ptr,  # (N,) fp32 (HAS_BIAS)
-    sa_ptr,  # a_scale: (1,), (M, 1) or (M, Kb) fp32
+    sa_ptr,  # a_scale: (1,), (M, 1) or (M, Kb) fp32 (block: any strides; quantize() writes it M-major)
     sb_ptr,  # b_scale: (1,), (N, 1), (N, Kb) or (Nb, Kb) fp32
     M,
     N,
@@ -100,6 +124,8 @@ def _fp8_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     USE_TMA: tl.constexpr,  # A/B tiles through TMA tensor descriptors (needs K-contiguous, 16B-aligned operands)
     FAST_ACCUM: tl.constexpr,  # tensor/row pairing: keep the whole K loop in Hopper's reduced-precision accumulator
+    FLAT: tl.constexpr,  # 1: one flattened (tile, K) loop; 0: the nested loop of the first version (STRUCTURES)
+    C_TMA: tl.constexpr,  # FLAT with USE_TMA: store C through a TMA descriptor in two (BM, BN/2) halves
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -111,6 +137,13 @@ def _fp8_gemm_kernel(
     block scales multiply each 128-wide K block's partial product before it is added (exact promotion).
     Accumulation precision on sm_90: promoted to fp32 every BK = 128 of K unless FAST_ACCUM (tensor/row only;
     the block pairing always promotes per K block).
+
+    FLAT (the default): the tile loop is ``tl.range(..., flatten=True)``, which Triton's pipeliner turns into one
+    loop over (tile, K-step) pairs, so the TMA loads of the next tile's first K-steps are in flight while this
+    tile's epilogue runs (no per-tile pipeline prologue/drain; with K = 1536 a tile has only 12 K-steps); the
+    epilogue stores through TMA (C_TMA), and a 128x128 weight scale (one per tile and K block when 128 % BN == 0)
+    is one scalar load instead of one per accumulator column. FLAT = 0 keeps the first version's code for A/B
+    measurement.
     """
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
@@ -122,17 +155,17 @@ def _fp8_gemm_kernel(
     if USE_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BM, BK])
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BN, BK])
+    if C_TMA:
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BM, BN // 2])
     if SCALE_MODE == 0:
         s_ab = tl.load(sa_ptr) * tl.load(sb_ptr)
     rk = tl.arange(0, BK)
+    # The epilogue's tile, counted separately from the loop's (as Triton's persistent-matmul tutorial does): the
+    # flattened loop's prologue then does not need the values the epilogue uses.
+    tile_c = pid - num_progs
 
-    for tile in range(pid, num_tiles, num_progs):
-        # Grouped order: GROUP_M consecutive row-tiles sweep the column-tiles together, so B stays in L2.
-        group = tile // tiles_per_group
-        first_m = group * GROUP_M
-        group_m = min(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % tiles_per_group) % group_m
-        pid_n = (tile % tiles_per_group) // group_m
+    for tile in tl.range(pid, num_tiles, num_progs, flatten=FLAT):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, GROUP_M, tiles_per_group)
         rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
         rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
         rm32 = pid_m * BM + tl.arange(0, BM)
@@ -162,10 +195,16 @@ def _fp8_gemm_kernel(
                 # 32-bit scale offsets (scale tensors are small): 64-bit per-element pointers for the BN scales
                 # of b each thread needs were what spilled the 1x128 (wgrad) variant.
                 sa = tl.load(sa_ptr + kt * stride_sak + rm32 * stride_sam, mask=m_mask, other=0.0)
-                sb = tl.load(sb_ptr + kt * stride_sbk + (rn32 // SB_ROWS) * stride_sbn, mask=n_mask, other=0.0)
-                # (dot * sa) * sb, not dot * (sa ⊗ sb): no (BM, BN) outer product of the scales is held in
-                # registers next to the accumulator and the dot's result (that extra tile is what spilled).
-                acc += (tl.dot(a, bt) * sa[:, None]) * sb[None, :]
+                if FLAT and SB_ROWS % BN == 0:
+                    # 128x128 weight scales: the whole tile lies in one 128-row block of b -> one scalar per K
+                    # block (a per-column vector was BN/(threads per row) loads of the same word per K-step).
+                    sb1 = tl.load(sb_ptr + kt * stride_sbk + ((pid_n * BN) // SB_ROWS) * stride_sbn)
+                    acc += tl.dot(a, bt) * (sa * sb1)[:, None]
+                else:
+                    sb = tl.load(sb_ptr + kt * stride_sbk + (rn32 // SB_ROWS) * stride_sbn, mask=n_mask, other=0.0)
+                    # (dot * sa) * sb, not dot * (sa ⊗ sb): no (BM, BN) outer product of the scales is held in
+                    # registers next to the accumulator and the dot's result (that extra tile is what spilled).
+                    acc += (tl.dot(a, bt) * sa[:, None]) * sb[None, :]
             elif FAST_ACCUM:
                 acc = tl.dot(a, bt, acc)
             else:
@@ -175,6 +214,15 @@ def _fp8_gemm_kernel(
                 # ignored on sm_89 and in the interpreter, whose fp8 accumulation is already fp32.
                 acc = tl.dot(a, bt, acc, max_num_imprecise_acc=BK)
 
+        if FLAT:
+            tile_c += num_progs
+            pid_m, pid_n = _tile_coords(tile_c, num_pid_m, GROUP_M, tiles_per_group)
+            rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+            rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
+            rm32 = pid_m * BM + tl.arange(0, BM)
+            rn32 = pid_n * BN + tl.arange(0, BN)
+            m_mask = rm32 < M
+            n_mask = rn32 < N
         if SCALE_MODE == 0:
             acc = acc * s_ab
         elif SCALE_MODE == 1:
@@ -183,11 +231,17 @@ def _fp8_gemm_kernel(
             acc = acc * (sa[:, None] * sb[None, :])
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn32, mask=n_mask, other=0.0)[None, :]
-        tl.store(
-            c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
-            acc.to(c_ptr.dtype.element_ty),
-            mask=m_mask[:, None] & n_mask[None, :],
-        )
+        if C_TMA:
+            # Two (BM, BN/2) halves: half the staging buffer in shared memory; TMA clips the ragged edges.
+            halves = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            c_desc.store([pid_m * BM, pid_n * BN], halves[0].to(c_ptr.dtype.element_ty))
+            c_desc.store([pid_m * BM, pid_n * BN + BN // 2], halves[1].to(c_ptr.dtype.element_ty))
+        else:
+            tl.store(
+                c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
+                acc.to(c_ptr.dtype.element_ty),
+                mask=m_mask[:, None] & n_mask[None, :],
+            )
 
 
 # --- launch configuration -------------------------------------------------------------------------------------------
@@ -260,7 +314,7 @@ def _autotuned_kernel(name: str, fast_accum: bool, cc: int):
         triton.Config({"BM": c.BM, "BN": c.BN, "BK": c.BK, "GROUP_M": c.GROUP_M}, num_warps=c.num_warps, num_stages=c.num_stages)
         for c in gemm_configs(name, fast_accum=fast_accum, cc=cc)
     ]
-    key = ["M_BUCKET", "N", "K", "SCALE_MODE", "SB_ROWS", "HAS_BIAS", "USE_TMA", "FAST_ACCUM"]
+    key = ["M_BUCKET", "N", "K", "SCALE_MODE", "SB_ROWS", "HAS_BIAS", "USE_TMA", "FAST_ACCUM", "FLAT", "C_TMA"]
     return triton.autotune(configs=configs, key=key)(_fp8_gemm_kernel)
 
 
@@ -340,6 +394,40 @@ def _tma_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
 
 
+# Kernel structure (``FLAT``): "flat" (default) is the flattened persistent loop with a TMA-store epilogue and
+# scalar 128x128 weight scales; "nested" is the first version (a K loop nested in the tile loop, pointer stores,
+# per-column weight scales), kept so that one GPU session measures both (benchmarks/bench_fp8.py --structure,
+# python -m benchmarks.gpu_session). Chosen per call by ``_run(structure=...)`` or for the process by
+# XKERNELS_FP8_GEMM_STRUCTURE=nested.
+STRUCTURES = ("flat", "nested")
+_structure_override: str | None = None
+
+
+def default_structure() -> str:
+    """The structure a launch uses when none is passed: :func:`kernel_structure`'s, else
+    ``XKERNELS_FP8_GEMM_STRUCTURE`` (``flat`` or ``nested``; ``flat`` when unset)."""
+    if _structure_override is not None:
+        return _structure_override
+    value = os.environ.get("XKERNELS_FP8_GEMM_STRUCTURE", "flat")
+    if value not in STRUCTURES:
+        raise ValueError(f"XKERNELS_FP8_GEMM_STRUCTURE must be one of {STRUCTURES}, got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def kernel_structure(structure: str):
+    """Run the Triton GEMMs inside the block with kernel ``structure`` (``"flat"`` or ``"nested"``): the A/B switch
+    of the benchmarks (eager code; a torch.compile graph does not see it)."""
+    global _structure_override
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    previous, _structure_override = _structure_override, structure
+    try:
+        yield
+    finally:
+        _structure_override = previous
+
+
 def _launch(*args, **kwargs) -> torch.Tensor:
     """:func:`_run` on ``a``'s device (see :func:`xkernels.fp8._device.on_device`)."""
     with on_device(args[0]):
@@ -360,8 +448,14 @@ def _run(
     num_programs: int | None = None,
     use_tma: bool | None = None,
     fast_accum: bool = False,
+    structure: str | None = None,
 ) -> torch.Tensor:
-    """Run the Triton kernel (no validation). ``config``/``num_programs``/``use_tma`` override the heuristics."""
+    """Run the Triton kernel (no validation). ``config``/``num_programs``/``use_tma`` override the heuristics;
+    ``structure``: ``"flat"`` or ``"nested"`` (see :data:`STRUCTURES`; default :func:`default_structure`)."""
+    structure = structure or default_structure()
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    flat = structure == "flat"
     m, k = a.shape
     n = b.shape[0]
     c = torch.empty(m, n, device=a.device, dtype=out_dtype)
@@ -375,14 +469,17 @@ def _run(
 
     args = (a, b, c, bias_f, sa, sb, m, n, k, m_bucket(m), a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     args += (sa.stride(0), sa.stride(1) if sa.dim() > 1 else 0, sb.stride(0), sb.stride(1) if sb.dim() > 1 else 0)
-    flags = dict(SCALE_MODE=mode, SB_ROWS=sb_rows, HAS_BIAS=bias is not None, FAST_ACCUM=bool(fast_accum))
+    flags = dict(SCALE_MODE=mode, SB_ROWS=sb_rows, HAS_BIAS=bias is not None, FAST_ACCUM=bool(fast_accum), FLAT=flat)
+    # A TMA store needs 16-byte aligned rows of C (c is fresh and contiguous, so its base is aligned).
+    c_tma = flat and n * c.element_size() % 16 == 0
 
     if config is not None or a.device.type != "cuda":
         cfg = config or INTERPRETER_CONFIG
         tiles = cdiv(m, cfg.BM) * cdiv(n, cfg.BN)
         grid = (min(num_programs or tiles, tiles),)
         _fp8_gemm_kernel[grid](
-            *args, **flags, USE_TMA=use_tma, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+            *args, **flags, USE_TMA=use_tma, C_TMA=c_tma and use_tma, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+            GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return c
@@ -398,11 +495,11 @@ def _run(
 
     if use_tma:
         _run_tma_with_fallback(
-            lambda: tuned[grid](*args, **flags, USE_TMA=True),
-            lambda: tuned[grid](*args, **flags, USE_TMA=False),
+            lambda: tuned[grid](*args, **flags, USE_TMA=True, C_TMA=c_tma),
+            lambda: tuned[grid](*args, **flags, USE_TMA=False, C_TMA=False),
         )
     else:
-        tuned[grid](*args, **flags, USE_TMA=False)
+        tuned[grid](*args, **flags, USE_TMA=False, C_TMA=False)
     return c
 
 

@@ -10,6 +10,21 @@ Recipes (``scaling``):
   backward (grad_output) and per change of the weight (weight; its FP8 copy is reused until the optimizer steps),
   so with gradient accumulation every micro-batch adds an input/grad entry. Under activation checkpointing the
   recomputed forward adds a second input entry (harmless with ``max``).
+
+  Two deliberate differences from Transformer Engine's delayed scaling (its fused amax/scale update,
+  ``kernel_bulk`` in ``transformer_engine/common/recipe/delayed_scaling.cu``); torchao's float8 training and
+  DeepSeek-V3/DeepGEMM scale from the current amax (per tensor, row or block) and keep no history to compare:
+
+  - **A zero amax is pushed into the history** like any other value (it rolls the window and takes slot 0; the
+    scale is only left unchanged while the window's amax is 0). TE's fused update skips a zero amax (the window is
+    not rolled and the scale kept), so the old entries stay longer. Example, history length 4, ``max``, E4M3
+    (max 448), amaxes 8, 0, 0, 0, 1: here the 8 has left the window and we quantise with ``448 / 1 = 448``; TE
+    still holds the 8 and quantises with ``448 / 8 = 56``. A layer whose input is exactly zero for a few steps
+    (a masked branch, a frozen embedding row) therefore forgets its larger past amaxes sooner than under TE.
+  - **Non-finite amaxes are ignored inside the window**: ``max`` is taken over the finite entries (a step whose
+    tensor held inf/NaN still rolls the window), so the scale follows the finite amaxes at once. TE's window max
+    is inf while the inf is in the window, and it keeps the old scale for those ``amax_history_len`` steps
+    (a NaN amax it does skip: ``fmaxf`` ignores NaN).
 * ``current``  -- tensorwise scales from the tensor's own amax, computed on the fly.
 * ``row``      -- one scale per row of every GEMM operand (per token for activations, per output/input channel
   for weights, along the contraction dim of each GEMM).
