@@ -146,6 +146,7 @@ def setup(cfg: TrainConfig) -> Run:
     if chosen is not None:
         meta = chosen.meta
         check_compatible(meta.get("identity", {}), identity, chosen.path)
+        check_layout_change(meta, cfg, info, chosen.path, log)
         if int(meta["step"]) < cfg.steps:
             check_schedule_change(meta.get("config", {}), cfg, int(meta["step"]), meta["phase"], chosen.path, log)
     elif cfg.init_from:
@@ -207,6 +208,41 @@ def setup(cfg: TrainConfig) -> Run:
     run.step = start_step
     run.last_ckpt = chosen.path if chosen else None
     return run
+
+
+def check_layout_change(meta: dict, cfg: TrainConfig, info: DistInfo, path: Path, log) -> None:
+    """Resuming at another world size (or micro-batch, accumulation, parallelism): say what changed; refuse a changed
+    global batch (``batch_size * grad_accum * world``) unless ``--allow-batch-change``.  The checkpoint itself loads
+    at any world size (DCP reshards it); the data position counts global samples, so it carries over as it is."""
+    saved = meta.get("config", {})
+    old = {"world": int(meta.get("world", 1)), "batch_size": int(saved.get("batch_size", cfg.batch_size)),
+           "grad_accum": int(saved.get("grad_accum", cfg.grad_accum)), "parallel": saved.get("parallel", cfg.parallel),
+           "dp_replicate": int(saved.get("dp_replicate", 1))}
+    new = {"world": info.world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "parallel": cfg.parallel,
+           "dp_replicate": cfg.dp_replicate}
+    for side in (old, new):
+        if side["world"] == 1:  # one process has no parallelism to compare
+            side.update(parallel=None, dp_replicate=None)
+    changes = [f"{'processes' if k == 'world' else '--' + k.replace('_', '-')} {old[k]} -> {new[k]}"
+               for k in old if old[k] is not None and new[k] is not None and old[k] != new[k]]
+    if not changes:
+        return
+    g_old = old["batch_size"] * old["grad_accum"] * old["world"]
+    g_new = new["batch_size"] * new["grad_accum"] * new["world"]
+    if g_old != g_new and not cfg.allow_batch_change:
+        hints = []
+        if g_old % (cfg.grad_accum * info.world) == 0:
+            hints.append(f"--batch-size {g_old // (cfg.grad_accum * info.world)}")
+        if g_old % (cfg.batch_size * info.world) == 0:
+            hints.append(f"--grad-accum {g_old // (cfg.batch_size * info.world)}")
+        keep = f" (e.g. {' or '.join(hints)})" if hints else ""
+        raise ValueError(
+            f"--batch-size/--grad-accum: {path} was trained with a global batch of {old['batch_size']} x "
+            f"{old['grad_accum']} x {old['world']} = {g_old} sequences per step (micro-batch x accumulation x "
+            f"processes); this run has {cfg.batch_size} x {cfg.grad_accum} x {info.world} = {g_new}. Keep the global "
+            f"batch{keep}, or pass --allow-batch-change to continue with {g_new} sequences per step")
+    log(f"resuming with a changed layout: {', '.join(changes)}; global batch {g_old} -> {g_new} sequences"
+        f"{' (kept)' if g_old == g_new else ' (--allow-batch-change)'}; the checkpoint is resharded on load")
 
 
 def check_muon_settings(cfg: TrainConfig) -> None:

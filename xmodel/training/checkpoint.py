@@ -536,14 +536,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
-    if info.world == 1:
-        # the plain module's keys, so a run can resume with or without --compile
-        state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}
-    else:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(model, optimizer.optimizers)
-        state = {"model": model_sd, "optimizer": optim_sd}
+    state = train_state(model, optimizer, info)
     # the tensors' bytes plus the pickle/zip framing (measured: 2 % of a 1.4 MB state, less for larger ones)
     needed = int(info.all_reduce_sum([float(_tensor_bytes(state))], _comm_device())[0] * 1.02) + (64 << 10)
     finite = weights_finite(model, info)
@@ -564,13 +557,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
         raise StorageError(error or f"rank 0 could not prepare checkpoint {final}")
 
     try:
-        if info.world == 1:
-            _torch_save(state, tmp / STATE)
-        else:
-            import torch.distributed.checkpoint as dcp
-
-            dcp.save(state, checkpoint_id=str(tmp))
-            _torch_save(rng_state(), tmp / f"rng_{info.rank}.pt")
+        dcp_save(state, tmp, no_dist=not info.active)
+        _torch_save(rng_state(), tmp / f"rng_{info.rank}.pt")
         fault_point("save", info.rank)
     except Exception as exc:  # noqa: BLE001 - reported below, on every rank
         os_error = _os_error_in(exc)
@@ -581,7 +569,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
     ok = _agree(info, error is None)
     if ok and info.is_main:
         try:
-            meta = {**meta, "step": step, "world": info.world, "format": "torch" if info.world == 1 else "dcp",
+            meta = {**meta, "step": step, "world": info.world, "format": "dcp",
                     "finite": finite, "files": _file_sizes(tmp)}
             with open(tmp / META, "w", encoding="utf-8") as f:
                 f.write(json.dumps(meta, indent=2, default=str) + "\n")
@@ -616,29 +604,36 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
 # ---------------------------------------------------------------------------------------------------------
 def load_checkpoint(checked: Checked, model: torch.nn.Module, optimizer, info: DistInfo, flag: str = "--resume",
                     restore_rng: bool = True) -> dict[str, Any]:
-    """Restore model, optimizer (and RNG) from a checked checkpoint in place (every rank calls this)."""
+    """Restore model, optimizer (and RNG) from a checked checkpoint in place (every rank calls this).
+
+    A ``dcp`` checkpoint loads at any world size: each rank reads the pieces of the saved shards that overlap its own
+    shards of the model and optimizer state (DCP's resharding), whatever the world size that wrote it.  The RNG state
+    is the rank's own when the world size is unchanged, else rank 0's (the trainer draws no random numbers after the
+    initialisation; this keeps the restore deterministic).  The one-process ``torch`` format of earlier versions loads
+    in one process only (its next save writes ``dcp``)."""
     path, meta = checked.path, checked.meta
-    if meta.get("world") != info.world:
+    if meta["format"] == "torch" and info.world != 1:
         raise CheckpointError(
-            f"{flag}: {path} was written by {meta.get('world')} process(es), this run has {info.world}; "
-            "resume with the same number of processes"
+            f"{flag}: {path} is in the one-process format of an earlier version (state.pt), which loads in one "
+            f"process only; this run has {info.world}. Convert it first: python -m xmodel.training.checkpoint "
+            f"--to-dcp {path} (writes {path.name}-dcp next to it), then resume from that"
         )
     try:
-        if info.world == 1:
+        if meta["format"] == "torch":
             state = checked.state if checked.state is not None else safe_torch_load(path / STATE)
             unwrap(model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if restore_rng:
                 set_rng_state(state["rng"])
         else:
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+            from torch.distributed.checkpoint.state_dict import set_state_dict
 
-            model_sd, optim_sd = get_state_dict(model, optimizer.optimizers)
-            state = {"model": model_sd, "optimizer": optim_sd}
-            dcp_load(state, path)
-            set_state_dict(model, optimizer.optimizers, model_state_dict=state["model"],
+            target = model if info.active else unwrap(model)
+            state = train_state(model, optimizer, info)
+            dcp_load(state, path, no_dist=not info.active)
+            set_state_dict(target, optimizer.optimizers, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"])
-            rng_file = path / f"rng_{info.rank}.pt"
+            rng_file = path / f"rng_{info.rank if meta.get('world') == info.world else 0}.pt"
             if restore_rng and rng_file.is_file():
                 set_rng_state(safe_torch_load(rng_file))
     except CheckpointError as exc:
@@ -650,6 +645,28 @@ def load_checkpoint(checked: Checked, model: torch.nn.Module, optimizer, info: D
         raise CheckpointError(f"{flag}: {path} loaded, but its weights hold NaN or inf; resume from an older "
                               "checkpoint with --resume PATH")
     return meta
+
+
+def train_state(model: torch.nn.Module, optimizer, info: DistInfo) -> dict[str, Any]:
+    """``{"model": ..., "optimizer": ...}`` keyed by parameter names (``get_state_dict``): the same keys at every
+    world size, plain tensors in one process and DTensor shards under FSDP2, so DCP reshards between them.  In one
+    process the plain module's names, so a run resumes with or without ``--compile``."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model if info.active else unwrap(model), optimizer.optimizers)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def dcp_save(state: dict[str, Any], path: Path, no_dist: bool = False) -> None:
+    """``torch.distributed.checkpoint.save`` into the directory ``path``; ``no_dist``: in one process."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        if no_dist:  # intended: one process writes the same format as several
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(path), no_dist=no_dist)
 
 
 def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
