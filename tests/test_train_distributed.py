@@ -93,3 +93,25 @@ def test_two_process_gloo_matches_one_process(one_process, tiny, tmp_path, paral
     assert more.returncode == 0, more.stderr[-3000:]
     assert "resuming from" in more.stdout and "schedule changed on resume" in more.stdout
     assert sorted(train_losses(tmp_path / "two")) == list(range(1, 9))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+def test_world4_run_ends_cleanly_under_load(tiny, tmp_path):  # noqa: F811
+    """Issue 22: world-4 runs (FSDP2, Muon from the decay) trained every step, then one rank aborted at the end
+    ("terminate called without an active exception": gloo threads outliving the interpreter, see
+    ``xmodel.training.distributed.exit_process``) and no export or summary was written.  Two runs while a busy
+    process competes for the cores: each exits 0 with the HF export and the summary."""
+    load = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for i in range(2):
+            proc = run(tiny_args(tiny, tmp_path, "--steps", "6", "--decay-start", "3", "--decay", "3", "--eval-every",
+                                 "0", "--threads", "1", "--batch-size", "1", "--eval-batches", "1", "--export-hf",
+                                 "--name", f"r{i}"), 4)
+            assert proc.returncode == 0 and "terminate called" not in proc.stderr, (i, proc.stderr[-3000:])
+            assert (tmp_path / f"r{i}" / "hf" / "model.safetensors").is_file()
+            assert json.loads((tmp_path / f"r{i}" / "summary.json").read_text())["steps"] == 6
+            assert train_losses(tmp_path / f"r{i}") == train_losses(tmp_path / "r0")  # and deterministic
+    finally:
+        load.kill()
+        load.wait()

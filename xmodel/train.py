@@ -30,7 +30,7 @@ import yaml
 from xmodel.training import checkpoint as ckpt
 from xmodel.training.config import TrainConfig, parse_args, resolve_lr
 from xmodel.training.data import MixtureSampler, check_token_ids, eval_batches
-from xmodel.training.distributed import DistInfo, init_distributed, shutdown, unwrap, wrap_model
+from xmodel.training.distributed import DistInfo, exit_process, init_distributed, shutdown, unwrap, wrap_model
 from xmodel.training.metrics import MetricsLogger, peak_flops, plot_metrics
 from xmodel.training.optim import TrainOptimizer, build_adamw
 from xmodel.training.faults import fault_point
@@ -479,6 +479,7 @@ def train(cfg: TrainConfig) -> int:
         run.log.close()
     if info.is_main and not stopped:
         write_summary(run, final, hf_dir, t_start)
+    info.barrier()  # every rank leaves after rank 0 has written everything (a rank ending early cannot cut it short)
     return 0
 
 
@@ -534,6 +535,7 @@ def finish_completed(run: Run, t_start: float) -> int:
         hf_dir = ckpt.export_hf(run.model, run.model_config, run_dir / "hf", run.tokenizer_dir, info)
     if info.is_main:
         write_summary(run, final, hf_dir, t_start)
+    info.barrier()
     return 0
 
 
@@ -572,4 +574,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
