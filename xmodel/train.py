@@ -30,7 +30,8 @@ import yaml
 from xmodel.training import checkpoint as ckpt
 from xmodel.training.config import TrainConfig, parse_args, resolve_lr
 from xmodel.training.data import MixtureSampler, check_token_ids, eval_batches
-from xmodel.training.distributed import DistInfo, exit_process, init_distributed, shutdown, unwrap, wrap_model
+from xmodel.training.distributed import (DistInfo, check_replicate, exit_process, init_distributed, shutdown, unwrap,
+                                         wrap_model)
 from xmodel.training.metrics import MetricsLogger, peak_flops, plot_metrics
 from xmodel.training.optim import TrainOptimizer, build_adamw
 from xmodel.training.faults import fault_point
@@ -157,6 +158,7 @@ def setup(cfg: TrainConfig) -> Run:
         check_compatible({"model": init.meta.get("identity", {}).get("model")}, {"model": identity["model"]},
                          Path(cfg.init_from))
     check_muon_settings(cfg)
+    check_replicate(cfg.parallel, cfg.dp_replicate if info.active else 1, info)
 
     # Model: built on the meta device, materialised, initialised from the seed (identically on every rank).
     from xmodel.model import Xmodel
@@ -173,7 +175,7 @@ def setup(cfg: TrainConfig) -> Run:
         from xmodel.training.compile import compile_blocks
 
         compile_blocks(model)
-    model = wrap_model(model, cfg.parallel, device, info)
+    model = wrap_model(model, cfg.parallel, device, info, cfg.dp_replicate)
 
     lr = resolve_lr(cfg, model_config.mup_width_multiplier)
     optimizer = TrainOptimizer(
@@ -401,6 +403,8 @@ def describe(run: Run) -> str:
     precision = ("bf16 autocast, fp32 master weights" if not isinstance(run.autocast, contextlib.nullcontext)
                  else "fp32") + (f", fp8 {cfg.fp8}{' (emulated)' if cfg.fp8_emulate else ''}" if cfg.fp8 else "")
     parallel = f"{run.info.world} x {cfg.parallel}" if run.info.active else "1 process"
+    if run.info.active and cfg.dp_replicate > 1:
+        parallel += f" (HSDP: {cfg.dp_replicate} replicas x {run.info.world // cfg.dp_replicate} shards)"
     return "\n".join([
         f"model    {cfg.preset}{f' {cfg.model}' if cfg.model else ''}: {unwrap(run.model).num_parameters() / 1e6:.2f} M parameters, "
         f"{mc.num_hidden_layers} layers x {mc.hidden_size}, vocab {mc.vocab_size}, init {cfg.init}",

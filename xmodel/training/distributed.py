@@ -123,10 +123,35 @@ def _fully_shard():
     return fully_shard
 
 
-def wrap_model(model: nn.Module, parallel: str, device: torch.device, info: DistInfo) -> nn.Module:
+def check_replicate(parallel: str, dp_replicate: int, info: DistInfo) -> None:
+    """``--dp-replicate R``: FSDP2 only, and R must divide the number of processes."""
+    if dp_replicate == 1:
+        return
+    if parallel != "fsdp":
+        raise ValueError(f"--dp-replicate {dp_replicate}: HSDP is FSDP2 on a 2-D mesh; use it with --parallel fsdp")
+    if info.world % dp_replicate:
+        raise ValueError(f"--dp-replicate {dp_replicate}: must divide the number of processes ({info.world}); "
+                         "1 = plain FSDP2")
+
+
+def wrap_model(model: nn.Module, parallel: str, device: torch.device, info: DistInfo,
+               dp_replicate: int = 1) -> nn.Module:
     """FSDP2: ``fully_shard`` on every decoder layer then on the root (the tied embedding/LM head and final norm
-    live in the root group); DDP: ``DistributedDataParallel``.  Identity with one process."""
+    live in the root group); with ``dp_replicate`` R > 1 on a 2-D ``(R, world / R)`` mesh (HSDP: rank r shards
+    with the ranks of its block of world / R consecutive ranks -- one node under torchrun -- and replicates across
+    the R blocks; gradients are reduce-scattered within a block, then all-reduced across blocks).  DDP:
+    ``DistributedDataParallel``.  Identity with one process."""
     if not info.active:
+        return model
+    if parallel == "fsdp" and dp_replicate > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dp_replicate, info.world // dp_replicate),
+                                mesh_dim_names=("dp_replicate", "dp_shard"))
+        fully_shard = _fully_shard()
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
