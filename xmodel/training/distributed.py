@@ -123,10 +123,15 @@ def _fully_shard():
     return fully_shard
 
 
-def check_replicate(parallel: str, dp_replicate: int, info: DistInfo) -> None:
-    """``--dp-replicate R``: FSDP2 only, and R must divide the number of processes."""
+def check_replicate(parallel: str, dp_replicate: int, info: DistInfo, fp8: str | None = None) -> None:
+    """``--dp-replicate R``: FSDP2 only, R must divide the number of processes, and not with ``--fp8`` yet (measured:
+    world 4 as 2 x 2 with ``--fp8 delayed --fp8-emulate`` on gloo hung in the first steps -- the per-linear amax
+    all-reduces over the world and HSDP's replica all-reduces deadlock; not diagnosed yet)."""
     if dp_replicate == 1:
         return
+    if fp8 is not None:
+        raise ValueError(f"--dp-replicate {dp_replicate}: not supported with --fp8 yet (HSDP with FP8 amax reductions "
+                         "hangs on gloo); use --dp-replicate 1 (plain FSDP2) with --fp8")
     if parallel != "fsdp":
         raise ValueError(f"--dp-replicate {dp_replicate}: HSDP is FSDP2 on a 2-D mesh; use it with --parallel fsdp")
     if info.world % dp_replicate:
