@@ -4,7 +4,8 @@ losses follow the uninterrupted one-process run.
 Every run keeps the global batch of 4 sequences (``--batch-size 4 / world``), places the decay by absolute steps (the
 AdamW -> Muon switch at step 4) and saves at step 6, so each resumed run restores AdamW moments of the embedding and
 norms, Muon momentum buffers of the matrices, the data position and the schedule from a checkpoint written at another
-world size.  The bound is the one of ``test_train_distributed`` (fp32 Newton-Schulz, the only difference the order of
+world size: the one-process ``state.pt`` read by 2 processes (each keeps its shard), DCP checkpoints of 2 and 4
+processes resharded to 1, 2 and 4.  The bound is the one of ``test_train_distributed`` (fp32 Newton-Schulz, the only difference the order of
 fp32 gradient reductions): per-step losses within 1e-5.
 """
 

@@ -5,6 +5,11 @@ training config, the size of every file, whether the weights were finite) plus e
 model, optimizer, RNG) or a ``torch.distributed.checkpoint`` directory (several processes: each rank writes its
 shards) and ``rng_<rank>.pt``.
 
+**Any world size.**  Both formats load at every world size (:func:`load_checkpoint`): a DCP checkpoint is resharded
+on load (each rank reads the parts of the saved shards it now holds; one process reads them all), a ``state.pt`` is
+read by every rank of a larger run, which keeps its own shard of each tensor.  ``meta.json`` records the world size
+and the training config, so a resume can say what changed (and refuse a changed global batch, see ``xmodel.train``).
+
 **Atomicity.**  Everything is written into ``checkpoints/.tmp-step_00000100`` through ordinary file objects (so a
 full disk raises ``OSError(ENOSPC)``, not torch's opaque zip-writer error), files and directory are fsynced,
 ``meta.json`` is written last, then the directory is renamed to its final name (atomic on POSIX) and the parent
