@@ -9,7 +9,6 @@ processes resharded to 1, 2 and 4.  The bound is the one of ``test_train_distrib
 fp32 gradient reductions): per-step losses within 1e-5.
 """
 
-import shutil
 import subprocess
 import sys
 
@@ -105,7 +104,6 @@ def test_kill_at_world_4_resume_at_2_and_2_to_4(ref, two, tiny, tmp_path):  # no
     assert "processes 4 -> 2" in proc.stdout
     assert_follows(expected, train_losses(tmp_path / "four"), range(1, 9))
     # 2 -> 4: the 2-process run's step-6 checkpoint on 4 processes
-    shutil.rmtree(tmp_path / "four")
     proc = torchrun(args(tiny, tmp_path, "to4", 4, "--resume", step6(two)), 4)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_follows(expected, train_losses(tmp_path / "to4"), range(7, 9))
