@@ -30,7 +30,8 @@ import yaml
 from xmodel.training import checkpoint as ckpt
 from xmodel.training.config import TrainConfig, parse_args, resolve_lr
 from xmodel.training.data import MixtureSampler, check_token_ids
-from xmodel.training.distributed import DistInfo, init_distributed, shutdown, unwrap, wrap_model
+from xmodel.training.distributed import (DistInfo, check_replicate, exit_process, init_distributed, shutdown, unwrap,
+                                         wrap_model)
 from xmodel.training.metrics import MetricsLogger, peak_flops, plot_metrics
 from xmodel.training.optim import TrainOptimizer, build_adamw
 from xmodel.training.faults import fault_point
@@ -147,6 +148,7 @@ def setup(cfg: TrainConfig) -> Run:
     if chosen is not None:
         meta = chosen.meta
         check_compatible(meta.get("identity", {}), identity, chosen.path)
+        check_layout_change(meta, cfg, info, chosen.path, log)
         if int(meta["step"]) < cfg.steps:
             check_schedule_change(meta.get("config", {}), cfg, int(meta["step"]), meta["phase"], chosen.path, log)
     elif cfg.init_from:
@@ -157,6 +159,7 @@ def setup(cfg: TrainConfig) -> Run:
         check_compatible({"model": init.meta.get("identity", {}).get("model")}, {"model": identity["model"]},
                          Path(cfg.init_from))
     check_muon_settings(cfg)
+    check_replicate(cfg.parallel, cfg.dp_replicate if info.active else 1, info, cfg.fp8)
 
     # Model: built on the meta device, materialised, initialised from the seed (identically on every rank).
     from xmodel.model import Xmodel
@@ -173,7 +176,7 @@ def setup(cfg: TrainConfig) -> Run:
         from xmodel.training.compile import compile_blocks
 
         compile_blocks(model)
-    model = wrap_model(model, cfg.parallel, device, info)
+    model = wrap_model(model, cfg.parallel, device, info, cfg.dp_replicate)
 
     lr = resolve_lr(cfg, model_config.mup_width_multiplier)
     optimizer = TrainOptimizer(
@@ -208,6 +211,41 @@ def setup(cfg: TrainConfig) -> Run:
     run.step = start_step
     run.last_ckpt = chosen.path if chosen else None
     return run
+
+
+def check_layout_change(meta: dict, cfg: TrainConfig, info: DistInfo, path: Path, log) -> None:
+    """Resuming at another world size (or micro-batch, accumulation, parallelism): say what changed; refuse a changed
+    global batch (``batch_size * grad_accum * world``) unless ``--allow-batch-change``.  The checkpoint itself loads
+    at any world size (DCP reshards it); the data position counts global samples, so it carries over as it is."""
+    saved = meta.get("config", {})
+    old = {"world": int(meta.get("world", 1)), "batch_size": int(saved.get("batch_size", cfg.batch_size)),
+           "grad_accum": int(saved.get("grad_accum", cfg.grad_accum)), "parallel": saved.get("parallel", cfg.parallel),
+           "dp_replicate": int(saved.get("dp_replicate", 1))}
+    new = {"world": info.world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "parallel": cfg.parallel,
+           "dp_replicate": cfg.dp_replicate}
+    for side in (old, new):
+        if side["world"] == 1:  # one process has no parallelism to compare
+            side.update(parallel=None, dp_replicate=None)
+    changes = [f"{'processes' if k == 'world' else '--' + k.replace('_', '-')} {old[k]} -> {new[k]}"
+               for k in old if old[k] is not None and new[k] is not None and old[k] != new[k]]
+    if not changes:
+        return
+    g_old = old["batch_size"] * old["grad_accum"] * old["world"]
+    g_new = new["batch_size"] * new["grad_accum"] * new["world"]
+    if g_old != g_new and not cfg.allow_batch_change:
+        hints = []
+        if g_old % (cfg.grad_accum * info.world) == 0:
+            hints.append(f"--batch-size {g_old // (cfg.grad_accum * info.world)}")
+        if g_old % (cfg.batch_size * info.world) == 0:
+            hints.append(f"--grad-accum {g_old // (cfg.batch_size * info.world)}")
+        keep = f" (e.g. {' or '.join(hints)})" if hints else ""
+        raise ValueError(
+            f"--batch-size/--grad-accum: {path} was trained with a global batch of {old['batch_size']} x "
+            f"{old['grad_accum']} x {old['world']} = {g_old} sequences per step (micro-batch x accumulation x "
+            f"processes); this run has {cfg.batch_size} x {cfg.grad_accum} x {info.world} = {g_new}. Keep the global "
+            f"batch{keep}, or pass --allow-batch-change to continue with {g_new} sequences per step")
+    log(f"resuming with a changed layout: {', '.join(changes)}; global batch {g_old} -> {g_new} sequences"
+        f"{' (kept)' if g_old == g_new else ' (--allow-batch-change)'}; the checkpoint is resharded on load")
 
 
 def check_muon_settings(cfg: TrainConfig) -> None:
@@ -366,6 +404,8 @@ def describe(run: Run) -> str:
     precision = ("bf16 autocast, fp32 master weights" if not isinstance(run.autocast, contextlib.nullcontext)
                  else "fp32") + (f", fp8 {cfg.fp8}{' (emulated)' if cfg.fp8_emulate else ''}" if cfg.fp8 else "")
     parallel = f"{run.info.world} x {cfg.parallel}" if run.info.active else "1 process"
+    if run.info.active and cfg.dp_replicate > 1:
+        parallel += f" (HSDP: {cfg.dp_replicate} replicas x {run.info.world // cfg.dp_replicate} shards)"
     return "\n".join([
         f"model    {cfg.preset}{f' {cfg.model}' if cfg.model else ''}: {unwrap(run.model).num_parameters() / 1e6:.2f} M parameters, "
         f"{mc.num_hidden_layers} layers x {mc.hidden_size}, vocab {mc.vocab_size}, init {cfg.init}",
@@ -444,6 +484,7 @@ def train(cfg: TrainConfig) -> int:
         run.log.close()
     if info.is_main and not stopped:
         write_summary(run, final, hf_dir, t_start)
+    info.barrier()  # every rank leaves after rank 0 has written everything (a rank ending early cannot cut it short)
     return 0
 
 
@@ -499,6 +540,7 @@ def finish_completed(run: Run, t_start: float) -> int:
         hf_dir = ckpt.export_hf(run.model, run.model_config, run_dir / "hf", run.tokenizer_dir, info)
     if info.is_main:
         write_summary(run, final, hf_dir, t_start)
+    info.barrier()
     return 0
 
 
@@ -537,4 +579,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -35,7 +35,9 @@ initialised"):
   exactly the single-process numbers), the owner orthogonalises them batched, and a second ``all_to_all``
   returns the shards (in the compute dtype).  The next chunk's gather is issued before the current chunk is
   orthogonalised, overlapping communication and compute.  DTensors replicated over a 1-D mesh are handled
-  like DDP; other placements raise ``NotImplementedError``.
+  like DDP.  HSDP (FSDP2 on a 2-D mesh: ``Shard(0)`` on the shard dimension, ``Replicate`` on the replica
+  dimension): as FSDP2 within each replica group (its shard ranks split the Newton–Schulz work), every replica
+  group orthogonalising each matrix once on identical inputs.  Other placements raise ``NotImplementedError``.
 
 Public API (used by the trainer, ``xmodel.training``)::
 
@@ -240,8 +242,18 @@ class Muon(torch.optim.Optimizer):
             from torch.distributed.tensor import Replicate, Shard
 
             mesh, placements = p.device_mesh, tuple(p.placements)
-            if mesh.ndim != 1 or len(placements) != 1:
-                raise NotImplementedError(f"Muon supports DTensors on a 1-D mesh only, got placements {placements}")
+            if mesh.ndim > 1:
+                # HSDP (FSDP2 on a 2-D mesh): sharded on dim 0 over one mesh dimension, replicated over the others.
+                # The replicas hold the same shards (gradients are averaged over the whole world), so each replica
+                # group orthogonalises every matrix once, its Newton-Schulz work split over its shard ranks as FSDP.
+                shard_dims = [d for d, pl in enumerate(placements) if pl == Shard(0)]
+                if len(shard_dims) != 1 or not all(isinstance(pl, Replicate) for d, pl in enumerate(placements)
+                                                   if d != shard_dims[0]):
+                    raise NotImplementedError(
+                        f"Muon supports DTensors on a multi-dimensional mesh as HSDP only (Shard(0) on one mesh "
+                        f"dimension, Replicate on the others), got placements {placements}")
+                d = shard_dims[0]
+                return ("fsdp", mesh.get_group(d)) if mesh.size(d) > 1 else ("local", None)
             if placements[0] == Shard(0):
                 return ("fsdp", mesh.get_group(0)) if mesh.size() > 1 else ("local", None)
             if isinstance(placements[0], Replicate):

@@ -5,6 +5,11 @@ training config, the size of every file, whether the weights were finite) plus e
 model, optimizer, RNG) or a ``torch.distributed.checkpoint`` directory (several processes: each rank writes its
 shards) and ``rng_<rank>.pt``.
 
+**Any world size.**  Both formats load at every world size (:func:`load_checkpoint`): a DCP checkpoint is resharded
+on load (each rank reads the parts of the saved shards it now holds; one process reads them all), a ``state.pt`` is
+read by every rank of a larger run, which keeps its own shard of each tensor.  ``meta.json`` records the world size
+and the training config, so a resume can say what changed (and refuse a changed global batch, see ``xmodel.train``).
+
 **Atomicity.**  Everything is written into ``checkpoints/.tmp-step_00000100`` through ordinary file objects (so a
 full disk raises ``OSError(ENOSPC)``, not torch's opaque zip-writer error), files and directory are fsynced,
 ``meta.json`` is written last, then the directory is renamed to its final name (atomic on POSIX) and the parent
@@ -540,10 +545,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
         # the plain module's keys, so a run can resume with or without --compile
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}
     else:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(model, optimizer.optimizers)
-        state = {"model": model_sd, "optimizer": optim_sd}
+        state = train_state(model, optimizer, info)
     # the tensors' bytes plus the pickle/zip framing (measured: 2 % of a 1.4 MB state, less for larger ones)
     needed = int(info.all_reduce_sum([float(_tensor_bytes(state))], _comm_device())[0] * 1.02) + (64 << 10)
     finite = weights_finite(model, info)
@@ -567,9 +569,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
         if info.world == 1:
             _torch_save(state, tmp / STATE)
         else:
-            import torch.distributed.checkpoint as dcp
-
-            dcp.save(state, checkpoint_id=str(tmp))
+            dcp_save(state, tmp)
             _torch_save(rng_state(), tmp / f"rng_{info.rank}.pt")
         fault_point("save", info.rank)
     except Exception as exc:  # noqa: BLE001 - reported below, on every rank
@@ -616,31 +616,42 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
 # ---------------------------------------------------------------------------------------------------------
 def load_checkpoint(checked: Checked, model: torch.nn.Module, optimizer, info: DistInfo, flag: str = "--resume",
                     restore_rng: bool = True) -> dict[str, Any]:
-    """Restore model, optimizer (and RNG) from a checked checkpoint in place (every rank calls this)."""
+    """Restore model, optimizer (and RNG) from a checked checkpoint in place (every rank calls this), whatever the
+    world size that wrote it:
+
+    * ``torch`` (one process) at one process: ``load_state_dict`` as written;
+    * ``dcp`` (several processes) at any world size: each rank reads the parts of the saved shards that overlap its
+      own shards of the model and optimizer state (DCP's resharding; one process reads every shard);
+    * ``torch`` at several processes: every rank reads ``state.pt``, renames the optimizer's entries from parameter
+      numbers to parameter names (the optimizer of the same phase lists its parameters in the same order) and keeps
+      its own shard of each tensor.
+
+    The RNG state is the rank's own when the world size is unchanged, else rank 0's (the trainer draws no random
+    numbers after the initialisation; this keeps a resume deterministic)."""
     path, meta = checked.path, checked.meta
-    if meta.get("world") != info.world:
-        raise CheckpointError(
-            f"{flag}: {path} was written by {meta.get('world')} process(es), this run has {info.world}; "
-            "resume with the same number of processes"
-        )
+    same_world = meta.get("world") == info.world
     try:
-        if info.world == 1:
+        if meta["format"] == "torch" and not info.active:
             state = checked.state if checked.state is not None else safe_torch_load(path / STATE)
             unwrap(model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            if restore_rng:
-                set_rng_state(state["rng"])
+            rng = state["rng"]
         else:
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+            from torch.distributed.checkpoint.state_dict import set_state_dict
 
-            model_sd, optim_sd = get_state_dict(model, optimizer.optimizers)
-            state = {"model": model_sd, "optimizer": optim_sd}
-            dcp_load(state, path)
-            set_state_dict(model, optimizer.optimizers, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"])
-            rng_file = path / f"rng_{info.rank}.pt"
-            if restore_rng and rng_file.is_file():
-                set_rng_state(safe_torch_load(rng_file))
+            state = train_state(model, optimizer, info)
+            if meta["format"] == "torch":
+                saved = checked.state if checked.state is not None else safe_torch_load(path / STATE)
+                _fill_from_full(state, _named_full_state(saved, state))
+                rng = saved["rng"]
+            else:
+                dcp_load(state, path, no_dist=not info.active)
+                rng_file = path / f"rng_{info.rank if same_world else 0}.pt"
+                rng = safe_torch_load(rng_file) if rng_file.is_file() else None
+            set_state_dict(model if info.active else unwrap(model), optimizer.optimizers,
+                           model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if restore_rng and rng is not None:
+            set_rng_state(rng)
     except CheckpointError as exc:
         raise CheckpointError(f"{flag}: {exc}") from None
     except (RuntimeError, KeyError, ValueError, OSError) as exc:
@@ -650,6 +661,65 @@ def load_checkpoint(checked: Checked, model: torch.nn.Module, optimizer, info: D
         raise CheckpointError(f"{flag}: {path} loaded, but its weights hold NaN or inf; resume from an older "
                               "checkpoint with --resume PATH")
     return meta
+
+
+def _named_full_state(saved: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    """A one-process ``state.pt`` in the layout of :func:`train_state`: the optimizer's per-parameter state and
+    groups keyed by parameter name instead of number.  ``torch.optim`` numbers the parameters in the order of its
+    groups; ``template`` (this run's optimizer in the same phase) lists the names in that same order."""
+    optim = saved["optimizer"]["optimizer"]
+    names = [n for g in template["optimizer"]["param_groups"] for n in g["params"]]
+    numbers = [i for g in optim["param_groups"] for i in g["params"]]
+    if len(names) != len(numbers):
+        raise CheckpointError(f"its optimizer holds {len(numbers)} parameters, this run's {len(names)}")
+    by_number = dict(zip(numbers, names))
+    groups = [{**g, "params": [by_number[i] for i in g["params"]]} for g in optim["param_groups"]]
+    return {"model": saved["model"],
+            "optimizer": {"state": {by_number[i]: s for i, s in optim["state"].items()}, "param_groups": groups}}
+
+
+def _fill_from_full(template: dict[str, Any], full: dict[str, Any], where: str = "") -> None:
+    """Copy the full tensors of ``full`` into the (possibly DTensor-sharded) tensors of ``template`` in place: each
+    rank keeps its own shard (``distribute_tensor`` with the template's mesh and placements)."""
+    for key, dest in template.items():
+        name = f"{where}{key}"
+        if key not in full:
+            if key == "param_groups":  # hyper-parameters: this run's config governs them
+                continue
+            raise KeyError(f"the checkpoint lacks {name}")
+        src = full[key]
+        if isinstance(dest, dict):
+            _fill_from_full(dest, src, f"{name}.")
+        elif isinstance(dest, torch.Tensor):
+            if hasattr(dest, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                src = distribute_tensor(src.to(dest.device, dest.dtype), dest.device_mesh, dest.placements)
+            if tuple(src.shape) != tuple(dest.shape):
+                raise ValueError(f"{name} has shape {tuple(src.shape)} in the checkpoint, {tuple(dest.shape)} here")
+            _local(dest).copy_(_local(src))
+
+
+def train_state(model: torch.nn.Module, optimizer, info: DistInfo) -> dict[str, Any]:
+    """``{"model": ..., "optimizer": ...}`` keyed by parameter names (``get_state_dict``): the same keys at every
+    world size, plain tensors in one process and DTensor shards under FSDP2, so DCP reshards between them.  In one
+    process the plain module's names, so a run resumes with or without ``--compile``."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model if info.active else unwrap(model), optimizer.optimizers)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def dcp_save(state: dict[str, Any], path: Path, no_dist: bool = False) -> None:
+    """``torch.distributed.checkpoint.save`` into the directory ``path``; ``no_dist``: in one process."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        if no_dist:  # intended: one process writes the same format as several
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(path), no_dist=no_dist)
 
 
 def load_model_weights(path: Path) -> dict[str, torch.Tensor]:

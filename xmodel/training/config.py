@@ -254,6 +254,9 @@ class TrainConfig:
     # reason); "never": refuse if the run directory holds checkpoints; or a checkpoint/run directory to force one
     resume: str = "auto"
     init_from: str | None = None  # start a new phase from a checkpoint: its weights + optimizer state, step 0, new data
+    # resuming at another world size keeps the global batch (batch_size * grad_accum * world): a checkpoint whose
+    # global batch differs is refused (exit 2) unless this is set (the data position and schedule carry over as they are)
+    allow_batch_change: bool = False
 
     # --- model -------------------------------------------------------------------------------------------
     preset: str = "cpu-default"  # XmodelConfig preset (xmodel.config.PRESETS)
@@ -318,6 +321,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each layer in backward
     parallel: str = "fsdp"  # under torchrun: "fsdp" (FSDP2 fully_shard per layer) or "ddp"
+    # FSDP2 as HSDP: shard over world / R ranks, replicate R times (R groups of consecutive ranks are one replica
+    # each, e.g. one node); 1 = plain FSDP2 over the whole world
+    dp_replicate: int = 1
 
     # --- logging, eval, checkpoints ----------------------------------------------------------------------
     log_every: int = 1  # write a metrics.jsonl line every N steps
@@ -397,6 +403,8 @@ class TrainConfig:
         for name in ("fp8_emulate", "compile", "activation_checkpointing", "export_hf", "progress"):
             setattr(self, name, b(name, getattr(self, name)))
         self.parallel = to_choice("parallel", self.parallel, PARALLELISMS)
+        self.dp_replicate = i("dp_replicate", self.dp_replicate, 1, hint=" (1 = plain FSDP2)")
+        self.allow_batch_change = b("allow_batch_change", self.allow_batch_change)
         self.log_every = i("log_every", self.log_every, 1, hint=" (1 = a metrics line every step)")
         self.eval_every = i("eval_every", self.eval_every, 0, hint=" (0 = only at the end)")
         self.eval_batches = i("eval_batches", self.eval_batches, 1)
