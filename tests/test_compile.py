@@ -84,7 +84,10 @@ def _opcheck_cases():
     gu = torch.randn(6, 80, requires_grad=True)
     h, wv = torch.randn(6, 16, requires_grad=True), (torch.randn(50, 16) / 4).requires_grad_()
     t = torch.tensor([3, 0, -100, 49, 7, 21])
-    lce = (1.0, -100, 0.0, 4)  # logit_scale, ignore_index, z_loss, chunk
+    bv, logits = torch.randn(50, requires_grad=True), torch.randn(6, 50, requires_grad=True)
+    cw = torch.rand(50) + 0.5  # class weights
+    ce_opts = (1.0, -100, 0.0, 0.0, 0.0)  # logit scale, ignore_index, label smoothing, soft cap (0: none), z-loss
+    ce_all = (0.5, -100, 0.1, 3.0, 1e-2)
     X = torch.randn(2, 12, 20) / 20
     coeffs = [[3.4445] * 2, [-4.7750] * 2, [2.0315] * 2]
     d = lambda t: t.detach()  # noqa: E731
@@ -98,16 +101,22 @@ def _opcheck_cases():
         ("swiglu_bwd", sw._swiglu_bwd_op, (torch.randn(6, 40), d(g), d(u))),
         ("swiglu_fused_fwd", sw._swiglu_fused_fwd_op, (gu,)),
         ("swiglu_fused_bwd", sw._swiglu_fused_bwd_op, (torch.randn(6, 40), d(gu))),
-        ("lce_fwd_mean", ce._lce_fwd_op, (h, wv, t, lce[0], lce[1], "mean", lce[2], lce[3], True, True, True)),
-        ("lce_fwd_none", ce._lce_fwd_op, (h, wv, t, lce[0], lce[1], "none", lce[2], lce[3], True, True, True)),
-        ("lce_bwd_none", ce._lce_bwd_none_op, (d(h), d(wv), t, torch.randn(6), *lce, True, True, True)),
+        ("lce_fwd_mean", ce._lce_fwd_op, (h, wv, None, t, None, *ce_opts, "mean", 4, True, True, False, True)),
+        ("lce_fwd_none", ce._lce_fwd_op, (h, wv, None, t, None, *ce_opts, "none", 4, True, True, False, True)),
+        ("lce_fwd_options", ce._lce_fwd_op, (h, wv, bv, t, cw, *ce_all, "sum", 4, True, True, True, True)),
+        ("lce_bwd_none", ce._lce_bwd_none_op, (d(h), d(wv), d(bv), t, cw, torch.randn(6), *ce_all, 4, True, True, True,
+                                               True)),
+        ("ce_fwd", ce._ce_fwd_op, (logits, t, None, *ce_opts, "mean", True, True)),
+        ("ce_fwd_options", ce._ce_fwd_op, (logits, t, cw, *ce_all, "mean", True, True)),
+        ("ce_bwd_none", ce._ce_bwd_none_op, (d(logits), t, cw, torch.randn(6), *ce_all, True)),
         ("newton_schulz_batched", ns._ns_batched_op, (X, *coeffs)),
     ]
 
 
 _OPCHECK_IDS = ["rms_norm_fwd", "rms_norm_fwd_residual", "rms_norm_fwd_scale", "rms_norm_bwd", "rotary",
                 "swiglu_fwd", "swiglu_bwd", "swiglu_fused_fwd", "swiglu_fused_bwd", "lce_fwd_mean",
-                "lce_fwd_none", "lce_bwd_none", "newton_schulz_batched"]  # fmt: skip
+                "lce_fwd_none", "lce_fwd_options", "lce_bwd_none", "ce_fwd", "ce_fwd_options", "ce_bwd_none",
+                "newton_schulz_batched"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", _OPCHECK_IDS)

@@ -257,7 +257,7 @@ def _init_worker() -> None:
 
 def _run_task(job: tuple) -> dict:
     """Tokenise one task into ``part`` (atomically), then write its ``.json``; returns the counts."""
-    from xmodel.training.data import ShardWriter
+    from xmodel.training.shards import ShardWriter
 
     index, segments, files, text_field, skip_bad, part, key = job
     tok, bos, eos = _WORKER["tok"], _WORKER["bos"], _WORKER["eos"]
@@ -340,7 +340,7 @@ def prepare(files: list[Path], tokenizer, framing, out_dir: Path, text_field: st
             chunk_bytes: int | None = None) -> dict:
     """Tokenise ``files`` into ``out_dir`` (parts + ``manifest.json``); returns the manifest.  Resumable: parts whose
     ``.json`` key matches are kept.  ``workers`` 0 = one per core.  Raises :class:`BadInput` naming the file."""
-    from xmodel.training.data import read_shard, token_dtype
+    from xmodel.training.shards import read_shard, token_dtype
 
     out_dir = Path(out_dir)
     workers = workers or default_workers()
@@ -481,7 +481,7 @@ def summary(manifest: dict, seconds: float, new_tokens: int, work_seconds: float
 
 def read_manifest(directory: Path, flag: str = "data") -> dict:
     """The manifest of a prepared directory, checked against its parts (``ValueError`` naming the directory)."""
-    from xmodel.training.data import read_shard
+    from xmodel.training.shards import read_shard
 
     directory = Path(directory)
     path = directory / "manifest.json"
