@@ -13,10 +13,11 @@ from xkernels.testing import count_launches
 from xkernels import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_bwd_ref, rms_norm_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# max|actual - float64 reference| / max|reference|.  fp32 ~1e-5; fp16/bf16 ~1-2 ulp of the output dtype at the
-# largest magnitude (bf16: 2^-7 = 7.8e-3).  The interpreter rounds fp32 -> bf16 to nearest even as a GPU does
-# (xkernels.testing.round_casts_like_gpu), so the Triton path has the torch path's bounds.
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
+# max|actual - float64 reference| / max|reference|.  fp32 ~1e-5; fp16/bf16: up to three roundings to the output
+# dtype (the residual sum, the normalised value, the product with the weight), each half an ulp: 1.5 ulp at the
+# largest magnitude (bf16: 1.5 * 2^-7 = 1.2e-2; seen 9.75e-3 with a residual).  The interpreter rounds fp32 -> bf16
+# to nearest even as a GPU does (xkernels.testing.round_casts_like_gpu), so the Triton path has the torch path's bounds.
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, scale: float = 0.0) -> float:
