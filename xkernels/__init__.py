@@ -9,7 +9,7 @@ from xkernels.dispatch import force_backend, launch_on, use_triton
 
 # --- public ops (one line per module; keep alphabetical within each group) ---
 from xkernels.rmsnorm import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_bwd_ref, rms_norm_ref
-from xkernels.rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin
+from xkernels.rotary import apply_rotary, apply_rotary_pos_emb, apply_rotary_ref, rotary_cos_sin
 from xkernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from xkernels.patching import PatchReport, patch
 from xkernels.newton_schulz import newton_schulz, newton_schulz_ref
@@ -28,6 +28,7 @@ __all__ = [
     "rms_norm_bwd_ref",
     "rms_norm_ref",
     "apply_rotary",
+    "apply_rotary_pos_emb",
     "apply_rotary_ref",
     "rotary_cos_sin",
     "linear_cross_entropy",
