@@ -10,6 +10,9 @@ Two guards keep the suite from passing without testing anything:
 * Kernel test modules (:data:`KERNEL_MODULES`, or any module with ``pytestmark = pytest.mark.kernels``) must launch
   at least one ``@triton.jit`` kernel across the tests that ran: every test is wrapped in
   :func:`xkernels.testing.count_launches`, and a module whose selected tests launched nothing fails at its teardown.
+
+Under the interpreter, casts to bf16 round to nearest even as on a GPU (:func:`xkernels.testing.round_casts_like_gpu`;
+the interpreter itself truncates), so the Triton path's bf16 results are a GPU's and share the torch path's bounds.
 """
 
 import os
@@ -56,6 +59,10 @@ def pytest_configure(config):
             "could run, so every parity test would compare the PyTorch reference with itself. Unset it (the test "
             "setup then uses Triton's CPU interpreter) or set TRITON_INTERPRET=1."
         )
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in _FALSY:
+        from xkernels.testing import round_casts_like_gpu
+
+        round_casts_like_gpu()
 
 
 @pytest.fixture(params=DEVICES)

@@ -235,8 +235,10 @@ def test_kernel_backend_step_matches_reference_backend(device, dtype):
     for p, q, p0 in zip(a, b, start):
         if dtype == torch.float32:
             torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
-        else:  # relative to how far the weights moved (same bf16 band as test_newton_schulz)
-            assert ((p - q).norm() / (q - p0).norm()).item() < 3e-2
+        else:  # relative to how far the weights moved: measured 0 for the one-tile matrices and <= 4.1e-3 for 40x72
+            # (fp32 accumulation order across K tiles flips a few bf16 roundings, amplified over 5 steps x 2 steps);
+            # 1.8e-2 while the interpreter truncated bf16 casts
+            assert ((p - q).norm() / (q - p0).norm()).item() < 1e-2
 
 
 def test_default_runs_reference_on_cpu_even_when_interpreting(monkeypatch):

@@ -22,9 +22,10 @@ needs_kernels = pytest.mark.skipif(
 )
 
 # Kernel vs reference, same compute dtype.  fp32: same products, only the accumulation order differs.
-# bf16: A, B and X are rounded to bf16 between products (as in the reference) and the interpreter's fp32->bf16
-# store truncates, so one-ulp differences propagate through 5 steps: measured <= 1.3% relative (Frobenius).
-TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+# bf16: A, B and X are rounded to bf16 between products, as in the reference; with the interpreter's casts rounded
+# to nearest even as on a GPU (tests/conftest.py), kernel and reference round the same values: measured <= 4.9e-5
+# relative (Frobenius) over these shapes x 3 seeds (it was 3.3e-2 while the interpreter truncated).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -266,3 +267,30 @@ def test_newton_schulz_custom_op_opcheck():
     X = torch.randn(2, 12, 20) / 20
     a, b, c = (list(v) for v in zip(*MUON_COEFFICIENTS * 2))
     torch.library.opcheck(_ns_batched_op, (X, a, b, c))
+
+
+def test_cpu_bf16_probe_runs_outside_compiled_regions(monkeypatch):
+    """The default compute dtype's CPU probe (AVX512-BF16 / AMX) is answered once, at import: with ``dtype`` left to
+    the default, ``newton_schulz`` and ``Muon.step`` trace as one graph even where running the probe would split it.
+    Here the probes are replaced by functions that break any graph they run in (as an untraceable probe does on some
+    CPUs); the import-time constant keeps them out of the trace."""
+    from xkernels.optim import Muon
+
+    def splitting_probe():
+        torch._dynamo.graph_break()
+        return False
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, splitting_probe, raising=False)
+    G = torch.randn(24, 40)
+    torch._dynamo.reset()
+    with force_backend("torch"):
+        explained = torch._dynamo.explain(lambda g: newton_schulz(g, 2))(G)
+        assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+        w = torch.nn.Parameter(torch.randn(24, 40))
+        w.grad = torch.randn_like(w)
+        opt = Muon([w], lr=0.02)
+        opt.step()  # state created eagerly, then the traced step
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(opt.step)()
+        assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]

@@ -111,3 +111,41 @@ def test_interpreter_switched_off_without_gpu_is_a_usage_error(pytester, monkeyp
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*TRITON_INTERPRET=*no Triton kernel*could run*"])
+
+
+# --- GPU rounding under the interpreter ----------------------------------------------------------------------------
+@pytest.mark.skipif(not interpreting(), reason="the patch is for Triton's CPU interpreter")
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.float16, torch.float64])
+def test_interpreter_rounds_bf16_casts_like_a_gpu(src_dtype):
+    """tests/conftest.py installed round_casts_like_gpu: a kernel's ``x.to(tl.bfloat16)`` equals ``x.bfloat16()``
+    bit for bit (ties to even, overflow to inf, NaN kept), where the bare interpreter truncates half of the values."""
+    import triton
+    import triton.language as tl
+
+    from xkernels.testing import rounds_casts_like_gpu
+
+    assert rounds_casts_like_gpu()
+
+    @triton.jit
+    def _cast_to_bf16(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask).to(tl.bfloat16), mask=mask)
+
+    x = torch.randn(1000, dtype=torch.float64) * torch.logspace(-30, 30, 1000, dtype=torch.float64)
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2**-130 * (1 + 2**-8)], dtype=torch.float64)
+    special = [float("inf"), -float("inf"), float("nan"), 3.4e38, -3.4e38, 0.0, -0.0]
+    x = torch.cat([x, ties, torch.tensor(special, dtype=torch.float64)]).to(src_dtype)
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    with count_launches() as launches:
+        _cast_to_bf16[(triton.cdiv(x.numel(), 256),)](x, y, x.numel(), BLOCK=256)
+    assert launches["_cast_to_bf16"] == 1
+    want = x.float().bfloat16()
+    assert torch.equal(y.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(y[finite].view(torch.int16), want[finite].view(torch.int16))
+    if src_dtype == torch.float32:  # the bare interpreter would have been wrong on about half of them
+        import triton.runtime.interpreter as interpreter
+
+        truncated = interpreter._convert_float(x.numpy(), tl.float32, tl.bfloat16, None).astype("int16")
+        assert (torch.from_numpy(truncated)[finite] != want[finite].view(torch.int16)).sum() > 300

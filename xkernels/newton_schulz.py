@@ -98,11 +98,16 @@ def resolve_coefficients(
     return triples, 1.0
 
 
-@functools.cache
-def _cpu_has_fast_bf16() -> bool:
+def _probe_cpu_fast_bf16() -> bool:
     """AVX512-BF16 or AMX: where oneDNN runs bf16 GEMMs natively (and faster than fp32)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+# Probed once, at import, so the answer is a plain constant inside a ``torch.compile`` region: Dynamo ignores
+# ``functools.cache`` and would trace the probe itself, and on CPUs where the first probe answers False the second
+# one (not traceable on every build) split the graph of ``newton_schulz`` and ``Muon.step``.
+_CPU_HAS_FAST_BF16: bool = _probe_cpu_fast_bf16()
 
 
 def default_compute_dtype(device: torch.device) -> torch.dtype:
@@ -112,7 +117,7 @@ def default_compute_dtype(device: torch.device) -> torch.dtype:
     16×512×1536 batch 70 ms bf16 vs 253 ms fp32, 4×1536×1536 132 ms vs 556 ms.  Without those ISA
     extensions bf16 GEMMs are emulated and several times slower than fp32, so fp32 is used there.
     """
-    if torch.device(device).type == "cpu" and not _cpu_has_fast_bf16():
+    if torch.device(device).type == "cpu" and not _CPU_HAS_FAST_BF16:
         return torch.float32
     return torch.bfloat16
 

@@ -7,6 +7,9 @@
   (``.item()``, ``.tolist()``, ``int(t)``, ``bool(t)``, data-dependent shapes such as ``nonzero``).  Such an
   operation stalls the CPU on a GPU, breaks CUDA-graph capture and splits a ``torch.compile`` graph.  Run on a
   CPU it finds the same operations, so the check works without a GPU.
+* :func:`round_casts_like_gpu` -- makes Triton's CPU interpreter round fp32 -> bf16 casts to nearest even, as a GPU
+  does (the interpreter truncates), so a kernel's bf16 results under test are the values a GPU would store and its
+  parity tests can hold the Triton path to the PyTorch path's tolerances.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HostSyncError", "count_launches", "no_host_sync"]
+__all__ = ["HostSyncError", "count_launches", "no_host_sync", "round_casts_like_gpu", "rounds_casts_like_gpu"]
 
 
 @contextlib.contextmanager
@@ -105,3 +108,59 @@ def no_host_sync() -> Iterator[None]:
     """
     with _NoSyncMethods(), _NoSyncOps():
         yield
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GPU rounding in Triton's CPU interpreter
+# --------------------------------------------------------------------------------------------------------------------
+def _bf16_bits_rne(values) -> "numpy.ndarray":
+    """fp32 values -> bf16 bit patterns (uint16), rounded to nearest, ties to even: what ``cvt.rn.bf16.f32`` on a GPU
+    and ``Tensor.bfloat16()`` give.  Overflow rounds to inf; a NaN stays a (quiet) NaN with its sign."""
+    import numpy as np
+
+    f = np.ascontiguousarray(values, dtype=np.float32)
+    bits = f.view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(f)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
+    return rounded
+
+
+def rounds_casts_like_gpu() -> bool:
+    """Whether :func:`round_casts_like_gpu` is in force in this process."""
+    from triton.runtime import interpreter
+
+    return getattr(interpreter.InterpreterBuilder.cast_impl, "_xk_rounds_like_gpu", False)
+
+
+def round_casts_like_gpu() -> None:
+    """Make Triton's CPU interpreter (``TRITON_INTERPRET=1``) round casts to bf16 to nearest even, as a GPU does.
+
+    The interpreter (Triton 3.6 and 3.9) truncates an fp32 -> bf16 cast -- ``x.to(tl.bfloat16)``, or an fp32 value
+    stored through a bf16 pointer -- so about half of all bf16 values a kernel stores come out one ulp low, which
+    doubles a kernel's bf16 error under test and hides rounding-level bugs.  After this call those casts give the
+    GPU's ``cvt.rn.bf16.f32`` result bit for bit (NaN, inf and overflow included).  Casts from fp16 and fp64 go
+    through fp32 first (fp16 -> fp32 is exact; fp64 is rounded twice, which can differ from the GPU's single rounding
+    in a tie of a tie, never seen in practice).  Casts to fp16 need no patch: the interpreter uses numpy's, which
+    rounds to nearest even.  Idempotent; process-wide; meant for test sessions (``tests/conftest.py`` calls it).
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if rounds_casts_like_gpu():
+        return
+    truncating = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        src_type, dst = src.dtype.scalar, dst_type.scalar
+        if dst == tl.bfloat16 and src_type != tl.bfloat16 and src_type.is_floating():
+            data = src.data if src_type != tl.float64 else src.data.astype(np.float32)
+            return interpreter.TensorHandle(_bf16_bits_rne(data.astype(np.float32, copy=False)), dst)
+        return truncating(self, src, dst_type)
+
+    cast_impl._xk_rounds_like_gpu = True
+    cast_impl._xk_truncating = truncating
+    builder.cast_impl = cast_impl
