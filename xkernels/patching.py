@@ -1,16 +1,21 @@
 """Drop-in patching of Hugging Face ``transformers`` causal LMs with the xkernels ops.
 
-``report = xkernels.patch(model)`` works on a built model instance (Llama, Qwen2, Qwen3, Mistral, Granite;
-our :class:`xmodel.model.Xmodel` is reported as already native) and changes only that instance:
+``report = xkernels.patch(model)`` works on a built model instance (Llama, Qwen2, Qwen3, Mistral, Granite,
+Gemma, Gemma 2, Gemma 3 (text), Phi-3, OLMo 2 -- :data:`FAMILIES` records where each differs from Llama; our
+:class:`xmodel.model.Xmodel` is reported as already native) and changes only that instance.  An op whose HF
+semantics xkernels does not reproduce in this build is skipped with the reason in the report, never patched
+approximately:
 
 * ``rms_norm``: every ``<Arch>RMSNorm`` module is replaced by :class:`xkernels.RMSNorm` holding the very
   same weight ``Parameter`` (optimizer state, ``state_dict`` keys and tying are unchanged).
 * ``rotary``: the attention modules' ``apply_rotary_pos_emb(q, k, cos, sin)`` runs
-  :func:`xkernels.apply_rotary`.  HF calls that function by its module-global name, so the modeling
+  :func:`xkernels.apply_rotary_pos_emb` (partial rotary for Phi-3: the first ``cos.shape[-1]`` features).  HF calls that function by its module-global name, so the modeling
   module's global is wrapped once by a dispatcher that uses ours only while an attention module of a
   patched model is running (forward hooks on those modules) and HF's function otherwise -- other models
   of the same architecture in the process are unaffected.
-* ``swiglu``: each ``<Arch>MLP`` with ``hidden_act`` silu computes ``down(swiglu(gate(x), up(x)))``.
+* ``swiglu``: each ``<Arch>MLP`` with ``hidden_act`` silu computes ``down(swiglu(gate(x), up(x)))``
+  (Phi-3: ``down(swiglu_fused(gate_up(x)))``, gate = first half as in HF).
+* ``geglu``: Gemma's tanh-GELU MLPs (``down(gelu_tanh(gate(x)) * up(x))``).
 * ``cross_entropy``: the ``*ForCausalLM`` forward, when training (``model.training``) with ``labels``,
   computes the loss with :func:`xkernels.linear_cross_entropy` from the final hidden states -- the
   ``(tokens, vocab)`` logits are never formed and ``logits`` is returned as ``None`` (Liger's convention).
