@@ -33,6 +33,7 @@ to the activation dtype); in a model of one dtype the two agree.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import sys
 import threading
@@ -48,7 +49,10 @@ class _Family:
     """What a model family computes where it differs from Llama (read from its HF modeling file)."""
 
     prefix: str  # class-name prefix of its modules: <prefix>RMSNorm, <prefix>Attention, <prefix>MLP
-    norm: str = "llama"  # "llama": w * x_hat; "gemma": x_hat * (1 + w), all in fp32, cast once (Gemma 1/2/3)
+    # RMSNorm: y = x_hat * (norm_offset + w); casting "llama": x_hat rounded to the input dtype before the weight
+    # multiply (Llama, Qwen, Phi-3); "gemma": the product in fp32, rounded once (Gemma's 1 + w, OLMo 2's w)
+    norm_offset: float = 0.0
+    norm_casting: str = "llama"
     mlp: str = "gated"  # "gated": down(act(gate(x)) * up(x)); "fused": gate_up_proj, gate = first half (Phi-3)
     act_attr: str = "hidden_act"  # the config field naming the MLP activation
     partial_rotary: bool = False  # HF's apply_rotary_pos_emb rotates q[..., :cos.shape[-1]] only (Phi-3)
@@ -61,13 +65,17 @@ FAMILIES = {  # config.model_type -> family
     "qwen3": _Family("Qwen3"),
     "mistral": _Family("Mistral"),
     "granite": _Family("Granite"),
-    "gemma": _Family("Gemma", norm="gemma"),
-    "gemma2": _Family("Gemma2", norm="gemma", act_attr="hidden_activation", softcap_attr="final_logit_softcapping"),
+    "gemma": _Family("Gemma", norm_offset=1.0, norm_casting="gemma"),
+    "gemma2": _Family(
+        "Gemma2", norm_offset=1.0, norm_casting="gemma", act_attr="hidden_activation",
+        softcap_attr="final_logit_softcapping",
+    ),  # fmt: skip
     "gemma3_text": _Family(
-        "Gemma3", norm="gemma", act_attr="hidden_activation", softcap_attr="final_logit_softcapping"
-    ),
+        "Gemma3", norm_offset=1.0, norm_casting="gemma", act_attr="hidden_activation",
+        softcap_attr="final_logit_softcapping",
+    ),  # fmt: skip
     "phi3": _Family("Phi3", mlp="fused", partial_rotary=True),
-    "olmo2": _Family("Olmo2"),
+    "olmo2": _Family("Olmo2", norm_casting="gemma"),
 }
 SUPPORTED = {model_type: family.prefix for model_type, family in FAMILIES.items()}
 OPS = ("rms_norm", "rotary", "swiglu", "geglu", "cross_entropy", "fp8")
@@ -102,11 +110,15 @@ def _patch_rms_norm(model: nn.Module, family: _Family) -> tuple[str | None, str 
     from xkernels.rmsnorm import RMSNorm
 
     cls_name = f"{family.prefix}RMSNorm"
-    if family.norm == "gemma":
-        return None, (
-            f"{cls_name} computes x_hat * (1 + w) in fp32 and casts once: needs xkernels.rms_norm(offset=1.0, "
-            "casting_mode='gemma'), not in this build; HF's norm is kept"
-        )
+    options = {}
+    if family.norm_offset or family.norm_casting != "llama":
+        if not _accepts(RMSNorm, "offset") or not _accepts(RMSNorm, "casting_mode"):
+            what = "x_hat * (1 + w)" if family.norm_offset else "w * x_hat"
+            return None, (
+                f"{cls_name} computes {what} in fp32 and casts once: needs xkernels.RMSNorm(offset="
+                f"{family.norm_offset:g}, casting_mode='gemma'), not in this build; HF's norm is kept"
+            )
+        options = {"offset": family.norm_offset, "casting_mode": family.norm_casting}
     targets = [
         (parent, name, child)
         for parent in model.modules()
@@ -117,10 +129,19 @@ def _patch_rms_norm(model: nn.Module, family: _Family) -> tuple[str | None, str 
         eps = getattr(old, "variance_epsilon", getattr(old, "eps", None))
         if eps is None or not isinstance(getattr(old, "weight", None), nn.Parameter) or old.weight.dim() != 1:
             raise ValueError(f"{cls_name} module {name!r} has no 1-D weight / variance_epsilon; cannot patch it")
-        new = RMSNorm(old.weight.shape[0], eps=float(eps), device="meta")
+        new = RMSNorm(old.weight.shape[0], eps=float(eps), device="meta", **options)
         new.weight = old.weight  # the same Parameter: optimizer state, tying and state_dict keys survive
         setattr(parent, name, new)
-    return (f"{len(targets)} {cls_name} -> xkernels.RMSNorm" if targets else None), None
+    opts = "".join(f", {k}={v!r}" for k, v in options.items())
+    return (f"{len(targets)} {cls_name} -> xkernels.RMSNorm{f'({opts[2:]})' if opts else ''}" if targets else None), None
+
+
+def _accepts(fn, name: str) -> bool:
+    """Whether ``fn`` (a function or class) takes the keyword ``name`` (ops other branches are adding)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,6 +241,13 @@ def _swiglu_fused_mlp_forward(self, x):
     return self.down_proj(swiglu_fused(self.gate_up_proj(x)))
 
 
+def _geglu_mlp_forward(self, x):
+    """Gemma: ``down(gelu_tanh(gate(x)) * up(x))``."""
+    from xkernels.swiglu import geglu
+
+    return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+
+
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 
 
@@ -230,14 +258,18 @@ def _patch_mlp(model: nn.Module, family: _Family, op: str) -> tuple[str | None, 
     if act not in wants:
         kind = "SwiGLU needs silu" if op == "swiglu" else "GeGLU needs the tanh GELU"
         return None, f"{family.act_attr}={act!r}: {kind}, does not apply"
-    if op == "geglu":
+    if op == "geglu" and not hasattr(importlib.import_module("xkernels.swiglu"), "geglu"):
         return None, (
             f"{family.act_attr}={act!r}: GeGLU needs xkernels.geglu, not in this build; HF's MLP is kept"
         )
+    if op == "geglu" and family.mlp == "fused":
+        return None, f"{family.prefix}MLP: a fused gate_up GeGLU is not wired here; HF's MLP is kept"
     mlp_cls = f"{family.prefix}MLP"
     mlps = [m for m in model.modules() if type(m).__name__ == mlp_cls]
     names, forward, what = ("gate_proj", "up_proj", "down_proj"), _swiglu_mlp_forward, "down(xkernels.swiglu(gate, up))"
-    if family.mlp == "fused":
+    if op == "geglu":
+        forward, what = _geglu_mlp_forward, "down(xkernels.geglu(gate, up))"
+    elif family.mlp == "fused":
         names, forward = ("gate_up_proj", "down_proj"), _swiglu_fused_mlp_forward
         what = "down(xkernels.swiglu_fused(gate_up))"
     for mlp in mlps:
@@ -254,7 +286,7 @@ def _patch_mlp(model: nn.Module, family: _Family, op: str) -> tuple[str | None, 
 _LOSS_ONLY_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
 
 
-def _make_causal_lm_forward(model: nn.Module, logit_scale: float):
+def _make_causal_lm_forward(model: nn.Module, logit_scale: float, softcap: float | None = None):
     original = model.forward  # bound method of the class
     signature = inspect.signature(original)
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
@@ -283,10 +315,11 @@ def _make_causal_lm_forward(model: nn.Module, logit_scale: float):
         weight = self.lm_head.weight
         if weight.dtype != hidden.dtype:
             weight = weight.to(hidden.dtype)
+        options = {} if softcap is None else {"softcap": float(softcap)}  # Gemma 2/3: tanh soft-cap of the logits
         if num_items is None:
-            loss = linear_cross_entropy(hidden, weight, shift_labels, logit_scale, ignore_index, "mean")
+            loss = linear_cross_entropy(hidden, weight, shift_labels, logit_scale, ignore_index, "mean", **options)
         else:
-            loss = linear_cross_entropy(hidden, weight, shift_labels, logit_scale, ignore_index, "sum")
+            loss = linear_cross_entropy(hidden, weight, shift_labels, logit_scale, ignore_index, "sum", **options)
             loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
         fields = CausalLMOutputWithPast.__dataclass_fields__
         extra = {
@@ -309,8 +342,10 @@ def _patch_cross_entropy(model: nn.Module, model_type: str, family: _Family) -> 
         return None, f"{type(model).__name__} has no lm_head Linear over a .model backbone (not a *ForCausalLM)"
     if head.bias is not None:
         return None, "lm_head has a bias, which linear_cross_entropy does not take"
+    from xkernels.cross_entropy import linear_cross_entropy
+
     softcap = getattr(model.config, family.softcap_attr, None) if family.softcap_attr else None
-    if softcap is not None:
+    if softcap is not None and not _accepts(linear_cross_entropy, "softcap"):
         return None, (
             f"{family.softcap_attr}={softcap:g}: the loss needs linear_cross_entropy(softcap=...), not in this "
             "build; HF's loss is kept"
@@ -318,9 +353,10 @@ def _patch_cross_entropy(model: nn.Module, model_type: str, family: _Family) -> 
     logit_scale = 1.0
     if model_type == "granite":
         logit_scale = 1.0 / float(model.config.logits_scaling)
-    fn = _make_causal_lm_forward(model, logit_scale)
+    fn = _make_causal_lm_forward(model, logit_scale, softcap)
     model.forward = types.MethodType(fn, model)
     scale = f", logit_scale={logit_scale:g}" if logit_scale != 1.0 else ""
+    scale += f", softcap={softcap:g}" if softcap is not None else ""
     return f"{type(model).__name__}.forward: training loss via xkernels.linear_cross_entropy{scale}", None
 
 
