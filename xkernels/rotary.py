@@ -524,9 +524,11 @@ if triton_available():
 # in chunks.  4 warps up to 2048 elements, 8 above.
 _MAX_TILE = 4096
 # kernel="position": (BLOCK_H x BLOCK_D) tiles of _POSITION_TILE elements at 4 warps, i.e. 2 fp32 values per
-# thread per half: 40 registers on sm_90a for head_dim 64 and 128, bf16 and fp32, forward and backward
-# (ptxas via tests/test_rotary.py::test_sm90a_occupancy) -> 12 blocks of 4 warps per SM, 75% occupancy
-# (the 72-register "token" kernel: 7 blocks, 44%).
+# thread per half.  ptxas for sm_90a (tests/test_rotary.py::test_sm90a_occupancy, general strides and batch):
+# Triton 3.9: 40 registers -> 12 blocks of 4 warps per SM, 75% occupancy; Triton 3.6: 32 (100%), 40 for partial
+# rotary.  The "token" kernel: 72 registers at the AOT gate's capture (44%), 85-128 with general strides.
+# Not timed on a GPU yet: a 512 tile holds twice the bytes in flight per thread at 48 registers (62.5%) -- the
+# GPU session should time both (benchmarks/bench_rotary.py) before this is final.
 _POSITION_TILE = 256
 _POSITION_WARPS = 4
 # Enough programs to fill an H100 (132 SMs x 12 resident blocks ~ 1600) several times over before batch rows
