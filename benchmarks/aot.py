@@ -68,6 +68,26 @@ def _rmsnorm(torch, xk):
         for scale in (None, 1.4 / 48**0.5):  # the model folds the residual-branch multiplier into the add
             y, s = xk.add_rms_norm(x, r, w, scale=scale)
             (y.sum() + s.sum()).backward()
+        # issue 19 options: Gemma (offset + fp32-inside "gemma" casting), "none" casting, weight-free
+        xk.rms_norm(x, w, offset=1.0, casting_mode="gemma").sum().backward()
+        xk.rms_norm(x, w, offset=1.0, casting_mode="none").sum().backward()
+        xk.rms_norm(x, None).sum().backward()
+    # issue 21 item 4: the selectable launch structures (warp-per-row forward, one-program-per-SM backward)
+    import importlib
+
+    rn = importlib.import_module("xkernels.rmsnorm")
+    saved = rn.FWD_LAYOUT, rn.BWD_SCHEDULE
+    rn.FWD_LAYOUT, rn.BWD_SCHEDULE = "warp_per_row", "per_sm"
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(ROWS, HIDDEN, dtype=dtype, requires_grad=True)
+            r = torch.randn(ROWS, HIDDEN, dtype=dtype, requires_grad=True)
+            w = torch.ones(HIDDEN, dtype=dtype, requires_grad=True)
+            xk.rms_norm(x, w).sum().backward()
+            y, s = xk.add_rms_norm(x, r, w, scale=1.4 / 48**0.5)
+            (y.sum() + s.sum()).backward()
+    finally:
+        rn.FWD_LAYOUT, rn.BWD_SCHEDULE = saved
 
 
 def _rotary(torch, xk):
@@ -91,6 +111,17 @@ def _swiglu(torch, xk):
     xk.swiglu(g, u).float().sum().backward()
     x = torch.randn(ROWS, 2 * FFN, dtype=torch.bfloat16, requires_grad=True)
     xk.swiglu_fused(x).float().sum().backward()
+    xk.geglu(g, u).float().sum().backward()
+    xk.geglu_fused(x).float().sum().backward()
+
+
+def _layernorm(torch, xk):
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(ROWS, HIDDEN, dtype=dtype, requires_grad=True)
+        w = torch.ones(HIDDEN, dtype=dtype, requires_grad=True)
+        b = torch.zeros(HIDDEN, dtype=dtype, requires_grad=True)
+        xk.layer_norm(x, w, b).sum().backward()
+        xk.layer_norm(x, None, None).sum().backward()
 
 
 def _cross_entropy(torch, xk):
@@ -132,6 +163,7 @@ SCENARIOS = {
     "rmsnorm": _rmsnorm,
     "rotary": _rotary,
     "swiglu": _swiglu,
+    "layernorm": _layernorm,
     "cross_entropy": _cross_entropy,
     "fp8": _fp8,
     "newton_schulz": _newton_schulz,
@@ -417,17 +449,31 @@ def problems(row: dict, arch: str) -> list[str]:
     return out
 
 
+def _constexpr_names(spec: dict) -> set:
+    """The kernel's ``tl.constexpr`` parameters (their integer values are compiled in, not specialised by class)."""
+    try:
+        kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+        while not hasattr(kernel, "params") and hasattr(kernel, "fn"):  # autotuner / heuristics wrappers
+            kernel = kernel.fn
+        return {p.name for p in kernel.params if p.is_constexpr}
+    except (ImportError, AttributeError):
+        return set()
+
+
 def _variant_key(spec: dict) -> str:
-    """Two launches compile the same code when they differ only in integer values Triton does not specialise on."""
-    def norm(arg):
-        if arg["kind"] == "int":
+    """Two launches compile the same code when they differ only in integer values Triton does not specialise on
+    (a constexpr integer, e.g. NUM_STAGES=2 vs 3, is compiled in: kept as is)."""
+    constexprs = _constexpr_names(spec)
+
+    def norm(arg, name=None):
+        if arg["kind"] == "int" and name not in constexprs:
             v = arg["value"]
             return {"kind": "int", "class": "1" if v == 1 else ("d16" if v % 16 == 0 else "n"),
                     "wide": not -(2**31) <= v < 2**31}
         return arg
 
     body = {k: v for k, v in spec.items() if k not in ("scenario", "args")}
-    body["args"] = {k: norm(v) for k, v in spec["args"].items()}
+    body["args"] = {k: norm(v, k) for k, v in spec["args"].items()}
     return json.dumps(body, sort_keys=True)
 
 

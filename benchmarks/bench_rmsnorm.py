@@ -83,3 +83,33 @@ def test_add_rms_norm(benchmark, impl, tokens, mode):
     bytes_moved = (4 if mode == "fwd" else 8) * tokens * HIDDEN * DTYPE.itemsize
     run_memory_bound(benchmark, fn, make_inputs, op="add_rms_norm", family="rmsnorm", impl=impl, mode=mode,
                      shape=f"{tokens}x{HIDDEN}", dtype=DTYPE, bytes_moved=bytes_moved)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ options (issue 19)
+def rms_norm_gemma_eager(x, weight, eps=EPS):
+    """HF Gemma's RMSNorm: fp32 throughout, ``(1 + w)``, one cast at the end."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).to(x.dtype)
+
+
+def _liger_rms_gemma():
+    fn = liger("liger_kernel.transformers.functional", "liger_rms_norm")
+    return lambda x, w: fn(x, w, EPS, offset=1.0, casting_mode="gemma", in_place=False)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rms_norm_gemma(benchmark, impl, tokens, mode):
+    """``offset=1, casting_mode="gemma"`` (Gemma); same bytes as :func:`test_rms_norm`."""
+    ours = lambda x, w: xkernels.rms_norm(x, w, EPS, offset=1.0, casting_mode="gemma")
+    fn = contender(impl, ours=ours, eager=rms_norm_gemma_eager, peer=_liger_rms_gemma)
+    grad = mode != "fwd"
+
+    def make_inputs():
+        x = randn(tokens, HIDDEN, dtype=DTYPE, requires_grad=grad)
+        return (x, _weight(grad)), randn(tokens, HIDDEN, dtype=DTYPE)
+
+    bytes_moved = (2 if mode == "fwd" else 5) * tokens * HIDDEN * DTYPE.itemsize
+    run_memory_bound(benchmark, fn, make_inputs, op="rms_norm_gemma", family="rmsnorm", impl=impl, mode=mode,
+                     shape=f"{tokens}x{HIDDEN}", dtype=DTYPE, bytes_moved=bytes_moved)  # fmt: skip

@@ -40,6 +40,7 @@ DEVICES = ["cpu"] + (["cuda"] if _HAS_CUDA else [])
 # ``pytestmark = pytest.mark.kernels``.
 KERNEL_MODULES = {
     "test_rmsnorm",
+    "test_layernorm",
     "test_rotary",
     "test_swiglu",
     "test_linear_cross_entropy",

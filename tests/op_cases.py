@@ -66,6 +66,11 @@ def _swiglu_fused(device, backend):
     return _leaf(3, 5, 80, device=device), _weights(3, 5, 40, device=device)
 
 
+def _layer_norm(device, backend):
+    x, w, c = _rms_norm(device, backend)
+    return x, w, _leaf(32, device=device), c
+
+
 def _lce(device, backend):
     t = torch.tensor([3, 0, -100, 49, 7, 21], device=device)
     return _leaf(6, 16, device=device), _leaf(50, 16, device=device, scale=0.25), t
@@ -126,6 +131,13 @@ CASES = [
            ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")),
     OpCase("swiglu_fused", _swiglu_fused, lambda x, c: (xkernels.swiglu_fused(x) * c).sum(),
            ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")),
+    OpCase("rms_norm_gemma_offset", _rms_norm,
+           lambda x, w, c: (xkernels.rms_norm(x, w, 1e-5, offset=1.0, casting_mode="gemma") * c).sum(),
+           ("_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel")),
+    OpCase("geglu", _swiglu, lambda g, u, c: (xkernels.geglu(g, u) * c).sum(),
+           ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")),
+    OpCase("layer_norm", _layer_norm, lambda x, w, b, c: (xkernels.layer_norm(x, w, b) * c).sum(),
+           ("_layernorm_fwd_kernel", "_layernorm_bwd_kernel")),
     OpCase("linear_cross_entropy", _lce, lambda h, w, t: xkernels.linear_cross_entropy(h, w, t, z_loss=1e-3),
            ("_ce_chunk_kernel",)),
     OpCase("newton_schulz", _ns, lambda g: xkernels.newton_schulz(g, 2, dtype=torch.float32).sum(),

@@ -9,11 +9,12 @@ from xkernels.dispatch import force_backend, launch_on, use_triton
 
 # --- public ops (one line per module; keep alphabetical within each group) ---
 from xkernels.rmsnorm import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_bwd_ref, rms_norm_ref
+from xkernels.layernorm import LayerNorm, layer_norm, layer_norm_bwd_ref, layer_norm_ref
 from xkernels.rotary import apply_rotary, apply_rotary_pos_emb, apply_rotary_ref, rotary_cos_sin
 from xkernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from xkernels.patching import PatchReport, patch
 from xkernels.newton_schulz import newton_schulz, newton_schulz_ref
-from xkernels.swiglu import swiglu, swiglu_fused, swiglu_fused_ref, swiglu_ref
+from xkernels.swiglu import geglu, geglu_fused, geglu_fused_ref, geglu_ref, swiglu, swiglu_fused, swiglu_fused_ref, swiglu_ref
 from xkernels import fp8  # subpackage: from xkernels.fp8 import FP8Linear, convert_to_fp8, quantize, fp8_gemm, FP8Recipe
 
 __all__ = [
@@ -27,6 +28,10 @@ __all__ = [
     "rms_norm",
     "rms_norm_bwd_ref",
     "rms_norm_ref",
+    "LayerNorm",
+    "layer_norm",
+    "layer_norm_bwd_ref",
+    "layer_norm_ref",
     "apply_rotary",
     "apply_rotary_pos_emb",
     "apply_rotary_ref",
@@ -41,6 +46,10 @@ __all__ = [
     "swiglu_fused",
     "swiglu_fused_ref",
     "swiglu_ref",
+    "geglu",
+    "geglu_fused",
+    "geglu_fused_ref",
+    "geglu_ref",
     "fp8",
 ]
 __version__ = "0.1.0"
