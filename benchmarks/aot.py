@@ -132,6 +132,15 @@ def _cross_entropy(torch, xk):
     xk.linear_cross_entropy(h, w, t, logit_scale=1 / 6).backward()
     with torch.no_grad():
         xk.linear_cross_entropy(h, w, t, logit_scale=1 / 6)
+    # every option on (smoothing with class weights, soft cap, z-loss, bias) and the per-token backward
+    cw, b = torch.rand(VOCAB) + 0.5, torch.zeros(VOCAB, dtype=torch.bfloat16, requires_grad=True)
+    opts = dict(ce_weight=cw, label_smoothing=0.1, softcap=30.0, lse_square_scale=1e-4, bias=b)
+    xk.linear_cross_entropy(h, w, t, logit_scale=1 / 6, **opts).backward()
+    xk.linear_cross_entropy(h, w, t, reduction="none", label_smoothing=0.1).sum().backward()
+    # cross_entropy on ready logits (same kernel; fp32 logits too)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(4, VOCAB, dtype=dtype, requires_grad=True)
+        xk.cross_entropy(x, t[:4], label_smoothing=0.1, softcap=30.0, weight=cw).backward()
 
 
 def _fp8(torch, xk):

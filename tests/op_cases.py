@@ -76,6 +76,16 @@ def _lce(device, backend):
     return _leaf(6, 16, device=device), _leaf(50, 16, device=device, scale=0.25), t
 
 
+def _lce_options(device, backend):
+    h, w, t = _lce(device, backend)
+    return h, w, _leaf(50, device=device, scale=0.1), t, torch.rand(50, device=device) + 0.5
+
+
+def _ce_logits(device, backend):
+    t = torch.tensor([3, 0, -100, 49, 7, 21], device=device)
+    return _leaf(6, 50, device=device, scale=2.0), t, torch.rand(50, device=device) + 0.5
+
+
 def _ns(device, backend):
     return (torch.randn(2, 12, 20, device=device),)
 
@@ -139,6 +149,14 @@ CASES = [
     OpCase("layer_norm", _layer_norm, lambda x, w, b, c: (xkernels.layer_norm(x, w, b) * c).sum(),
            ("_layernorm_fwd_kernel", "_layernorm_bwd_kernel")),
     OpCase("linear_cross_entropy", _lce, lambda h, w, t: xkernels.linear_cross_entropy(h, w, t, z_loss=1e-3),
+           ("_ce_chunk_kernel",)),
+    OpCase("linear_cross_entropy_options", _lce_options,
+           lambda h, w, b, t, cw: xkernels.linear_cross_entropy(h, w, t, bias=b, ce_weight=cw, label_smoothing=0.1,
+                                                               softcap=5.0, lse_square_scale=1e-3),
+           ("_ce_chunk_kernel",)),
+    OpCase("cross_entropy", _ce_logits,
+           lambda x, t, cw: xkernels.cross_entropy(x, t, weight=cw, label_smoothing=0.1, softcap=5.0,
+                                                   lse_square_scale=1e-3),
            ("_ce_chunk_kernel",)),
     OpCase("newton_schulz", _ns, lambda g: xkernels.newton_schulz(g, 2, dtype=torch.float32).sum(),
            ("_ns_gram_kernel", "_ns_update_kernel"), backward=False),

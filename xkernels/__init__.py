@@ -12,6 +12,7 @@ from xkernels.rmsnorm import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, 
 from xkernels.layernorm import LayerNorm, layer_norm, layer_norm_bwd_ref, layer_norm_ref
 from xkernels.rotary import apply_rotary, apply_rotary_pos_emb, apply_rotary_ref, rotary_cos_sin
 from xkernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from xkernels.cross_entropy import cross_entropy, cross_entropy_ref  # (hides the module attribute: import_module it)
 from xkernels.patching import PatchReport, patch
 from xkernels.newton_schulz import newton_schulz, newton_schulz_ref
 from xkernels.swiglu import geglu, geglu_fused, geglu_fused_ref, geglu_ref, swiglu, swiglu_fused, swiglu_fused_ref, swiglu_ref
@@ -37,6 +38,8 @@ __all__ = [
     "apply_rotary_ref",
     "rotary_cos_sin",
     "linear_cross_entropy",
+    "cross_entropy",
+    "cross_entropy_ref",
     "linear_cross_entropy_ref",
     "PatchReport",
     "patch",
