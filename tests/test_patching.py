@@ -2,6 +2,7 @@
 the unpatched twin (fp32), and each patched op really runs."""
 
 import copy
+import functools
 import importlib
 
 import pytest
@@ -43,13 +44,8 @@ ARCHS = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
 }
 ALL_OPS = {"rms_norm", "rotary", "swiglu", "cross_entropy"}
-# What patch() does per family in this build; the rest is skipped with a reason (see test_family_skips_say_why).
-PATCHED = {
-    "gemma": {"rotary", "cross_entropy"},
-    "gemma2": {"rotary"},
-    "gemma3_text": {"rotary", "cross_entropy"},
-    "olmo2": {"rotary", "swiglu", "cross_entropy"},
-}
+GEMMA_OPS = {"rms_norm", "rotary", "geglu", "cross_entropy"}  # x_hat * (1 + w) norms, tanh-GELU MLPs
+PATCHED = {"gemma": GEMMA_OPS, "gemma2": GEMMA_OPS, "gemma3_text": GEMMA_OPS}  # the others: ALL_OPS
 
 
 def _tiny(arch: str, **overrides) -> nn.Module:
@@ -80,6 +76,7 @@ def spies(monkeypatch):
     def spy(module, name, key):
         original = getattr(module, name)
 
+        @functools.wraps(original)  # keeps the signature patch() inspects for optional keywords
         def wrapper(*args, **kwargs):
             counts[key] += 1
             return original(*args, **kwargs)
@@ -90,6 +87,7 @@ def spies(monkeypatch):
     spy(patching, "_xkernels_rotary", "rotary")
     spy(importlib.import_module("xkernels.swiglu"), "swiglu", "swiglu")
     spy(importlib.import_module("xkernels.swiglu"), "swiglu_fused", "swiglu")
+    spy(importlib.import_module("xkernels.swiglu"), "geglu", "swiglu")  # (the MLP kernels share one counter)
     spy(importlib.import_module("xkernels.cross_entropy"), "linear_cross_entropy", "cross_entropy")
     return counts
 
@@ -123,7 +121,7 @@ def _check_parity(arch, spies):
     report = xkernels.patch(model)
     expected = PATCHED.get(arch, ALL_OPS)
     assert set(report.patched) == expected, str(report)
-    assert set(report.skipped) >= ALL_OPS - expected, str(report)
+    assert set(report.skipped) >= (ALL_OPS | GEMMA_OPS) - expected, str(report)
     if "rms_norm" in expected:
         assert not any(type(m).__name__.endswith("RMSNorm") and type(m) is not xkernels.RMSNorm for m in model.modules())
 
@@ -131,7 +129,7 @@ def _check_parity(arch, spies):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=2e-5, rtol=1e-5)
     assert (spies["rms_norm"] > 0) == ("rms_norm" in expected) and spies["rotary"] == 2
-    assert spies["swiglu"] == (2 if "swiglu" in expected else 0)
+    assert spies["swiglu"] == 2  # SwiGLU or GeGLU, one per layer
 
     out, out_ref = model(ids, labels=labels), ref(ids, labels=labels)
     assert (out.logits is None) == ("cross_entropy" in expected)  # training + labels: logits never formed
@@ -145,15 +143,24 @@ def _check_parity(arch, spies):
         torch.testing.assert_close(grads[name], grads_ref[name], atol=2e-6, rtol=2e-4, msg=name)
 
 
-def test_family_skips_say_why():
-    """An op a family needs but this build lacks is skipped with the reason, never patched wrongly."""
-    reports = {arch: xkernels.patch(_tiny(arch)) for arch in ("gemma2", "phi3")}
-    assert "RMSNorm(offset=1, casting_mode='gemma')" in reports["gemma2"].skipped["rms_norm"]
-    assert "xkernels.geglu" in reports["gemma2"].skipped["geglu"]
-    assert "SwiGLU needs silu" in reports["gemma2"].skipped["swiglu"]
-    assert "final_logit_softcapping=30" in reports["gemma2"].skipped["cross_entropy"]
-    assert "partial rotary" in reports["phi3"].patched["rotary"] and "swiglu_fused" in reports["phi3"].patched["swiglu"]
-    assert "the tanh GELU" in reports["phi3"].skipped["geglu"]
+def test_family_reports_and_skips_say_why(monkeypatch):
+    """What each family's report says; an op the build lacks is skipped with the reason, never patched wrongly."""
+    gemma2, phi3 = xkernels.patch(_tiny("gemma2")), xkernels.patch(_tiny("phi3"))
+    assert "RMSNorm(offset=1.0, casting_mode='gemma')" in gemma2.patched["rms_norm"]
+    assert "softcap=30" in gemma2.patched["cross_entropy"] and "xkernels.geglu" in gemma2.patched["geglu"]
+    assert "SwiGLU needs silu" in gemma2.skipped["swiglu"]
+    assert "partial rotary" in phi3.patched["rotary"] and "swiglu_fused" in phi3.patched["swiglu"]
+    assert "the tanh GELU" in phi3.skipped["geglu"]
+    assert "casting_mode='gemma'" in xkernels.patch(_tiny("olmo2")).patched["rms_norm"]  # w * x_hat in fp32, one cast
+
+    monkeypatch.setattr(patching, "_accepts", lambda fn, name: False)  # a build without those keywords
+    monkeypatch.delattr(importlib.import_module("xkernels.swiglu"), "geglu")
+    model = _tiny("gemma2")
+    report = xkernels.patch(model)
+    assert "needs xkernels.RMSNorm(offset=1, casting_mode='gemma')" in report.skipped["rms_norm"]
+    assert "needs xkernels.geglu" in report.skipped["geglu"]
+    assert "final_logit_softcapping=30" in report.skipped["cross_entropy"]
+    assert set(report.patched) == {"rotary"} and type(model.model.norm).__name__ == "Gemma2RMSNorm"
 
 
 def test_bf16_model_close_to_original():
