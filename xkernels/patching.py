@@ -15,13 +15,15 @@ approximately:
   of the same architecture in the process are unaffected.
 * ``swiglu``: each ``<Arch>MLP`` with ``hidden_act`` silu computes ``down(swiglu(gate(x), up(x)))``
   (Phi-3: ``down(swiglu_fused(gate_up(x)))``, gate = first half as in HF).
-* ``geglu``: Gemma's tanh-GELU MLPs (``down(gelu_tanh(gate(x)) * up(x))``).
+* ``geglu``: Gemma's tanh-GELU MLPs compute ``down(geglu(gate(x), up(x)))``.
+* RMSNorm per family: Gemma's ``x_hat * (1 + w)`` in fp32 with one cast is ``RMSNorm(offset=1.0,
+  casting_mode="gemma")``; OLMo 2's ``w * x_hat`` in fp32 is ``casting_mode="gemma"`` with no offset.
 * ``cross_entropy``: the ``*ForCausalLM`` forward, when training (``model.training``) with ``labels``,
   computes the loss with :func:`xkernels.linear_cross_entropy` from the final hidden states -- the
   ``(tokens, vocab)`` logits are never formed and ``logits`` is returned as ``None`` (Liger's convention).
   The HF loss semantics are kept: labels shifted by one (or ``shift_labels``), mean over non-ignored
   tokens, or ``sum / num_items_in_batch`` when that is given; Granite's ``1 / logits_scaling``
-  becomes ``logit_scale``.  One difference: a batch whose labels are all ignored gives loss 0, not NaN.
+  becomes ``logit_scale``, Gemma 2/3's ``final_logit_softcapping`` ``softcap``.  One difference: a batch whose labels are all ignored gives loss 0, not NaN.
   In eval mode, or without labels, the original forward runs unchanged.
 * ``fp8``: ``None``/``False`` leaves the linears alone; ``True`` (default recipe) or an
   ``xkernels.fp8.FP8Recipe`` converts them with ``xkernels.fp8.convert_to_fp8``.
