@@ -9,8 +9,8 @@ approximately:
 * ``rms_norm``: every ``<Arch>RMSNorm`` module is replaced by :class:`xkernels.RMSNorm` holding the very
   same weight ``Parameter`` (optimizer state, ``state_dict`` keys and tying are unchanged).
 * ``rotary``: the attention modules' ``apply_rotary_pos_emb(q, k, cos, sin)`` runs
-  :func:`xkernels.apply_rotary_pos_emb` (partial rotary for Phi-3: the first ``cos.shape[-1]`` features).  HF calls that function by its module-global name, so the modeling
-  module's global is wrapped once by a dispatcher that uses ours only while an attention module of a
+  :func:`xkernels.apply_rotary_pos_emb` (partial rotary for Phi-3: the first ``cos.shape[-1]`` features).
+  HF calls that function by its module-global name, so the modeling module's global is wrapped once by a dispatcher that uses ours only while an attention module of a
   patched model is running (forward hooks on those modules) and HF's function otherwise -- other models
   of the same architecture in the process are unaffected.
 * ``swiglu``: each ``<Arch>MLP`` with ``hidden_act`` silu computes ``down(swiglu(gate(x), up(x)))``
@@ -23,8 +23,8 @@ approximately:
   ``(tokens, vocab)`` logits are never formed and ``logits`` is returned as ``None`` (Liger's convention).
   The HF loss semantics are kept: labels shifted by one (or ``shift_labels``), mean over non-ignored
   tokens, or ``sum / num_items_in_batch`` when that is given; Granite's ``1 / logits_scaling``
-  becomes ``logit_scale``, Gemma 2/3's ``final_logit_softcapping`` ``softcap``.  One difference: a batch whose labels are all ignored gives loss 0, not NaN.
-  In eval mode, or without labels, the original forward runs unchanged.
+  becomes ``logit_scale``, Gemma 2/3's ``final_logit_softcapping`` ``softcap``.  One difference: a
+  batch whose labels are all ignored gives loss 0, not NaN.  In eval mode, or without labels, the original forward runs unchanged.
 * ``fp8``: ``None``/``False`` leaves the linears alone; ``True`` (default recipe) or an
   ``xkernels.fp8.FP8Recipe`` converts them with ``xkernels.fp8.convert_to_fp8``.
 
