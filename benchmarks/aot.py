@@ -106,6 +106,10 @@ def _rotary(torch, xk):
         (qo.float().sum() + ko.float().sum()).backward()
     with torch.no_grad():
         xk.apply_rotary(q.detach().clone(), k.detach().clone(), cos, sin, inplace=True)
+    qo, ko = xk.apply_rotary(q, k, cos, sin, kernel="token")  # the earlier kernel, kept for timing side by side
+    (qo.float().sum() + ko.float().sum()).backward()
+    qo, ko = xk.apply_rotary(q, k, cos[:, : HEAD_DIM // 2].contiguous(), sin[:, : HEAD_DIM // 2].contiguous())
+    (qo.float().sum() + ko.float().sum()).backward()  # partial rotary (the pass-through copy)
 
 
 def _swiglu(torch, xk):

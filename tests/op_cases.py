@@ -51,6 +51,13 @@ def _rotary(device, backend):
     return _leaf(2, 4, 3, 16, device=device), _leaf(2, 4, 1, 16, device=device), cos, sin, pos
 
 
+def _rotary_hf(device, backend):
+    """HF layout (batch, heads, seq, head_dim), per-token (batch, seq, rotary_dim) rows, partial rotary."""
+    cos, sin = xkernels.rotary_cos_sin(16, 12, device=device)
+    pos = torch.tensor([[0, 3, 5, 7], [1, 2, 9, 15]], device=device)
+    return _leaf(2, 3, 4, 20, device=device), _leaf(2, 1, 4, 20, device=device), cos[pos], sin[pos]
+
+
 def _swiglu(device, backend):
     return _leaf(3, 5, 40, device=device), _leaf(3, 5, 40, device=device), _weights(3, 5, 40, device=device)
 
@@ -127,6 +134,9 @@ CASES = [
            lambda q, k, cos, sin, pos: sum((o * o.detach()).sum() for o in xkernels.apply_rotary(q, k, cos, sin, pos)),
            ("_rotary_kernel",)),
     OpCase("apply_rotary_inplace", _rotary, _inplace_rotary, ("_rotary_kernel",)),
+    OpCase("apply_rotary_pos_emb", _rotary_hf,
+           lambda q, k, cos, sin: sum((o * o.detach()).sum() for o in xkernels.apply_rotary_pos_emb(q, k, cos, sin)),
+           ("_rotary_kernel",)),
     OpCase("swiglu", _swiglu, lambda g, u, c: (xkernels.swiglu(g, u) * c).sum(),
            ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")),
     OpCase("swiglu_fused", _swiglu_fused, lambda x, c: (xkernels.swiglu_fused(x) * c).sum(),

@@ -2,6 +2,7 @@
 the unpatched twin (fp32), and each patched op really runs."""
 
 import copy
+import functools
 import importlib
 
 import pytest
@@ -33,7 +34,18 @@ ARCHS = {
         "GraniteForCausalLM",
         {"logits_scaling": 4.0, "embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2},
     ),
+    # Gemma: x_hat * (1 + w) norms, tanh-GELU MLPs, head_dim set explicitly (its default is 256)
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 16}),  # softcap 30
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 16}),
+    # Phi-3: fused gate_up_proj, partial rotary (half of each head rotates)
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"partial_rotary_factor": 0.5, "pad_token_id": 0, "bos_token_id": 1,
+                                               "eos_token_id": 2}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
 }
+ALL_OPS = {"rms_norm", "rotary", "swiglu", "cross_entropy"}
+GEMMA_OPS = {"rms_norm", "rotary", "geglu", "cross_entropy"}  # x_hat * (1 + w) norms, tanh-GELU MLPs
+PATCHED = {"gemma": GEMMA_OPS, "gemma2": GEMMA_OPS, "gemma3_text": GEMMA_OPS}  # the others: ALL_OPS
 
 
 def _tiny(arch: str, **overrides) -> nn.Module:
@@ -64,6 +76,7 @@ def spies(monkeypatch):
     def spy(module, name, key):
         original = getattr(module, name)
 
+        @functools.wraps(original)  # keeps the signature patch() inspects for optional keywords
         def wrapper(*args, **kwargs):
             counts[key] += 1
             return original(*args, **kwargs)
@@ -73,6 +86,8 @@ def spies(monkeypatch):
     spy(importlib.import_module("xkernels.rmsnorm"), "rms_norm", "rms_norm")
     spy(patching, "_xkernels_rotary", "rotary")
     spy(importlib.import_module("xkernels.swiglu"), "swiglu", "swiglu")
+    spy(importlib.import_module("xkernels.swiglu"), "swiglu_fused", "swiglu")
+    spy(importlib.import_module("xkernels.swiglu"), "geglu", "swiglu")  # (the MLP kernels share one counter)
     spy(importlib.import_module("xkernels.cross_entropy"), "linear_cross_entropy", "cross_entropy")
     return counts
 
@@ -91,8 +106,10 @@ def _grads(model):
 
 @pytest.mark.parametrize(
     "arch, backend",
-    [("llama", "auto"), ("llama", "torch"), ("qwen2", "torch"), ("qwen3", "torch"), ("mistral", "torch"), ("granite", "torch")],
-)
+    [("llama", "auto"), ("llama", "torch"), ("qwen2", "torch"), ("qwen3", "torch"), ("mistral", "torch"), ("granite", "torch"),
+     ("gemma", "torch"), ("gemma2", "torch"), ("gemma3_text", "torch"), ("phi3", "auto"), ("phi3", "torch"),
+     ("olmo2", "torch")],
+)  # fmt: skip
 def test_patched_model_matches_original(arch, backend, spies):
     with xkernels.force_backend(backend):
         _check_parity(arch, spies)
@@ -102,16 +119,21 @@ def _check_parity(arch, spies):
     ref = _tiny(arch)
     model = copy.deepcopy(ref)
     report = xkernels.patch(model)
-    assert set(report.patched) == {"rms_norm", "rotary", "swiglu", "cross_entropy"}, str(report)
-    assert not any(type(m).__name__.endswith("RMSNorm") and type(m) is not xkernels.RMSNorm for m in model.modules())
+    expected = PATCHED.get(arch, ALL_OPS)
+    assert set(report.patched) == expected, str(report)
+    assert set(report.skipped) >= (ALL_OPS | GEMMA_OPS) - expected, str(report)
+    if "rms_norm" in expected:
+        assert not any(type(m).__name__.endswith("RMSNorm") and type(m) is not xkernels.RMSNorm for m in model.modules())
 
     ids, labels = _batch()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=2e-5, rtol=1e-5)
-    assert spies["rms_norm"] > 0 and spies["rotary"] == 2 and spies["swiglu"] == 2
+    assert (spies["rms_norm"] > 0) == ("rms_norm" in expected) and spies["rotary"] == 2
+    assert spies["swiglu"] == 2  # SwiGLU or GeGLU, one per layer
 
     out, out_ref = model(ids, labels=labels), ref(ids, labels=labels)
-    assert out.logits is None and spies["cross_entropy"] == 1  # training + labels: logits never formed
+    assert (out.logits is None) == ("cross_entropy" in expected)  # training + labels: logits never formed
+    assert spies["cross_entropy"] == ("cross_entropy" in expected)
     torch.testing.assert_close(out.loss, out_ref.loss, atol=1e-5, rtol=1e-5)
     out.loss.backward()
     out_ref.loss.backward()
@@ -119,6 +141,26 @@ def _check_parity(arch, spies):
     assert grads.keys() == grads_ref.keys() and len(grads) == len(list(ref.parameters()))
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], atol=2e-6, rtol=2e-4, msg=name)
+
+
+def test_family_reports_and_skips_say_why(monkeypatch):
+    """What each family's report says; an op the build lacks is skipped with the reason, never patched wrongly."""
+    gemma2, phi3 = xkernels.patch(_tiny("gemma2")), xkernels.patch(_tiny("phi3"))
+    assert "RMSNorm(offset=1.0, casting_mode='gemma')" in gemma2.patched["rms_norm"]
+    assert "softcap=30" in gemma2.patched["cross_entropy"] and "xkernels.geglu" in gemma2.patched["geglu"]
+    assert "SwiGLU needs silu" in gemma2.skipped["swiglu"]
+    assert "partial rotary" in phi3.patched["rotary"] and "swiglu_fused" in phi3.patched["swiglu"]
+    assert "the tanh GELU" in phi3.skipped["geglu"]
+    assert "casting_mode='gemma'" in xkernels.patch(_tiny("olmo2")).patched["rms_norm"]  # w * x_hat in fp32, one cast
+
+    monkeypatch.setattr(patching, "_accepts", lambda fn, name: False)  # a build without those keywords
+    monkeypatch.delattr(importlib.import_module("xkernels.swiglu"), "geglu")
+    model = _tiny("gemma2")
+    report = xkernels.patch(model)
+    assert "needs xkernels.RMSNorm(offset=1, casting_mode='gemma')" in report.skipped["rms_norm"]
+    assert "needs xkernels.geglu" in report.skipped["geglu"]
+    assert "final_logit_softcapping=30" in report.skipped["cross_entropy"]
+    assert set(report.patched) == {"rotary"} and type(model.model.norm).__name__ == "Gemma2RMSNorm"
 
 
 def test_bf16_model_close_to_original():

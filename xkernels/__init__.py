@@ -10,7 +10,7 @@ from xkernels.dispatch import force_backend, launch_on, use_triton
 # --- public ops (one line per module; keep alphabetical within each group) ---
 from xkernels.rmsnorm import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_bwd_ref, rms_norm_ref
 from xkernels.layernorm import LayerNorm, layer_norm, layer_norm_bwd_ref, layer_norm_ref
-from xkernels.rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin
+from xkernels.rotary import apply_rotary, apply_rotary_pos_emb, apply_rotary_ref, rotary_cos_sin
 from xkernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from xkernels.cross_entropy import cross_entropy, cross_entropy_ref  # (hides the module attribute: import_module it)
 from xkernels.patching import PatchReport, patch
@@ -34,6 +34,7 @@ __all__ = [
     "layer_norm_bwd_ref",
     "layer_norm_ref",
     "apply_rotary",
+    "apply_rotary_pos_emb",
     "apply_rotary_ref",
     "rotary_cos_sin",
     "linear_cross_entropy",

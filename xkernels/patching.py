@@ -1,23 +1,30 @@
 """Drop-in patching of Hugging Face ``transformers`` causal LMs with the xkernels ops.
 
-``report = xkernels.patch(model)`` works on a built model instance (Llama, Qwen2, Qwen3, Mistral, Granite;
-our :class:`xmodel.model.Xmodel` is reported as already native) and changes only that instance:
+``report = xkernels.patch(model)`` works on a built model instance (Llama, Qwen2, Qwen3, Mistral, Granite,
+Gemma, Gemma 2, Gemma 3 (text), Phi-3, OLMo 2 -- :data:`FAMILIES` records where each differs from Llama; our
+:class:`xmodel.model.Xmodel` is reported as already native) and changes only that instance.  An op whose HF
+semantics xkernels does not reproduce in this build is skipped with the reason in the report, never patched
+approximately:
 
 * ``rms_norm``: every ``<Arch>RMSNorm`` module is replaced by :class:`xkernels.RMSNorm` holding the very
   same weight ``Parameter`` (optimizer state, ``state_dict`` keys and tying are unchanged).
 * ``rotary``: the attention modules' ``apply_rotary_pos_emb(q, k, cos, sin)`` runs
-  :func:`xkernels.apply_rotary`.  HF calls that function by its module-global name, so the modeling
-  module's global is wrapped once by a dispatcher that uses ours only while an attention module of a
+  :func:`xkernels.apply_rotary_pos_emb` (partial rotary for Phi-3: the first ``cos.shape[-1]`` features).
+  HF calls that function by its module-global name, so the modeling module's global is wrapped once by a dispatcher that uses ours only while an attention module of a
   patched model is running (forward hooks on those modules) and HF's function otherwise -- other models
   of the same architecture in the process are unaffected.
-* ``swiglu``: each ``<Arch>MLP`` with ``hidden_act`` silu computes ``down(swiglu(gate(x), up(x)))``.
+* ``swiglu``: each ``<Arch>MLP`` with ``hidden_act`` silu computes ``down(swiglu(gate(x), up(x)))``
+  (Phi-3: ``down(swiglu_fused(gate_up(x)))``, gate = first half as in HF).
+* ``geglu``: Gemma's tanh-GELU MLPs compute ``down(geglu(gate(x), up(x)))``.
+* RMSNorm per family: Gemma's ``x_hat * (1 + w)`` in fp32 with one cast is ``RMSNorm(offset=1.0,
+  casting_mode="gemma")``; OLMo 2's ``w * x_hat`` in fp32 is ``casting_mode="gemma"`` with no offset.
 * ``cross_entropy``: the ``*ForCausalLM`` forward, when training (``model.training``) with ``labels``,
   computes the loss with :func:`xkernels.linear_cross_entropy` from the final hidden states -- the
   ``(tokens, vocab)`` logits are never formed and ``logits`` is returned as ``None`` (Liger's convention).
   The HF loss semantics are kept: labels shifted by one (or ``shift_labels``), mean over non-ignored
   tokens, or ``sum / num_items_in_batch`` when that is given; Granite's ``1 / logits_scaling``
-  becomes ``logit_scale``.  One difference: a batch whose labels are all ignored gives loss 0, not NaN.
-  In eval mode, or without labels, the original forward runs unchanged.
+  becomes ``logit_scale``, Gemma 2/3's ``final_logit_softcapping`` ``softcap``.  One difference: a
+  batch whose labels are all ignored gives loss 0, not NaN.  In eval mode, or without labels, the original forward runs unchanged.
 * ``fp8``: ``None``/``False`` leaves the linears alone; ``True`` (default recipe) or an
   ``xkernels.fp8.FP8Recipe`` converts them with ``xkernels.fp8.convert_to_fp8``.
 
@@ -28,6 +35,7 @@ to the activation dtype); in a model of one dtype the two agree.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import sys
 import threading
@@ -37,14 +45,42 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-SUPPORTED = {  # config.model_type -> class-name prefix of its modules
-    "llama": "Llama",
-    "qwen2": "Qwen2",
-    "qwen3": "Qwen3",
-    "mistral": "Mistral",
-    "granite": "Granite",
+
+@dataclass(frozen=True)
+class _Family:
+    """What a model family computes where it differs from Llama (read from its HF modeling file)."""
+
+    prefix: str  # class-name prefix of its modules: <prefix>RMSNorm, <prefix>Attention, <prefix>MLP
+    # RMSNorm: y = x_hat * (norm_offset + w); casting "llama": x_hat rounded to the input dtype before the weight
+    # multiply (Llama, Qwen, Phi-3); "gemma": the product in fp32, rounded once (Gemma's 1 + w, OLMo 2's w)
+    norm_offset: float = 0.0
+    norm_casting: str = "llama"
+    mlp: str = "gated"  # "gated": down(act(gate(x)) * up(x)); "fused": gate_up_proj, gate = first half (Phi-3)
+    act_attr: str = "hidden_act"  # the config field naming the MLP activation
+    partial_rotary: bool = False  # HF's apply_rotary_pos_emb rotates q[..., :cos.shape[-1]] only (Phi-3)
+    softcap_attr: str | None = None  # config field of the final logit soft-cap (Gemma 2/3)
+
+
+FAMILIES = {  # config.model_type -> family
+    "llama": _Family("Llama"),
+    "qwen2": _Family("Qwen2"),
+    "qwen3": _Family("Qwen3"),
+    "mistral": _Family("Mistral"),
+    "granite": _Family("Granite"),
+    "gemma": _Family("Gemma", norm_offset=1.0, norm_casting="gemma"),
+    "gemma2": _Family(
+        "Gemma2", norm_offset=1.0, norm_casting="gemma", act_attr="hidden_activation",
+        softcap_attr="final_logit_softcapping",
+    ),  # fmt: skip
+    "gemma3_text": _Family(
+        "Gemma3", norm_offset=1.0, norm_casting="gemma", act_attr="hidden_activation",
+        softcap_attr="final_logit_softcapping",
+    ),  # fmt: skip
+    "phi3": _Family("Phi3", mlp="fused", partial_rotary=True),
+    "olmo2": _Family("Olmo2", norm_casting="gemma"),
 }
-OPS = ("rms_norm", "rotary", "swiglu", "cross_entropy", "fp8")
+SUPPORTED = {model_type: family.prefix for model_type, family in FAMILIES.items()}
+OPS = ("rms_norm", "rotary", "swiglu", "geglu", "cross_entropy", "fp8")
 
 
 @dataclass
@@ -72,10 +108,19 @@ def supported_architectures() -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _patch_rms_norm(model: nn.Module, prefix: str) -> str | None:
+def _patch_rms_norm(model: nn.Module, family: _Family) -> tuple[str | None, str | None]:
     from xkernels.rmsnorm import RMSNorm
 
-    cls_name = f"{prefix}RMSNorm"
+    cls_name = f"{family.prefix}RMSNorm"
+    options = {}
+    if family.norm_offset or family.norm_casting != "llama":
+        if not _accepts(RMSNorm, "offset") or not _accepts(RMSNorm, "casting_mode"):
+            what = "x_hat * (1 + w)" if family.norm_offset else "w * x_hat"
+            return None, (
+                f"{cls_name} computes {what} in fp32 and casts once: needs xkernels.RMSNorm(offset="
+                f"{family.norm_offset:g}, casting_mode='gemma'), not in this build; HF's norm is kept"
+            )
+        options = {"offset": family.norm_offset, "casting_mode": family.norm_casting}
     targets = [
         (parent, name, child)
         for parent in model.modules()
@@ -86,10 +131,19 @@ def _patch_rms_norm(model: nn.Module, prefix: str) -> str | None:
         eps = getattr(old, "variance_epsilon", getattr(old, "eps", None))
         if eps is None or not isinstance(getattr(old, "weight", None), nn.Parameter) or old.weight.dim() != 1:
             raise ValueError(f"{cls_name} module {name!r} has no 1-D weight / variance_epsilon; cannot patch it")
-        new = RMSNorm(old.weight.shape[0], eps=float(eps), device="meta")
+        new = RMSNorm(old.weight.shape[0], eps=float(eps), device="meta", **options)
         new.weight = old.weight  # the same Parameter: optimizer state, tying and state_dict keys survive
         setattr(parent, name, new)
-    return f"{len(targets)} {cls_name} -> xkernels.RMSNorm" if targets else None
+    opts = "".join(f", {k}={v!r}" for k, v in options.items())
+    return (f"{len(targets)} {cls_name} -> xkernels.RMSNorm{f'({opts[2:]})' if opts else ''}" if targets else None), None
+
+
+def _accepts(fn, name: str) -> bool:
+    """Whether ``fn`` (a function or class) takes the keyword ``name`` (ops other branches are adding)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,45 +165,21 @@ def _leave_attention(module, args, output):
     _rotary_state.depth = max(0, getattr(_rotary_state, "depth", 0) - 1)
 
 
-_row_positions_cache: tuple = (None, None)  # ((batch, seq, device), arange tensor) of the last call
-
-
-def _row_positions(batch: int, seq: int, device: torch.device) -> torch.Tensor:
-    """``arange(batch * seq).view(batch, seq)``, the same tensor for every layer of a forward (and every
-    step of that shape): no allocation per layer, and with the opt-in range check on
-    (:func:`xkernels.check_inputs`) rotary's per-tensor cache makes it one host sync, not one per layer.
-    Never modified in place by xkernels; the tensor is fresh under torch.compile (no global state traced)."""
-    global _row_positions_cache
-    from xkernels.dispatch import compiling
-
-    if compiling():
-        return torch.arange(batch * seq, device=device).view(batch, seq)
-    key = (batch, seq, torch.device(device))
-    cached_key, cached = _row_positions_cache
-    if cached_key != key:
-        cached = torch.arange(batch * seq, device=device).view(batch, seq)
-        _row_positions_cache = (key, cached)
-    return cached
-
-
 def _xkernels_rotary(q, k, cos, sin):
-    """HF layout: q, k ``(B, heads, S, D)``; cos, sin ``(B or 1, S, D)`` already gathered per position
-    (and multiplied by HF's ``attention_scaling``).  The per-token rows become the rotary table."""
-    from xkernels.rotary import apply_rotary
+    """HF layout: q, k ``(B, heads, S, D)``; cos, sin ``(B or 1, S, R)`` already gathered per position
+    (and multiplied by HF's ``attention_scaling``): :func:`xkernels.apply_rotary_pos_emb`."""
+    from xkernels.rotary import apply_rotary_pos_emb
 
-    batch, _, seq, dim = q.shape
-    if cos.shape[0] == 1:
-        cos_t, sin_t, pos = cos[0].float(), sin[0].float(), None  # (S, D) rows in order: no position sync
-    else:
-        cos_t, sin_t = cos.reshape(-1, dim).float(), sin.reshape(-1, dim).float()
-        pos = _row_positions(batch, seq, q.device)
-    q_out, k_out = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos_t, sin_t, pos)
-    return q_out.transpose(1, 2), k_out.transpose(1, 2)
+    return apply_rotary_pos_emb(q, k, cos, sin)
 
 
-def _make_rotary_dispatcher(original):
+def _make_rotary_dispatcher(original, partial: bool):
+    """``partial``: the family's HF function rotates only ``q[..., :cos.shape[-1]]`` (Phi-3); elsewhere cos
+    spans the whole head and any other shape goes to HF's function."""
+
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         unsqueeze_dim = kwargs.get("unsqueeze_dim", 1)
+        rot = cos.shape[-1] if cos.dim() == 3 else -1
         standard = (
             _rotary_active()
             and not args
@@ -160,7 +190,8 @@ def _make_rotary_dispatcher(original):
             and cos.dim() == 3
             and cos.shape == sin.shape
             and cos.shape[0] in (1, q.shape[0])
-            and cos.shape[1:] == (q.shape[2], q.shape[3])
+            and cos.shape[1] == q.shape[2]
+            and (rot == q.shape[3] or (partial and 0 < rot < q.shape[3] and rot % 2 == 0))
         )
         if not standard:
             return original(q, k, cos, sin, *args, **kwargs)
@@ -171,8 +202,8 @@ def _make_rotary_dispatcher(original):
     return apply_rotary_pos_emb
 
 
-def _patch_rotary(model: nn.Module, prefix: str) -> str | None:
-    attn_cls = f"{prefix}Attention"
+def _patch_rotary(model: nn.Module, family: _Family) -> str | None:
+    attn_cls = f"{family.prefix}Attention"
     attns = [m for m in model.modules() if type(m).__name__ == attn_cls]
     if not attns:
         return None
@@ -181,7 +212,7 @@ def _patch_rotary(model: nn.Module, prefix: str) -> str | None:
     if fn is None:
         raise ValueError(f"{module.__name__} has no apply_rotary_pos_emb; this transformers version is not supported")
     if not hasattr(fn, "_xkernels_original"):
-        module.apply_rotary_pos_emb = _make_rotary_dispatcher(fn)
+        module.apply_rotary_pos_emb = _make_rotary_dispatcher(fn, family.partial_rotary)
     count = 0
     for attn in attns:
         if getattr(attn, "_xkernels_rotary_hooks", None):
@@ -190,7 +221,8 @@ def _patch_rotary(model: nn.Module, prefix: str) -> str | None:
         post = attn.register_forward_hook(_leave_attention, always_call=True)
         attn._xkernels_rotary_hooks = (pre, post)
         count += 1
-    return f"{len(attns)} {attn_cls} use xkernels.apply_rotary ({count} newly hooked)"
+    partial = " (partial rotary: the first cos.shape[-1] features)" if family.partial_rotary else ""
+    return f"{len(attns)} {attn_cls} use xkernels.apply_rotary_pos_emb{partial} ({count} newly hooked)"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,17 +236,49 @@ def _swiglu_mlp_forward(self, x):
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def _patch_swiglu(model: nn.Module, prefix: str) -> tuple[str | None, str | None]:
-    act = getattr(getattr(model, "config", None), "hidden_act", None)
-    if act not in ("silu", "swish"):
-        return None, f"hidden_act={act!r} is not silu: SwiGLU does not apply"
-    mlp_cls = f"{prefix}MLP"
+def _swiglu_fused_mlp_forward(self, x):
+    """Phi-3: ``gate, up = gate_up_proj(x).chunk(2)``; ``down(up * silu(gate))`` -- swiglu_fused's halves."""
+    from xkernels.swiglu import swiglu_fused
+
+    return self.down_proj(swiglu_fused(self.gate_up_proj(x)))
+
+
+def _geglu_mlp_forward(self, x):
+    """Gemma: ``down(gelu_tanh(gate(x)) * up(x))``."""
+    from xkernels.swiglu import geglu
+
+    return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
+
+
+def _patch_mlp(model: nn.Module, family: _Family, op: str) -> tuple[str | None, str | None]:
+    """``op`` = "swiglu" (silu MLPs) or "geglu" (Gemma's tanh-GELU MLPs)."""
+    act = getattr(getattr(model, "config", None), family.act_attr, None)
+    wants = ("silu", "swish") if op == "swiglu" else _GELU_TANH
+    if act not in wants:
+        kind = "SwiGLU needs silu" if op == "swiglu" else "GeGLU needs the tanh GELU"
+        return None, f"{family.act_attr}={act!r}: {kind}, does not apply"
+    if op == "geglu" and not hasattr(importlib.import_module("xkernels.swiglu"), "geglu"):
+        return None, (
+            f"{family.act_attr}={act!r}: GeGLU needs xkernels.geglu, not in this build; HF's MLP is kept"
+        )
+    if op == "geglu" and family.mlp == "fused":
+        return None, f"{family.prefix}MLP: a fused gate_up GeGLU is not wired here; HF's MLP is kept"
+    mlp_cls = f"{family.prefix}MLP"
     mlps = [m for m in model.modules() if type(m).__name__ == mlp_cls]
+    names, forward, what = ("gate_proj", "up_proj", "down_proj"), _swiglu_mlp_forward, "down(xkernels.swiglu(gate, up))"
+    if op == "geglu":
+        forward, what = _geglu_mlp_forward, "down(xkernels.geglu(gate, up))"
+    elif family.mlp == "fused":
+        names, forward = ("gate_up_proj", "down_proj"), _swiglu_fused_mlp_forward
+        what = "down(xkernels.swiglu_fused(gate_up))"
     for mlp in mlps:
-        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            raise ValueError(f"{mlp_cls} has no gate_proj/up_proj/down_proj; cannot patch it")
-        mlp.forward = types.MethodType(_swiglu_mlp_forward, mlp)
-    return (f"{len(mlps)} {mlp_cls} -> down(xkernels.swiglu(gate, up))" if mlps else None), None
+        if not all(hasattr(mlp, n) for n in names):
+            raise ValueError(f"{mlp_cls} has no {'/'.join(names)}; cannot patch it")
+        mlp.forward = types.MethodType(forward, mlp)
+    return (f"{len(mlps)} {mlp_cls} -> {what}" if mlps else None), None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,7 +288,7 @@ def _patch_swiglu(model: nn.Module, prefix: str) -> tuple[str | None, str | None
 _LOSS_ONLY_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
 
 
-def _make_causal_lm_forward(model: nn.Module, logit_scale: float):
+def _make_causal_lm_forward(model: nn.Module, logit_scale: float, softcap: float | None = None):
     original = model.forward  # bound method of the class
     signature = inspect.signature(original)
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
@@ -253,10 +317,11 @@ def _make_causal_lm_forward(model: nn.Module, logit_scale: float):
         weight = self.lm_head.weight
         if weight.dtype != hidden.dtype:
             weight = weight.to(hidden.dtype)
+        options = {} if softcap is None else {"softcap": float(softcap)}  # Gemma 2/3: tanh soft-cap of the logits
         if num_items is None:
-            loss = linear_cross_entropy(hidden, weight, shift_labels, logit_scale, ignore_index, "mean")
+            loss = linear_cross_entropy(hidden, weight, shift_labels, logit_scale, ignore_index, "mean", **options)
         else:
-            loss = linear_cross_entropy(hidden, weight, shift_labels, logit_scale, ignore_index, "sum")
+            loss = linear_cross_entropy(hidden, weight, shift_labels, logit_scale, ignore_index, "sum", **options)
             loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
         fields = CausalLMOutputWithPast.__dataclass_fields__
         extra = {
@@ -271,7 +336,7 @@ def _make_causal_lm_forward(model: nn.Module, logit_scale: float):
     return forward
 
 
-def _patch_cross_entropy(model: nn.Module, model_type: str) -> tuple[str | None, str | None]:
+def _patch_cross_entropy(model: nn.Module, model_type: str, family: _Family) -> tuple[str | None, str | None]:
     if getattr(model.forward, "_xkernels_patched", False):
         return f"{type(model).__name__}.forward already patched", None
     head = getattr(model, "lm_head", None)
@@ -279,12 +344,21 @@ def _patch_cross_entropy(model: nn.Module, model_type: str) -> tuple[str | None,
         return None, f"{type(model).__name__} has no lm_head Linear over a .model backbone (not a *ForCausalLM)"
     if head.bias is not None:
         return None, "lm_head has a bias, which linear_cross_entropy does not take"
+    from xkernels.cross_entropy import linear_cross_entropy
+
+    softcap = getattr(model.config, family.softcap_attr, None) if family.softcap_attr else None
+    if softcap is not None and not _accepts(linear_cross_entropy, "softcap"):
+        return None, (
+            f"{family.softcap_attr}={softcap:g}: the loss needs linear_cross_entropy(softcap=...), not in this "
+            "build; HF's loss is kept"
+        )
     logit_scale = 1.0
     if model_type == "granite":
         logit_scale = 1.0 / float(model.config.logits_scaling)
-    fn = _make_causal_lm_forward(model, logit_scale)
+    fn = _make_causal_lm_forward(model, logit_scale, softcap)
     model.forward = types.MethodType(fn, model)
     scale = f", logit_scale={logit_scale:g}" if logit_scale != 1.0 else ""
+    scale += f", softcap={softcap:g}" if softcap is not None else ""
     return f"{type(model).__name__}.forward: training loss via xkernels.linear_cross_entropy{scale}", None
 
 
@@ -316,6 +390,7 @@ def patch(
     rotary: bool = True,
     swiglu: bool = True,
     cross_entropy: bool = True,
+    geglu: bool = True,
     fp8=None,
 ) -> PatchReport:
     """Swap the xkernels ops into ``model`` in place (see the module docstring); returns a :class:`PatchReport`.
@@ -344,7 +419,8 @@ def patch(
             f"xkernels.patch does not support {type(model).__name__} (model_type={model_type!r}); supported: "
             f"Hugging Face transformers {', '.join(SUPPORTED)} models and xmodel.Xmodel"
         )
-    prefix = SUPPORTED[model_type]
+    family = FAMILIES[model_type]
+    prefix = family.prefix
     report = PatchReport(f"{type(model).__name__} ({model_type})")
 
     def record(op, done, reason=None):
@@ -354,19 +430,20 @@ def patch(
             report.skipped[op] = reason or f"no {prefix} module of this kind found"
 
     if rms_norm:
-        record("rms_norm", _patch_rms_norm(model, prefix))
+        record("rms_norm", *_patch_rms_norm(model, family))
     else:
         report.skipped["rms_norm"] = "not requested"
     if rotary:
-        record("rotary", _patch_rotary(model, prefix))
+        record("rotary", _patch_rotary(model, family))
     else:
         report.skipped["rotary"] = "not requested"
-    if swiglu:
-        record("swiglu", *_patch_swiglu(model, prefix))
-    else:
-        report.skipped["swiglu"] = "not requested"
+    for op, on in (("swiglu", swiglu), ("geglu", geglu)):
+        if on:
+            record(op, *_patch_mlp(model, family, op))
+        else:
+            report.skipped[op] = "not requested"
     if cross_entropy:
-        record("cross_entropy", *_patch_cross_entropy(model, model_type))
+        record("cross_entropy", *_patch_cross_entropy(model, model_type, family))
     else:
         report.skipped["cross_entropy"] = "not requested"
     if fp8:
