@@ -36,7 +36,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "xmodel-train=xmodel.train:main",
+            "xmodel-train=xmodel.train:cli",
             "xmodel-export=xmodel.export:main",
             "xmodel-prepare=xmodel.prepare:main",
             "xmodel-generate=xmodel.generate:main",

@@ -5,8 +5,8 @@ Every run keeps the global batch of 4 sequences (``--batch-size 4 / world``), pl
 AdamW -> Muon switch at step 4) and saves at step 6, so each resumed run restores AdamW moments of the embedding and
 norms, Muon momentum buffers of the matrices, the data position and the schedule from a checkpoint written at another
 world size: the one-process ``state.pt`` read by 2 processes (each keeps its shard), DCP checkpoints of 2 and 4
-processes resharded to 1, 2 and 4.  The bound is the one of ``test_train_distributed`` (fp32 Newton-Schulz, the only difference the order of
-fp32 gradient reductions): per-step losses within 1e-5.
+processes resharded to 1, 2 and 4.  The bound is the one of ``test_train_distributed`` (fp32 Newton-Schulz, the
+only difference the order of fp32 gradient reductions): per-step losses within 1e-5.
 """
 
 import subprocess
@@ -32,9 +32,20 @@ def args(tiny, out, name: str, world: int, *extra: str) -> list[str]:  # noqa: F
 
 
 def in_process(argv: list[str]) -> int:
+    """``main`` as the CLI runs it, on the reference ops and one thread as in the subprocesses (``_fast_cpu`` does
+    not cover the module-scoped fixtures: without this the reference run went through the Triton interpreter)."""
+    import torch
+
+    from xkernels.dispatch import force_backend
     from xmodel.train import main
 
-    return main(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with force_backend("torch"):
+            return main(argv)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_follows(reference: dict[int, float], run: dict[int, float], steps) -> float:

@@ -35,9 +35,10 @@ def check_nonempty(name: str, t: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Opt-in value checks (they read device values on the host, i.e. synchronise)
 # ----------------------------------------------------------------------------------------------------
-# By default the ops never read tensor *values* on the host: an out-of-range target (linear_cross_entropy)
-# or position id (apply_rotary) is not detected, and gives an unspecified result (the kernels clamp the
-# index, so no out-of-bounds memory is touched).  Turn the checks on while debugging with
+# By default the ops never read tensor *values* on the host, yet a bad value is loud: an out-of-range target
+# (cross_entropy, linear_cross_entropy) makes that token's loss and gradients NaN, a position id outside the
+# table (apply_rotary, apply_rotary_pos_emb) makes that token's rotated features NaN (the index is clamped for
+# the loads, so no out-of-bounds memory is touched).  To raise instead, naming the value, turn the checks on with
 # ``XKERNELS_CHECK_INPUTS=1`` or ``with xkernels.check_inputs(): ...``; each costs one device->host sync per
 # call, and they are skipped while torch.compile traces.
 

@@ -578,5 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``xmodel-train`` / ``python -m xmodel.train`` process: :func:`main`, then an exit that no gloo thread can
+    outlive (see :func:`xmodel.training.distributed.exit_process`)."""
     exit_process(main())
+
+
+if __name__ == "__main__":
+    cli()
