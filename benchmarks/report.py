@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["bench_rmsnorm", "bench_rotary", "bench_swiglu_ce", "bench_fp8", "bench_muon", "bench_train_step"]
+MODULES = ["bench_rmsnorm", "bench_rotary", "bench_swiglu_ce", "bench_fp8", "bench_muon", "bench_train_step",
+           "bench_cross_entropy", "bench_geglu_layernorm"]
 # --cpu-smoke: one small selection per module (pytest -k), timed with XK_BENCH_SMOKE=1 round counts.
 SMOKE_SELECTION = {
     "bench_rmsnorm": "test_rms_norm and fwd and not fwdbwd",

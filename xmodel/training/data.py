@@ -1,10 +1,10 @@
 """Training data: tokenise once into memory-mapped shards, then sample a seeded mixture of packed sequences.
 
 **Shards** (:mod:`xmodel.training.shards`): flat arrays of token ids behind a 32-byte header.  Each document is
-framed ``[BOS] + text + EOS`` (see :mod:`xmodel.training.tokenizer`).  Text inputs are tokenised once, in parallel, into a prepared directory
-``<cache>/shards/<key>/`` (parts + ``manifest.json``, see :mod:`xmodel.training.preprocess`; the key covers file
-names, sizes, mtimes, the text field, the tokenizer and the framing); its parts are read as one stream
-(:class:`TokenStream`).
+framed ``[BOS] + text + EOS`` (see :mod:`xmodel.training.tokenizer`).  Text inputs are tokenised once, in parallel,
+into a prepared directory ``<cache>/shards/<key>/`` (parts + ``manifest.json``, see
+:mod:`xmodel.training.preprocess`; the key covers file names, sizes, mtimes, the text field, the tokenizer and the
+framing); its parts are read as one stream (:class:`TokenStream`).
 
 **Inputs** (one *source* each; a source may expand to many files): a ``.txt`` file (one document), a directory
 (every ``.txt``/``.jsonl``/``.parquet``/``.bin`` under it), a glob, ``.jsonl`` (one document per line, the
