@@ -902,9 +902,10 @@ def cross_entropy(
     eager mode (under ``torch.compile`` a new buffer is used), reduction "mean" or "sum", a gradient is
     required, the logits are not a leaf (a leaf's storage is the user's data and its ``.grad`` would alias it)
     and their ``(N, V)`` view is contiguous.  The backward then scales that buffer in place too (so it can run
-    only once: a second backward raises autograd's "modified by an inplace operation" error).  Opt in only when nothing reads the logits after this call:
-    autograd nodes that saved them raise autograd's "modified by an inplace operation" error (the version counter
-    is bumped), but your own later reads (say an accuracy from ``logits.argmax``) would silently see gradients.
+    only once: a second backward raises autograd's "modified by an inplace operation" error).  Opt in only when
+    nothing reads the logits after this call: autograd nodes that saved them raise the same error (the version
+    counter is bumped), but your own later reads (say an accuracy from ``logits.argmax``) would silently see
+    gradients.
     """
     check_float("logits", logits)
     if logits.dim() < 1:
