@@ -110,7 +110,7 @@ def exit_process(status: int) -> NoReturn:
             try:
                 stream.flush()
             except (OSError, ValueError):
-                pass
+                pass  # a closed or broken stream (e.g. the parent's pipe is gone): nothing left to flush into
         os._exit(status)
     sys.exit(status)
 

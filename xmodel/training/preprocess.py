@@ -372,7 +372,7 @@ def prepare(files: list[Path], tokenizer, framing, out_dir: Path, text_field: st
                     done[i] = stats
                     continue
             except (ValueError, OSError, KeyError):
-                pass
+                pass  # a damaged or partly written part (or its record): tokenised again below
         side.unlink(missing_ok=True)
         jobs.append((i, segs, [str(f) for f in p.files], text_field, skip_bad, str(part), key))
     total_bytes = sum(p.task_bytes)
