@@ -205,6 +205,25 @@ def test_num_items_in_batch_shift_labels_and_batched_positions():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_lm_head_with_bias(spies):
+    """A head with a bias (HF heads are bias-free, converted or fine-tuned checkpoints may not be): the fused loss
+    adds it, and its gradient equals the unfused one."""
+    ref = _tiny("llama")
+    ref.lm_head = nn.Linear(ref.config.hidden_size, ref.config.vocab_size, bias=True)
+    nn.init.normal_(ref.lm_head.bias, std=0.5)
+    model = copy.deepcopy(ref)
+    report = xkernels.patch(model)
+    assert "cross_entropy" in report.patched, str(report)
+    ids, labels = _batch()
+    out, out_ref = model(ids, labels=labels), ref(ids, labels=labels)
+    assert out.logits is None and spies["cross_entropy"] == 1
+    torch.testing.assert_close(out.loss, out_ref.loss, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    out_ref.loss.backward()
+    torch.testing.assert_close(model.lm_head.bias.grad, ref.lm_head.bias.grad, atol=2e-6, rtol=2e-4)
+    torch.testing.assert_close(_grads(model), _grads(ref), atol=2e-6, rtol=2e-4)
+
+
 def test_eval_mode_returns_logits_and_hf_loss(spies):
     model = _tiny("qwen2")
     xkernels.patch(model)

@@ -314,10 +314,12 @@ def _make_causal_lm_forward(model: nn.Module, logit_scale: float, softcap: float
         if shift_labels is None:
             shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         shift_labels = shift_labels.to(hidden.device)
-        weight = self.lm_head.weight
+        weight, bias = self.lm_head.weight, self.lm_head.bias
         if weight.dtype != hidden.dtype:
             weight = weight.to(hidden.dtype)
         options = {} if softcap is None else {"softcap": float(softcap)}  # Gemma 2/3: tanh soft-cap of the logits
+        if bias is not None:  # a head with a bias (e.g. a fine-tuned or converted checkpoint): logits + b in fp32
+            options["bias"] = bias if bias.dtype == hidden.dtype else bias.to(hidden.dtype)
         if num_items is None:
             loss = linear_cross_entropy(hidden, weight, shift_labels, logit_scale, ignore_index, "mean", **options)
         else:
@@ -342,8 +344,6 @@ def _patch_cross_entropy(model: nn.Module, model_type: str, family: _Family) -> 
     head = getattr(model, "lm_head", None)
     if not isinstance(head, nn.Linear) or not isinstance(getattr(model, "model", None), nn.Module):
         return None, f"{type(model).__name__} has no lm_head Linear over a .model backbone (not a *ForCausalLM)"
-    if head.bias is not None:
-        return None, "lm_head has a bias, which linear_cross_entropy does not take"
     from xkernels.cross_entropy import linear_cross_entropy
 
     softcap = getattr(model.config, family.softcap_attr, None) if family.softcap_attr else None
