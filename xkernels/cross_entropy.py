@@ -110,7 +110,8 @@ def cross_entropy_ref(
     bad = valid & ((t < 0) | (t >= vocab))
     safe_t = torch.where(valid & ~bad, t, torch.full_like(t, ignore_index))
     w = weight.to(acc) if weight is not None else None
-    ce = F.cross_entropy(z, safe_t, weight=w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    ce = F.cross_entropy(z, safe_t, weight=w, ignore_index=ignore_index, reduction="none",
+                         label_smoothing=label_smoothing)
     nan = torch.full_like(ce, float("nan"))
     ce = torch.where(bad, nan, ce)
     lse = torch.logsumexp(z, dim=-1)
@@ -493,7 +494,8 @@ def _ce_backward_none(logits, t1, class_w, grad, opts, use_kernel):
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
-    """Over 2-D ``logits (N, V)`` and 1-D ``t1 (N,)``; returns the fp32 ``(loss, z_loss)`` (z_loss not differentiable)."""
+    """Over 2-D ``logits (N, V)`` and 1-D ``t1 (N,)``; returns the fp32 ``(loss, z_loss)`` (z_loss not
+    differentiable)."""
 
     @staticmethod
     def forward(ctx, logits, t1, class_w, opts, reduction, inplace, use_kernel):
@@ -509,7 +511,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
         opts, reduction, use_kernel = ctx.args
         if reduction == "none":
             logits, t1, class_w = ctx.saved_tensors
-            return _ce_backward_none(logits, t1, class_w, grad_out, opts, use_kernel), None, None, None, None, None, None
+            grad = _ce_backward_none(logits, t1, class_w, grad_out, opts, use_kernel)
+            return grad, None, None, None, None, None, None
         (dlogits,) = ctx.saved_tensors
         # in place: the gradient is scaled in the logits' storage (no second (N, V) buffer); that bumps its version,
         # so a second backward fails autograd's saved-tensor check instead of scaling twice
@@ -659,7 +662,8 @@ if _CUSTOM_OPS:
         "xkernels::linear_cross_entropy_fwd",
         mutates_args=(),
         schema=f"(Tensor h2, Tensor weight, Tensor? bias, Tensor t1, Tensor? class_w, {_OPTS_SCHEMA}, str reduction, "
-        "int chunk, bool need_dh, bool need_dw, bool need_db, bool use_kernel) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        "int chunk, bool need_dh, bool need_dw, bool need_db, bool use_kernel) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     )
     def _lce_fwd_op(h2, weight, bias, t1, class_w, s, ii, eps, cap, lam, reduction, chunk, ndh, ndw, ndb, use_kernel):
         opts = CEOptions(s, ii, eps, cap, lam)
@@ -813,7 +817,8 @@ def _dtype_name(dtype):
     return str(dtype).removeprefix("torch.")
 
 
-def _validate_options(ignore_index, reduction, label_smoothing, softcap, lse_square_scale, class_w, cw_name, vocab, ref):
+def _validate_options(ignore_index, reduction, label_smoothing, softcap, lse_square_scale, class_w, cw_name, vocab,
+                      ref):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -858,7 +863,8 @@ def _check_targets(name, targets, shape, ref):
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an int64 (or int32) tensor, got {_dtype_name(targets.dtype)}")
     if targets.shape != shape:
-        raise ValueError(f"{name} must have shape {tuple(shape)} (the logits without their last dim), got {tuple(targets.shape)}")
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the logits without their last dim), "
+                         f"got {tuple(targets.shape)}")
     check_same_device(name, targets, "the logits", ref)
 
 
@@ -913,7 +919,8 @@ def cross_entropy(
     _check_targets("target", target, logits.shape[:-1], logits)
     check_nonempty("logits", logits)
     vocab = logits.shape[-1]
-    _validate_options(ignore_index, reduction, label_smoothing, softcap, lse_square_scale, weight, "weight", vocab, logits)
+    _validate_options(ignore_index, reduction, label_smoothing, softcap, lse_square_scale, weight, "weight", vocab,
+                      logits)
     if not isinstance(inplace_backward, bool) or not isinstance(return_z_loss, bool):
         raise TypeError("inplace_backward and return_z_loss must be bools")
     _check_target_values(target, ignore_index, vocab)
@@ -952,14 +959,16 @@ def _validate(hidden, weight, targets, logit_scale, z_loss, chunk_size, bias):
         )
     if weight.dtype != hidden.dtype:
         raise TypeError(
-            f"weight dtype {_dtype_name(weight.dtype)} differs from hidden dtype {_dtype_name(hidden.dtype)}; cast one of them"
+            f"weight dtype {_dtype_name(weight.dtype)} differs from hidden dtype {_dtype_name(hidden.dtype)}; "
+            "cast one of them"
         )
     check_tensor("targets", targets)
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"targets must be an int64 (or int32) tensor, got {_dtype_name(targets.dtype)}")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(
-            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), got {tuple(targets.shape)}"
+            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), "
+            f"got {tuple(targets.shape)}"
         )
     check_same_device("weight", weight, "hidden", hidden)
     check_same_device("targets", targets, "hidden", hidden)
@@ -968,7 +977,8 @@ def _validate(hidden, weight, targets, logit_scale, z_loss, chunk_size, bias):
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},) (the rows of weight), got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype:
-            raise TypeError(f"bias dtype {_dtype_name(bias.dtype)} differs from weight dtype {_dtype_name(weight.dtype)}")
+            raise TypeError(f"bias dtype {_dtype_name(bias.dtype)} differs from weight dtype "
+                            f"{_dtype_name(weight.dtype)}")
         check_same_device("bias", bias, "hidden", hidden)
     check_nonempty("hidden", hidden)
     check_nonempty("weight", weight)
@@ -1041,7 +1051,8 @@ def linear_cross_entropy(
     params = (hidden, weight) + ((bias,) if bias is not None else ())
     grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
     if _CUSTOM_OPS and compiling():
-        need = (grad and hidden.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
+        need = (grad and hidden.requires_grad, grad and weight.requires_grad,
+                grad and bias is not None and bias.requires_grad)
         loss, zl, _, _, _ = _lce_fwd_op(h2, weight, bias, t1, class_w, *opts, reduction, chunk, *need, use_kernel)
     elif grad:
         loss, zl = _LinearCrossEntropyFunction.apply(h2, weight, bias, t1, class_w, opts, reduction, chunk, use_kernel)
