@@ -201,7 +201,7 @@ def test_module_casts_fp32_weight_to_bf16_input(device):
     assert rel_err(y, rms_norm_ref(x.detach().double(), norm.weight.detach().double())) < TOL[torch.bfloat16]
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
     lead=st.lists(st.integers(1, 4), min_size=1, max_size=3),
     hidden=st.integers(1, 300),

@@ -270,7 +270,7 @@ def test_rotary_cos_sin_theta():
 # --- property tests -------------------------------------------------------------------------------
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
     batch=st.integers(1, 2),
     seq=st.integers(1, 5),
