@@ -117,24 +117,52 @@ def test_world4_run_ends_cleanly_under_load(tiny, tmp_path):  # noqa: F811
         load.wait()
 
 
+@pytest.fixture(scope="module")
+def one_process_fp8(tiny, tmp_path_factory):  # noqa: F811
+    """``one_process`` with ``--fp8 delayed --fp8-emulate`` (the reference of the FP8 HSDP run)."""
+    from xkernels.dispatch import force_backend
+    from xmodel.train import main
+
+    out = tmp_path_factory.mktemp("one-fp8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with force_backend("torch"):
+            assert main(tiny_args(tiny, out, *COMMON, *FP8, "--name", "one", "--batch-size", "4")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out / "one"
+
+
+FP8 = ["--fp8", "delayed", "--fp8-emulate"]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
-def test_hsdp_2x2_matches_one_process(one_process, tiny, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
+def test_hsdp_2x2_matches_one_process(request, tiny, tmp_path, fp8):  # noqa: F811
     """HSDP (``--dp-replicate 2`` on 4 processes: 2 replicas x 2 shards) through the AdamW -> Muon switch equals the
     one-process run: Muon orthogonalises each matrix once per replica group (the Newton-Schulz work split over its
-    2 shard ranks).  (With --fp8 it is refused at startup: see ``check_replicate``.)"""
-    four = run(tiny_args(tiny, tmp_path, *COMMON, "--name", "hsdp", "--batch-size", "1", "--dp-replicate", "2"), 4)
+    2 shard ranks).
+
+    With ``--fp8 delayed --fp8-emulate`` (this once hung: see ``xmodel.training.distributed.wrap_model``): the amaxes
+    are reduced over all 4 ranks (step 0's before its first quantisation), so every rank quantises with the scales
+    of the one-process run.  FP8 rounding is discontinuous: the ~1e-7 differences of the gradient reduction order
+    flip a few E4M3/E5M2 roundings, and a flip moves the loss by far more than the reduction order does.  Measured
+    (2-core Xeon, torch 2.13): AdamW steps 1-4 agree to 1e-6, the Muon steps to 5.7e-4 (step 6); step 0 scaled
+    from each rank's own amax (before the fix) moved step 1 by 1e-2 and step 3 by 6e-2 (world 2)."""
+    one = request.getfixturevalue("one_process_fp8" if fp8 else "one_process")
+    four = run(tiny_args(tiny, tmp_path, *COMMON, *(FP8 if fp8 else []), "--name", "hsdp", "--batch-size", "1",
+                         "--dp-replicate", "2"), 4)
     assert four.returncode == 0, four.stderr[-3000:]
     assert "HSDP: 2 replicas x 2 shards" in four.stdout
-    a, b = train_losses(one_process), train_losses(tmp_path / "hsdp")
+    a, b = train_losses(one), train_losses(tmp_path / "hsdp")
     assert sorted(a) == sorted(b) == list(range(1, 7))
+    adamw = max(abs(a[s] - b[s]) for s in range(1, 5))
     worst = max(abs(a[s] - b[s]) for s in a)
-    assert worst <= 1e-5, {s: (a[s], b[s]) for s in a}
-    refused = run(tiny_args(tiny, tmp_path, *COMMON, "--name", "x", "--batch-size", "1", "--dp-replicate", "2",
-                            "--fp8", "delayed", "--fp8-emulate"), 2)
-    assert refused.returncode != 0 and "not supported with --fp8 yet" in refused.stderr
+    assert adamw <= 1e-5 and worst <= (5e-3 if fp8 else 1e-5), {s: (a[s], b[s]) for s in a}
     from xmodel.model import Xmodel
 
-    m1, m4 = Xmodel.from_pretrained(one_process / "hf"), Xmodel.from_pretrained(tmp_path / "hsdp" / "hf")
+    m1, m4 = Xmodel.from_pretrained(one / "hf"), Xmodel.from_pretrained(tmp_path / "hsdp" / "hf")
     for (name, p1), p4 in zip(m1.state_dict().items(), m4.state_dict().values()):
-        assert ((p1 - p4).norm() / p1.norm()).item() < 5e-5, name
+        assert ((p1 - p4).norm() / p1.norm()).item() < (1e-2 if fp8 else 5e-5), name

@@ -159,7 +159,7 @@ def setup(cfg: TrainConfig) -> Run:
         check_compatible({"model": init.meta.get("identity", {}).get("model")}, {"model": identity["model"]},
                          Path(cfg.init_from))
     check_muon_settings(cfg)
-    check_replicate(cfg.parallel, cfg.dp_replicate if info.active else 1, info, cfg.fp8)
+    check_replicate(cfg.parallel, cfg.dp_replicate if info.active else 1, info)
 
     # Model: built on the meta device, materialised, initialised from the seed (identically on every rank).
     from xmodel.model import Xmodel
