@@ -257,6 +257,12 @@ class FP8Linear(nn.Linear):
         holds with ``weight_cache = False`` (set for FSDP2, whose all-gather rewrites the unsharded weight in place
         without moving its version counter: the key cannot see the new values there).
         """
+        if getattr(weight, "_fp8_gathered", False):
+            # FSDP2 all-gathered FP8 codes quantised with the global-amax scale (xkernels.fp8.fsdp): used as they
+            # are -- the same codes quantising the gathered high-precision weight would give -- and their transpose
+            # (tensor-wise: the same codes, the same scale) for the input gradient.
+            wq, sw = weight._data, weight._scale.reshape(())
+            return wq, sw, wq.t().contiguous(), sw.clone()
         cacheable = self.weight_cache and not torch.compiler.is_compiling()
         key = (weight._version, weight.data_ptr(), weight.dtype, weight.device) if cacheable else None
         if key is not None and self._w_cache is not None and self._w_cache[0] == key:

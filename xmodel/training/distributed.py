@@ -136,13 +136,22 @@ def check_replicate(parallel: str, dp_replicate: int, info: DistInfo) -> None:
                          "1 = plain FSDP2")
 
 
+def check_fp8_all_gather(fp8_all_gather: bool, info: DistInfo) -> None:
+    """``--fp8-all-gather`` needs several processes (the other combinations are refused by the config)."""
+    if fp8_all_gather and not info.active:
+        raise ValueError("--fp8-all-gather: one process has no weight all-gather (nothing is sharded); run under "
+                         "torchrun with 2+ processes (FSDP2), or drop --fp8-all-gather")
+
+
 def wrap_model(model: nn.Module, parallel: str, device: torch.device, info: DistInfo,
-               dp_replicate: int = 1) -> nn.Module:
+               dp_replicate: int = 1, fp8_all_gather: bool = False) -> nn.Module:
     """FSDP2: ``fully_shard`` on every decoder layer then on the root (the tied embedding/LM head and final norm
     live in the root group); with ``dp_replicate`` R > 1 on a 2-D ``(R, world / R)`` mesh (HSDP: rank r shards
     with the ranks of its block of world / R consecutive ranks -- one node under torchrun -- and replicates across
     the R blocks; gradients are reduce-scattered within a block, then all-reduced across blocks).  DDP:
-    ``DistributedDataParallel``.  Identity with one process.
+    ``DistributedDataParallel``.  Identity with one process.  ``fp8_all_gather``: FP8Linear weights are all-gathered
+    as FP8 (:func:`xkernels.fp8.fsdp.enable_fp8_all_gather`; the trainer calls ``precompute_fp8_scales`` after each
+    optimizer step).
 
     FP8 (issue 22: ``--dp-replicate 2 --fp8 delayed`` on 4 processes hung; so did plain FSDP2 world 2 at the Muon
     switch): FP8Linear cached its FP8 weight under the key (version counter, data pointer).  FSDP2 all-gathers into
@@ -155,9 +164,11 @@ def wrap_model(model: nn.Module, parallel: str, device: torch.device, info: Dist
     if not info.active:
         return model
     if parallel == "fsdp":
-        from xkernels.fp8.fsdp import prepare_fp8_for_fsdp
+        from xkernels.fp8.fsdp import enable_fp8_all_gather, prepare_fp8_for_fsdp
 
         prepare_fp8_for_fsdp(model)  # no FP8 weight cache: FSDP2 refills the unsharded weight in place
+        if fp8_all_gather:
+            enable_fp8_all_gather(model)  # weights all-gathered as FP8 codes (before fully_shard)
     if parallel == "fsdp" and dp_replicate > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
