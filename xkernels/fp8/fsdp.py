@@ -59,17 +59,15 @@ def prepare_fp8_for_fsdp(model: nn.Module) -> int:
     return len(layers)
 
 
-# Ops that keep a sharded weight an FP8AllGatherWeight (FSDP2 builds and pads the shard with them, state-dict loads
-# copy into it); every other op sees the plain high-precision data and returns plain tensors.  The views share
-# their source's write counter (they alias its data), the others start a new one.
+# Ops that keep a sharded weight an FP8AllGatherWeight: the views FSDP2 cuts and pads a shard with (chunk, narrow,
+# view) and the zero padding buffer (new_zeros); they share their source's write counter (views alias its data).
+# Every other op sees the plain high-precision data and returns plain tensors -- on purpose also the *_like and
+# clone ops, so optimizer state (zeros_like of a parameter) and copies are ordinary tensors with storage.
 _VIEWS = {
     aten.detach.default, aten.alias.default, aten.view.default, aten.as_strided.default, aten.slice.Tensor,
-    aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+    aten.narrow.default, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
 }
-_KEEP = _VIEWS | {
-    aten.new_zeros.default, aten.empty_like.default, aten.zeros_like.default, aten.clone.default,
-    aten._to_copy.default, aten._pin_memory.default,
-}
+_KEEP = _VIEWS | {aten.new_zeros.default}
 
 
 def _written(func, args) -> list:
