@@ -48,8 +48,9 @@ def _gather(layer: FP8Linear) -> FP8GatheredWeight:
                                             ("triton", torch.bfloat16)])
 def test_gathered_fp8_weight_equals_quantising_the_gathered_weight(backend, dtype):
     """The hooks' codes/scale, and FP8Linear on them, against quantising the gathered weight: bit for bit, on the
-    reference and on the Triton kernels (cast-transpose and GEMM; the shard is quantised with a given scale, the
-    gathered weight computes its own)."""
+    reference and on the Triton cast kernel (which quantises a shard with a given scale and the gathered weight with
+    one it computes itself).  FP8Linear then runs the same GEMMs on the same codes; that part is checked on the
+    reference only (the Triton GEMMs under the interpreter cost ~8 s more and add nothing to what is compared)."""
     torch.manual_seed(0)
     with force_backend(backend), count_launches() as launches:
         plain = FP8Linear(K, N, dtype=dtype, recipe=FP8Recipe.from_name("current"))
@@ -62,6 +63,9 @@ def test_gathered_fp8_weight_equals_quantising_the_gathered_weight(backend, dtyp
         q, s, _, _, _ = quantize_for_gemm(plain.weight.detach(), E4M3, "tensor")
         assert w.dtype == dtype and w.shape == (N, K)
         assert torch.equal(w._data.view(torch.uint8), q.view(torch.uint8)) and torch.equal(w._scale, s.reshape(()))
+        if backend == "triton":
+            assert launches["_cast_kernel"] >= SHARDS + 1, launches
+            return
 
         # FP8Linear's forward on the gathered weight (as FSDP2 swaps it in) vs the plain one: same bits
         user = FP8Linear(K, N, dtype=dtype, recipe=FP8Recipe.from_name("current"))
@@ -76,8 +80,6 @@ def test_gathered_fp8_weight_equals_quantising_the_gathered_weight(backend, dtyp
         assert torch.equal(y, y_ref) and torch.equal(x1.grad, x2.grad)
         assert type(user.weight.grad) is torch.Tensor and torch.equal(user.weight.grad, plain.weight.grad)
         assert torch.equal(user.bias.grad, plain.bias.grad)
-    if backend == "triton":
-        assert launches["_cast_kernel"] > 0 and sum(launches.values()) > launches["_cast_kernel"], launches
 
 
 def test_scale_follows_the_weight_and_state_stays_plain():

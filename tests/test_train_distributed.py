@@ -166,3 +166,54 @@ def test_hsdp_2x2_matches_one_process(request, tiny, tmp_path, fp8):  # noqa: F8
     m1, m4 = Xmodel.from_pretrained(one / "hf"), Xmodel.from_pretrained(tmp_path / "hsdp" / "hf")
     for (name, p1), p4 in zip(m1.state_dict().items(), m4.state_dict().values()):
         assert ((p1 - p4).norm() / p1.norm()).item() < (1e-2 if fp8 else 5e-5), name
+
+
+# through the AdamW -> Muon switch at step 3 (Muon's DTensor path), exported and checkpointed
+AG = ["--steps", "4", "--decay-start", "2", "--decay", "2", "--eval-every", "0", "--threads", "1", "--muon-dtype",
+      "fp32", "--export-hf", "--batch-size", "2", "--fp8", "current", "--fp8-emulate"]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+def test_fp8_all_gather_equals_the_high_precision_all_gather(tiny, tmp_path):  # noqa: F811
+    """``--fp8-all-gather`` (FSDP2 gathers E4M3 codes quantised with each weight's global-amax scale) against the
+    same world-2 run gathering fp32 weights and quantising them after: the codes are the same bits, so every loss,
+    gradient norm and final weight is *equal*.  The optimizer steps the fp32 shards and checkpoints hold plain
+    tensors: the sharded checkpoint exports (one-process reader) to the same weights."""
+    procs = {name: run(tiny_args(tiny, tmp_path, *AG, "--name", name, *extra), 2)
+             for name, extra in (("plain", []), ("ag", ["--fp8-all-gather"]))}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    assert "weights all-gathered in FP8" in procs["ag"].stdout
+    assert "weights all-gathered in FP8" not in procs["plain"].stdout
+    records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in procs}
+    train = {name: [(r["step"], r["loss"], r["grad_norm"]) for r in rs if r["kind"] == "train"]
+             for name, rs in records.items()}
+    assert [s for s, _, _ in train["ag"]] == [1, 2, 3, 4] and train["ag"] == train["plain"]
+    assert any(r["kind"] == "event" and r["event"] == "switch_to_muon" for r in records["ag"])
+    from xmodel.export import export_checkpoint
+    from xmodel.model import Xmodel
+
+    plain = Xmodel.from_pretrained(tmp_path / "plain" / "hf").state_dict()
+    for model in (Xmodel.from_pretrained(tmp_path / "ag" / "hf"),
+                  Xmodel.from_pretrained(export_checkpoint(tmp_path / "ag", tmp_path / "ag-export"))):
+        sd = model.state_dict()
+        assert sd.keys() == plain.keys() and all(torch.equal(sd[k], plain[k]) for k in plain)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "no --fp8 was given"),
+    (["--fp8", "delayed", "--fp8-emulate"], "weight scales from an amax history"),
+    (["--fp8", "row", "--fp8-emulate"], "a scale per row or block"),
+    (["--fp8", "current", "--fp8-emulate", "--parallel", "ddp"], "needs --parallel fsdp"),
+    (["--fp8", "current", "--fp8-emulate", "--compile"], "does not work with --compile"),
+    (["--fp8", "current", "--fp8-emulate"], "one process has no weight all-gather"),
+], ids=["no-fp8", "delayed", "row", "ddp", "compile", "one-process"])
+def test_fp8_all_gather_refusals(tiny, tmp_path, capsys, extra, message):  # noqa: F811
+    """Unsupported combinations exit 2 at startup, saying what to use instead, before the run directory exists."""
+    from xmodel.train import main
+
+    assert main(tiny_args(tiny, tmp_path, "--name", "x", "--fp8-all-gather", *extra)) == 2
+    err = capsys.readouterr().err
+    assert "--fp8-all-gather" in err and message in err, err
+    assert not (tmp_path / "x").exists()

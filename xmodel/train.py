@@ -411,6 +411,8 @@ def describe(run: Run) -> str:
     lr = resolve_lr(cfg, mc.mup_width_multiplier)
     precision = ("bf16 autocast, fp32 master weights" if not isinstance(run.autocast, contextlib.nullcontext)
                  else "fp32") + (f", fp8 {cfg.fp8}{' (emulated)' if cfg.fp8_emulate else ''}" if cfg.fp8 else "")
+    if cfg.fp8_all_gather:
+        precision += ", weights all-gathered in FP8"
     parallel = f"{run.info.world} x {cfg.parallel}" if run.info.active else "1 process"
     if run.info.active and cfg.dp_replicate > 1:
         parallel += f" (HSDP: {cfg.dp_replicate} replicas x {run.info.world // cfg.dp_replicate} shards)"

@@ -136,6 +136,14 @@ class FP8Linear(nn.Linear):
             steps), so under ``fully_shard`` a cached copy would be stale -- and, because whether the allocator
             hands back the same address differs between ranks, the delayed recipe's amax all-reduces would differ
             in number between ranks and hang. :func:`xkernels.fp8.fsdp.prepare_fp8_for_fsdp` turns it off.
+
+    FP8 weight all-gather (:func:`xkernels.fp8.fsdp.enable_fp8_all_gather`, before ``fully_shard``): FSDP2 gathers
+    E4M3 codes quantised with one scale from the weight's global amax, and the forward uses them as they are (the
+    input gradient their transpose) -- bit for bit what quantising the gathered weight gives. Limits: the ``current``
+    recipe only (``delayed`` takes the weight's scale from its amax history; ``row``/``block`` have no single
+    scale), FSDP2 only, not ``backend="te"``, not under ``torch.compile`` (eager tensor subclasses), no FSDP2 CPU
+    offload; call :func:`xkernels.fp8.fsdp.precompute_fp8_scales` after each optimizer step (one all-reduce for all
+    weights; without it each weight all-reduces its own amax inside the all-gather hook).
     """
 
     def __init__(
