@@ -115,6 +115,10 @@ def test_fp8_all_gather_refusals():
         enable_fp8_all_gather(FP8Linear(K, N, recipe=FP8Recipe.from_name("delayed")))
     with pytest.raises(ValueError, match="got scaling='block'"):
         enable_fp8_all_gather(nn.Sequential(FP8Linear(K, N, recipe=FP8Recipe.from_name("block"))))
+    compiled = nn.Sequential(FP8Linear(K, N, recipe=FP8Recipe.from_name("current")))
+    compiled[0].compile()  # how the trainer compiles its blocks (nothing is traced until a call)
+    with pytest.raises(ValueError, match=r"does not work under torch.compile \(0 is compiled\)"):
+        enable_fp8_all_gather(compiled)
     for fn in (enable_fp8_all_gather, precompute_fp8_scales, prepare_fp8_for_fsdp):
         with pytest.raises(TypeError, match="model must be an nn.Module"):
             fn(torch.ones(2))

@@ -443,8 +443,8 @@ class TrainConfig:
                  f"needs --parallel fsdp (FSDP2 all-gathers the weights; --parallel {self.parallel} has no weight "
                  "all-gather to make smaller): use --parallel fsdp, or drop --fp8-all-gather")
             need(not self.compile, "fp8_all_gather",
-                 "does not work with --compile yet (the FP8 all-gather weights are eager-only tensor subclasses); "
-                 "drop one of them")
+                 "does not work with --compile yet (the FP8 all-gather weights are eager-only tensor subclasses; "
+                 "compiled, a world-2 run computed wrong gradients); drop one of them")
         need(self.vocab_size is None or self.tokenizer is None, "vocab_size",
              f"{self.vocab_size} sizes the default BPE, which --tokenizer {self.tokenizer} replaces; drop "
              "--vocab-size (the model's vocabulary follows the tokenizer: its size rounded up to a multiple of 128, "
