@@ -96,6 +96,11 @@ def test_scale_follows_the_weight_and_state_stays_plain():
         opt.step()  # in place on the high-precision data: the precomputed scale is now stale
         assert isinstance(layer.weight, FP8AllGatherWeight)
         assert _valid_scale(layer, shard) is None
+        precompute_fp8_scales(layer)
+        assert _valid_scale(layer, shard) is not None
+        with torch.no_grad():  # a write through out= counts too
+            torch.add(layer.weight, 1.0, out=layer.weight)
+        assert _valid_scale(layer, shard) is None
         # a stale scale is never used: the hook recomputes it from the current values
         w = _gather(layer)
         q, s, _, _, _ = quantize_for_gemm(layer.weight._data, E4M3, "tensor")

@@ -70,12 +70,19 @@ _VIEWS = {
 _KEEP = _VIEWS | {aten.new_zeros.default}
 
 
-def _written(func, args) -> list:
-    """The FP8AllGatherWeight arguments an in-place op writes (its first argument, or the list there: foreach)."""
-    if not func._schema.is_mutable or not args:
+def _written(func, args, kwargs) -> list:
+    """The FP8AllGatherWeight arguments ``func`` writes (the schema's mutable arguments: ``self`` of ``x.op_()``,
+    the lists of ``_foreach_*_``, ``out=``)."""
+    if not func._schema.is_mutable:
         return []
-    first = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
-    return [t for t in first if isinstance(t, FP8AllGatherWeight)]
+    found = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) and not arg.kwarg_only else kwargs.get(arg.name)
+        found += [t for t in (value if isinstance(value, (list, tuple)) else [value])
+                  if isinstance(t, FP8AllGatherWeight)]
+    return found
 
 
 class FP8AllGatherWeight(torch.Tensor):
@@ -105,6 +112,8 @@ class FP8AllGatherWeight(torch.Tensor):
     def __repr__(self) -> str:
         return f"FP8AllGatherWeight({self._data!r})"
 
+    # The traceable-subclass protocol (DTensor and tracers flatten wrapper subclasses); an unflattened copy gets a
+    # fresh write counter, so a precomputed scale never applies to it (it is recomputed: slower, never stale).
     def __tensor_flatten__(self):
         return ["_data"], None
 
@@ -117,7 +126,7 @@ class FP8AllGatherWeight(torch.Tensor):
         kwargs = kwargs or {}
         plain = tree_map(lambda t: t._data if isinstance(t, FP8AllGatherWeight) else t, (args, kwargs))
         out = func(*plain[0], **plain[1])
-        written = _written(func, args)
+        written = _written(func, args, kwargs)
         for t in written:
             t._writes[0] += 1
         if written and func.overloadpacket.__name__.endswith("_") and isinstance(args[0], FP8AllGatherWeight):
@@ -138,7 +147,8 @@ class FP8AllGatherWeight(torch.Tensor):
         scale = _valid_scale(module, self)
         if scale is None:  # no precomputed scale for these values of the weight: reduce its amax alone
             scale = _global_scale([self], [module])[0]
-        codes, _, _, _, _ = quantize_for_gemm(data.detach(), E4M3, "tensor", scale=scale)
+        with torch.autocast(data.device.type, enabled=False):
+            codes, _, _, _, _ = quantize_for_gemm(data.detach(), E4M3, "tensor", scale=scale)
         rows = math.ceil(outer_size[0] / mesh.size()) if outer_size is not None else data.shape[0]
         if codes.shape[0] != rows:
             padded = torch.zeros(rows, *codes.shape[1:], dtype=codes.dtype, device=codes.device)
