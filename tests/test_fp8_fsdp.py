@@ -38,7 +38,7 @@ def _gather(layer: FP8Linear) -> FP8GatheredWeight:
     assert all(isinstance(s, FP8AllGatherWeight) for s in shards)
     inputs = [s.fsdp_pre_all_gather(_Mesh(), layer.weight.shape, (K, 1), layer, None) for s in shards]
     assert all(codes.shape == (27, K) and codes.dtype == E4M3 for (codes,), _ in inputs)  # padded to 27 rows
-    gathered = torch.cat([codes for (codes,), _ in inputs])
+    gathered = torch.cat([codes.view(torch.uint8) for (codes,), _ in inputs]).view(E4M3)  # as FSDP2: in bytes
     unsharded, inner = shards[0].fsdp_post_all_gather((gathered,), inputs[0][1], None)
     assert inner[0] is gathered
     return torch.as_strided(unsharded, (N, K), (K, 1), 0)
@@ -49,13 +49,15 @@ def _gather(layer: FP8Linear) -> FP8GatheredWeight:
 def test_gathered_fp8_weight_equals_quantising_the_gathered_weight(backend, dtype):
     """The hooks' codes/scale, and FP8Linear on them, against quantising the gathered weight: bit for bit, on the
     reference and on the Triton cast kernel (which quantises a shard with a given scale and the gathered weight with
-    one it computes itself).  FP8Linear then runs the same GEMMs on the same codes; that part is checked on the
-    reference only (the Triton GEMMs under the interpreter cost ~8 s more and add nothing to what is compared)."""
+    one it computes itself; on CUDA when there is one -- written without a GPU at hand).  FP8Linear then runs the
+    same GEMMs on the same codes; that part is checked on the reference only (the Triton GEMMs under the interpreter
+    cost ~8 s more and add nothing to what is compared)."""
     torch.manual_seed(0)
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     with force_backend(backend), count_launches() as launches:
-        plain = FP8Linear(K, N, dtype=dtype, recipe=FP8Recipe.from_name("current"))
+        plain = FP8Linear(K, N, dtype=dtype, device=dev, recipe=FP8Recipe.from_name("current"))
         plain.weight_cache = False
-        layer = FP8Linear(K, N, dtype=dtype, recipe=FP8Recipe.from_name("current"))
+        layer = FP8Linear(K, N, dtype=dtype, device=dev, recipe=FP8Recipe.from_name("current"))
         layer.load_state_dict(plain.state_dict())
         assert enable_fp8_all_gather(layer) == 1
         assert precompute_fp8_scales(layer) == 1

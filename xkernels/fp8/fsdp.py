@@ -151,9 +151,9 @@ class FP8AllGatherWeight(torch.Tensor):
             codes, _, _, _, _ = quantize_for_gemm(data.detach(), E4M3, "tensor", scale=scale)
         rows = math.ceil(outer_size[0] / mesh.size()) if outer_size is not None else data.shape[0]
         if codes.shape[0] != rows:
-            padded = torch.zeros(rows, *codes.shape[1:], dtype=codes.dtype, device=codes.device)
-            padded[: codes.shape[0]] = codes
-            codes = padded
+            padded = torch.zeros(rows, *codes.shape[1:], dtype=torch.uint8, device=codes.device)  # fp8 zero code
+            padded[: codes.shape[0]] = codes.view(torch.uint8)
+            codes = padded.view(codes.dtype)
         return (codes,), scale
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
