@@ -149,8 +149,9 @@ def test_hsdp_2x2_matches_one_process(request, tiny, tmp_path, fp8):  # noqa: F8
     are reduced over all 4 ranks (step 0's before its first quantisation), so every rank quantises with the scales
     of the one-process run.  FP8 rounding is discontinuous: the ~1e-7 differences of the gradient reduction order
     flip a few E4M3/E5M2 roundings, and a flip moves the loss by far more than the reduction order does.  Measured
-    (2-core Xeon, torch 2.13): AdamW steps 1-4 agree to 1e-6, the Muon steps to 5.7e-4 (step 6); step 0 scaled
-    from each rank's own amax (before the fix) moved step 1 by 1e-2 and step 3 by 6e-2 (world 2)."""
+    (2-core Xeon, torch 2.13 and 2.11): the losses of steps 1-5 agree to 2.4e-7, step 6 (after the first Muon
+    update) to 5.7e-4, final weights to 3.3e-4 relative; scaling step 0 from each rank's own amax (as before the
+    fix) moved the step-1 loss by 1.1e-2 (world 2)."""
     one = request.getfixturevalue("one_process_fp8" if fp8 else "one_process")
     four = run(tiny_args(tiny, tmp_path, *COMMON, *(FP8 if fp8 else []), "--name", "hsdp", "--batch-size", "1",
                          "--dp-replicate", "2"), 4)
@@ -165,7 +166,7 @@ def test_hsdp_2x2_matches_one_process(request, tiny, tmp_path, fp8):  # noqa: F8
 
     m1, m4 = Xmodel.from_pretrained(one / "hf"), Xmodel.from_pretrained(tmp_path / "hsdp" / "hf")
     for (name, p1), p4 in zip(m1.state_dict().items(), m4.state_dict().values()):
-        assert ((p1 - p4).norm() / p1.norm()).item() < (1e-2 if fp8 else 5e-5), name
+        assert ((p1 - p4).norm() / p1.norm()).item() < (5e-3 if fp8 else 5e-5), name
 
 
 # through the AdamW -> Muon switch at step 3 (Muon's DTensor path), exported and checkpointed
