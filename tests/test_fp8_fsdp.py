@@ -16,11 +16,11 @@ from xkernels.fp8 import E4M3, FP8Linear, FP8Recipe
 from xkernels.fp8.fsdp import (
     FP8AllGatherWeight,
     FP8GatheredWeight,
+    _valid_scale,
     enable_fp8_all_gather,
     precompute_fp8_scales,
     prepare_fp8_for_fsdp,
 )
-from xkernels.fp8.fsdp import _valid_scale
 from xkernels.fp8.quant import quantize_for_gemm
 from xkernels.testing import count_launches
 
