@@ -24,12 +24,18 @@ plain tensors) and implements FSDP2's all-gather extension:
 The global scale needs ``amax(W)`` over all shards: :func:`precompute_fp8_scales` reduces the amaxes of every
 FP8-gathered weight of a model with *one* all-reduce (MAX) and should be called after each optimizer step (the
 idea of torchao's ``precompute_float8_dynamic_scale_for_fsdp``). A weight whose scale is missing or older than its
-data (its version counter moved since) falls back to one all-reduce of its own inside ``fsdp_pre_all_gather``, so
-forgetting the call costs time, never correctness.
+data (written since, by any in-place op: the subclass counts them) falls back to one all-reduce of its own inside
+``fsdp_pre_all_gather``, so forgetting the call costs time, never correctness.
+
+Measured (gloo, world 2, two FP8Linear 32->48->16 in fp32, scratch script): 18,944 all-gathered bytes a step without,
+5,120 with (weights 1 byte an element instead of 4; the biases stay fp32 and travel as bytes in the same buffer).
+Trainer runs with ``--fp8-all-gather`` equal those without bit for bit (world 2 FSDP2 and world 4 HSDP 2 x 2).
 
 Limits: tensor-wise ``current`` scaling only (``delayed`` scales the weight from an amax history, ``row``/``block``
 have no single scale: refused); FSDP2 (``fully_shard``, HSDP included) only -- DDP and one process have no weight
-all-gather; not under ``torch.compile`` (the subclasses are eager-only: refused by FP8Linear's forward).
+all-gather; not under ``torch.compile`` (the subclasses are eager-only; compiled blocks computed wrong gradients:
+:func:`enable_fp8_all_gather` refuses modules already compiled, compiling afterwards is not detected); no FSDP2 CPU
+offload.  :func:`enable_fp8_all_gather` replaces the weight Parameters: build the optimizer after it.
 """
 
 from __future__ import annotations
@@ -208,10 +214,6 @@ class FP8GatheredWeight(torch.Tensor):
         )
 
 
-def is_fp8_gathered(t: torch.Tensor) -> bool:
-    return isinstance(t, FP8GatheredWeight)
-
-
 def _local(p: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor parameter (FSDP2), else ``p``."""
     return getattr(p, "_local_tensor", p)
@@ -224,10 +226,10 @@ def _fp8_ag_layers(model: nn.Module) -> list[FP8Linear]:
 
 def _global_scale(shards: list[FP8AllGatherWeight], layers: list[FP8Linear]) -> list[torch.Tensor]:
     """Dequantisation scales from the world's amax of each weight (one all-reduce MAX for all); held per layer
-    together with the version of the shard they were computed from."""
+    together with the write count of the shard they were computed from."""
     import torch.distributed as dist
 
-    amax = torch.stack([amax_ref(s._data.detach().reshape(s.shape[0], -1), "tensor") for s in shards])
+    amax = torch.stack([amax_ref(s._data.detach(), "tensor") for s in shards])  # (rows, K) shards; rows may be 0
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(amax, op=dist.ReduceOp.MAX)
     scales = list(scale_from_amax(amax, E4M3).unbind(0))
@@ -274,9 +276,9 @@ def enable_fp8_all_gather(model: nn.Module) -> int:
             raise ValueError("enable_fp8_all_gather: the model is on the meta device; materialise it first")
     prepare_fp8_for_fsdp(model)
     for m in layers:
-        if not isinstance(m.weight, FP8AllGatherWeight):
+        if not isinstance(m.weight, FP8AllGatherWeight):  # (a second call changes nothing)
             m.weight = nn.Parameter(FP8AllGatherWeight(m.weight.data), requires_grad=m.weight.requires_grad)
-        m._register_state_dict_hook(_plain_state_dict)
+            m._register_state_dict_hook(_plain_state_dict)
     return len(layers)
 
 
