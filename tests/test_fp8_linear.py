@@ -176,6 +176,33 @@ def test_weight_is_quantised_once_per_step_under_gradient_accumulation():
     assert m._w_cache[1][0] is not first and m.fp8_num_updates[1] == 2
 
 
+def test_weight_cache_off_sees_an_in_place_refill():
+    """FSDP2 refills its unsharded weight in place without moving the version counter (same storage): the cache
+    key cannot see that, so under FSDP2 the cache is off (``prepare_fp8_for_fsdp``) and every forward re-quantises
+    -- on every rank alike, one weight amax each (the issue-22 hang: ranks disagreed on cache hits)."""
+    with force_backend("torch"):  # the cache logic, not the kernels (tested above)
+        from xkernels.fp8.fsdp import prepare_fp8_for_fsdp
+
+        m = FP8Linear(64, 32, recipe=FP8Recipe.from_name("current"))
+        x = torch.randn(8, 64)
+
+        def refill():  # what FSDP2's all-gather does to the unsharded parameter
+            with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(m.weight):
+                m.weight.mul_(2.0).add_(1.0)
+
+        before = m(x)
+        refill()
+        assert torch.equal(m(x), before)  # the cache kept the stale FP8 copy: (version, pointer) did not change
+        assert prepare_fp8_for_fsdp(nn.Sequential(m)) == 1 and m.weight_cache is False
+        now = m(x)
+        fresh = FP8Linear(64, 32, recipe=FP8Recipe.from_name("current"))
+        fresh.load_state_dict(m.state_dict())
+        assert torch.equal(now, fresh(x))  # re-quantised from the refilled values
+        refill()
+        fresh.load_state_dict(m.state_dict())
+        assert torch.equal(m(x), fresh(x))
+
+
 def test_state_dict_round_trip():
     recipe = FP8Recipe.from_name("delayed", amax_history_len=16)
     a = FP8Linear(64, 48, recipe=recipe)

@@ -30,8 +30,8 @@ import yaml
 from xmodel.training import checkpoint as ckpt
 from xmodel.training.config import TrainConfig, parse_args, resolve_lr
 from xmodel.training.data import MixtureSampler, check_token_ids
-from xmodel.training.distributed import (DistInfo, check_replicate, exit_process, init_distributed, shutdown, unwrap,
-                                         wrap_model)
+from xmodel.training.distributed import (DistInfo, check_fp8_all_gather, check_replicate, exit_process,
+                                         init_distributed, shutdown, unwrap, wrap_model)
 from xmodel.training.metrics import MetricsLogger, peak_flops, plot_metrics
 from xmodel.training.optim import TrainOptimizer, build_adamw
 from xmodel.training.faults import fault_point
@@ -115,6 +115,7 @@ class Run:
 # ---------------------------------------------------------------------------------------------------------
 def setup(cfg: TrainConfig) -> Run:
     info, device = init_distributed(cfg.device)
+    check_fp8_all_gather(cfg.fp8_all_gather, info)
     if cfg.threads or device.type == "cpu":
         torch.set_num_threads(cfg.threads or 1)
 
@@ -159,7 +160,7 @@ def setup(cfg: TrainConfig) -> Run:
         check_compatible({"model": init.meta.get("identity", {}).get("model")}, {"model": identity["model"]},
                          Path(cfg.init_from))
     check_muon_settings(cfg)
-    check_replicate(cfg.parallel, cfg.dp_replicate if info.active else 1, info, cfg.fp8)
+    check_replicate(cfg.parallel, cfg.dp_replicate if info.active else 1, info)
 
     # Model: built on the meta device, materialised, initialised from the seed (identically on every rank).
     from xmodel.model import Xmodel
@@ -176,7 +177,7 @@ def setup(cfg: TrainConfig) -> Run:
         from xmodel.training.compile import compile_blocks
 
         compile_blocks(model)
-    model = wrap_model(model, cfg.parallel, device, info, cfg.dp_replicate)
+    model = wrap_model(model, cfg.parallel, device, info, cfg.dp_replicate, cfg.fp8_all_gather and info.active)
 
     lr = resolve_lr(cfg, model_config.mup_width_multiplier)
     optimizer = TrainOptimizer(
@@ -329,6 +330,11 @@ def train_loop(run: Run) -> Path:
     tokens_per_step = cfg.batch_size * cfg.grad_accum * info.world * cfg.seq_len
     nonfinite_in_a_row = 0
     step = run.start_step
+    fp8_scales = None
+    if cfg.fp8_all_gather and info.active:  # the FP8 all-gather scales from each weight's global amax
+        from xkernels.fp8.fsdp import precompute_fp8_scales as fp8_scales
+
+        fp8_scales(run.model)
     if step == 0 and cfg.eval_every:
         run.first_val = run.last_val = evaluate(run)
         log.eval(0, run.last_val)
@@ -357,6 +363,8 @@ def train_loop(run: Run) -> Path:
             if finite:
                 opt.step()
                 nonfinite_in_a_row = 0
+            if fp8_scales is not None:  # --fp8-all-gather: next step's weight scales, one all-reduce for all
+                fp8_scales(run.model)
             opt.zero_grad()
             step += 1
             run.step = step
@@ -403,6 +411,8 @@ def describe(run: Run) -> str:
     lr = resolve_lr(cfg, mc.mup_width_multiplier)
     precision = ("bf16 autocast, fp32 master weights" if not isinstance(run.autocast, contextlib.nullcontext)
                  else "fp32") + (f", fp8 {cfg.fp8}{' (emulated)' if cfg.fp8_emulate else ''}" if cfg.fp8 else "")
+    if cfg.fp8_all_gather:
+        precision += ", weights all-gathered in FP8"
     parallel = f"{run.info.world} x {cfg.parallel}" if run.info.active else "1 process"
     if run.info.active and cfg.dp_replicate > 1:
         parallel += f" (HSDP: {cfg.dp_replicate} replicas x {run.info.world // cfg.dp_replicate} shards)"

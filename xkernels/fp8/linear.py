@@ -36,8 +36,8 @@ from torch import nn
 from xkernels._checks import check_float
 from xkernels.fp8.formats import fp8_max
 from xkernels.fp8.gemm import fp8_gemm
-from xkernels.fp8.quant import quantize_for_gemm
-from xkernels.fp8.recipe import ROLES, FP8Recipe, push_amax_op, reduce_amax
+from xkernels.fp8.quant import amax_ref, quantize_for_gemm, scale_from_amax
+from xkernels.fp8.recipe import ROLES, FP8Recipe, amax_group_active, push_amax_op, reduce_amax
 
 log = logging.getLogger("xkernels.fp8")
 
@@ -91,13 +91,19 @@ class _FP8LinearFn(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
+            # The first backward of a delayed recipe has no history yet: with an amax group its scale comes from
+            # the world's amax (reduced before quantising), so every rank uses the scale one process would.
+            first_amax = None
+            if record and not use_history and amax_group_active(group):
+                first_amax = reduce_amax(amax_ref(dy, "tensor"), group)
+            first_scale = None if first_amax is None else scale_from_amax(first_amax, grad_dtype)
             dyq, sdy, dytq, sdyt, dy_amax = quantize_for_gemm(
                 dy,
                 grad_dtype,
                 granularity,
-                scale=scale[GRAD] if use_history else None,
+                scale=scale[GRAD] if use_history else first_scale,
                 transpose=need_dw,
-                want_amax=record,
+                want_amax=record and first_amax is None,
             )
             # fast_accum=False: the weight gradient contracts over every token of the batch (K = tokens, 10^4..10^5)
             # and the input gradient over out_features; both promote to fp32 every 128 of K.
@@ -108,8 +114,8 @@ class _FP8LinearFn(torch.autograd.Function):
             if need_db:
                 db = dy.float().sum(0).to(ctx.bias_dtype)
         if record:
-            push_amax_op(history, scale, num_updates, reduce_amax(dy_amax.float(), group), GRAD,
-                         fp8_max(grad_dtype), algo)
+            amax = first_amax if first_amax is not None else reduce_amax(dy_amax.float(), group)
+            push_amax_op(history, scale, num_updates, amax, GRAD, fp8_max(grad_dtype), algo)
         return (dx, dw, db) + (None,) * 19
 
 
@@ -122,6 +128,22 @@ class FP8Linear(nn.Linear):
         backend: ``"auto"`` (Triton kernels on CUDA, reference on CPU), ``"triton"``, ``"torch"`` (reference),
             ``"scaled_mm"`` (cuBLASLt GEMMs; tensor/row recipes) or ``"te"`` (Transformer Engine's ``te.Linear``
             with the same recipe; needs ``transformer_engine``).
+
+    Attributes:
+        weight_cache: reuse the FP8 weight until the weight's version counter or storage moves (default True).
+            Turn it off when something rewrites the weight's values in place without moving its version counter:
+            FSDP2's all-gather does exactly that (its unsharded parameter keeps one storage and version across
+            steps), so under ``fully_shard`` a cached copy would be stale -- and, because whether the allocator
+            hands back the same address differs between ranks, the delayed recipe's amax all-reduces would differ
+            in number between ranks and hang. :func:`xkernels.fp8.fsdp.prepare_fp8_for_fsdp` turns it off.
+
+    FP8 weight all-gather (:func:`xkernels.fp8.fsdp.enable_fp8_all_gather`, before ``fully_shard``): FSDP2 gathers
+    E4M3 codes quantised with one scale from the weight's global amax, and the forward uses them as they are (the
+    input gradient their transpose) -- bit for bit what quantising the gathered weight gives. Limits: the ``current``
+    recipe only (``delayed`` takes the weight's scale from its amax history; ``row``/``block`` have no single
+    scale), FSDP2 only, not ``backend="te"``, not under ``torch.compile`` (eager tensor subclasses), no FSDP2 CPU
+    offload; call :func:`xkernels.fp8.fsdp.precompute_fp8_scales` after each optimizer step (one all-reduce for all
+    weights; without it each weight all-reduces its own amax inside the all-gather hook).
     """
 
     def __init__(
@@ -163,6 +185,8 @@ class FP8Linear(nn.Linear):
         self.register_buffer("fp8_num_updates", torch.zeros(len(ROLES), device=device, dtype=torch.int64))
         self._seen = [False] * len(ROLES)  # host mirror of fp8_num_updates > 0 (no device sync per step)
         self._w_cache: tuple | None = None
+        if not hasattr(self, "weight_cache"):
+            self.weight_cache = True
 
     def reset_fp8_state(self) -> None:
         """Forget the amax history and cached FP8 weight (e.g. after ``to_empty`` from the meta device)."""
@@ -208,15 +232,25 @@ class FP8Linear(nn.Linear):
     def _gemm_backend(self) -> str:
         return "auto" if self.backend == "te" else self.backend
 
+    def _first_amax(self, role: int, t: torch.Tensor) -> torch.Tensor | None:
+        """The world's amax of ``t`` for the first quantisation of ``role`` under delayed scaling with an amax
+        group (the history is empty, so the scale would otherwise come from this rank's amax alone and differ
+        between ranks on step 0); None otherwise."""
+        if not self._delayed or self._seen[role] or not amax_group_active(self.recipe.reduce_amax_group):
+            return None
+        return reduce_amax(amax_ref(t, "tensor"), self.recipe.reduce_amax_group)
+
     def _delayed_scale(self, role: int) -> torch.Tensor | None:
         """The history's scale for ``role``, or None (current scaling) off delayed or before its first amax."""
         if not self._delayed or not self._seen[role]:
             return None
         return self.fp8_scale[role]
 
-    def _record(self, role: int, amax: torch.Tensor) -> None:
-        """Push ``amax`` into the history of ``role`` (in-graph under torch.compile: ``xkernels::fp8_push_amax``)."""
-        amax = reduce_amax(amax.detach().float(), self.recipe.reduce_amax_group)
+    def _record(self, role: int, amax: torch.Tensor, reduced: bool = False) -> None:
+        """Push ``amax`` into the history of ``role`` (in-graph under torch.compile: ``xkernels::fp8_push_amax``),
+        all-reduced over the recipe's amax group first unless ``reduced``."""
+        if not reduced:
+            amax = reduce_amax(amax.detach().float(), self.recipe.reduce_amax_group)
         fmax = fp8_max(self.recipe.dtype(ROLES[role]))
         push_amax_op(self.fp8_amax_history, self.fp8_scale, self.fp8_num_updates, amax, role, fmax,
                      self.recipe.amax_compute_algo)
@@ -227,22 +261,32 @@ class FP8Linear(nn.Linear):
 
         Under torch.compile the weight is quantised in-graph on every call (as torchao does): the cache key
         (version counter, data pointer) is not traceable, and the cast is fused into the compiled graph. With
-        delayed scaling a weight amax is then pushed per training forward instead of per weight update.
+        delayed scaling a weight amax is then pushed per training forward instead of per weight update. The same
+        holds with ``weight_cache = False`` (set for FSDP2, whose all-gather rewrites the unsharded weight in place
+        without moving its version counter: the key cannot see the new values there).
         """
-        compiling = torch.compiler.is_compiling()
-        key = None if compiling else (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+        if getattr(weight, "_fp8_gathered", False):
+            # FSDP2 all-gathered FP8 codes quantised with the global-amax scale (xkernels.fp8.fsdp): used as they
+            # are -- the same codes quantising the gathered high-precision weight would give -- and their transpose
+            # (tensor-wise: the same codes, the same scale) for the input gradient.
+            wq, sw = weight._data, weight._scale.reshape(())
+            return wq, sw, wq.t().contiguous(), sw.clone()
+        cacheable = self.weight_cache and not torch.compiler.is_compiling()
+        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device) if cacheable else None
         if key is not None and self._w_cache is not None and self._w_cache[0] == key:
             return self._w_cache[1]
+        w_dtype = self.recipe.dtype("weight")
+        first = self._first_amax(WEIGHT, weight.detach()) if self.training else None
         wq, sw, wtq, swt, w_amax = quantize_for_gemm(
             weight.detach(),
-            self.recipe.dtype("weight"),
+            w_dtype,
             self.recipe.granularity("weight"),
-            scale=self._delayed_scale(WEIGHT),
+            scale=self._delayed_scale(WEIGHT) if first is None else scale_from_amax(first, w_dtype),
             transpose=True,
-            want_amax=self._delayed,
+            want_amax=self._delayed and first is None,
         )
         if self._delayed and self.training:
-            self._record(WEIGHT, w_amax)
+            self._record(WEIGHT, w_amax if first is None else first, reduced=first is not None)
         if key is not None:
             self._w_cache = (key, (wq, sw, wtq, swt))
         return wq, sw, wtq, swt
@@ -267,17 +311,18 @@ class FP8Linear(nn.Linear):
         recipe = self.recipe
         need_wgrad = torch.is_grad_enabled() and self.weight.requires_grad  # else skip the transposed copy of x
         with torch.autocast(x2.device.type, enabled=False):
+            first = self._first_amax(INPUT, x2.detach()) if self.training else None
             xq, sx, xtq, sxt, x_amax = quantize_for_gemm(
                 x2.detach(),
                 recipe.dtype("input"),
                 recipe.granularity("input"),
-                scale=self._delayed_scale(INPUT),
+                scale=self._delayed_scale(INPUT) if first is None else scale_from_amax(first, recipe.dtype("input")),
                 transpose=need_wgrad,
-                want_amax=self._delayed,
+                want_amax=self._delayed and first is None,
             )
             wq, sw, wtq, swt = self._weight_fp8(self.weight)
         if self._delayed and self.training:
-            self._record(INPUT, x_amax)
+            self._record(INPUT, x_amax if first is None else first, reduced=first is not None)
         # The gradient's scale: from its history once a backward has recorded one. The backward itself cannot
         # flip this host-side flag under torch.compile, so the forward does, assuming its backward runs (a
         # training forward whose backward never runs leaves the gradient history at its initial scale 1).

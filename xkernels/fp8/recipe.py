@@ -9,7 +9,8 @@ Recipes (``scaling``):
   (torchao does the same; TE would start from scale 1). A history entry is pushed per forward (input), per
   backward (grad_output) and per change of the weight (weight; its FP8 copy is reused until the optimizer steps),
   so with gradient accumulation every micro-batch adds an input/grad entry. Under activation checkpointing the
-  recomputed forward adds a second input entry (harmless with ``max``).
+  recomputed forward adds a second input entry (harmless with ``max``). With ``reduce_amax_group`` the step-0
+  amax is all-reduced *before* that first quantisation, so every rank scales step 0 as one process would.
 
   Two deliberate differences from Transformer Engine's delayed scaling (its fused amax/scale update,
   ``kernel_bulk`` in ``transformer_engine/common/recipe/delayed_scaling.cu``); torchao's float8 training and
@@ -117,14 +118,21 @@ class FP8Recipe:
 # --- delayed scaling: history state lives in module buffers (so it is in state_dict) ---------------------------
 
 
+def amax_group_active(group: Any) -> bool:
+    """Whether ``group`` (an FP8Recipe's ``reduce_amax_group``) reduces anything: set, and a process group is up."""
+    if group is None or group is False:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def reduce_amax(amax: torch.Tensor, group: Any) -> torch.Tensor:
     """All-reduce ``amax`` with MAX over ``group`` (``True`` = default group); a no-op without distributed."""
-    if group is None or group is False:
+    if not amax_group_active(group):
         return amax
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return amax
     amax = amax.clone()
     dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=None if group is True else group)
     return amax

@@ -318,6 +318,9 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
     fp8: str | None = None  # None or an FP8 recipe: "delayed" (paper), "current", "row", "block"
     fp8_emulate: bool = False  # allow --fp8 without FP8 hardware (reference quantisation, slow; experiments only)
+    # FSDP2 all-gathers the FP8Linear weights as FP8 codes (1 byte/element) quantised with one scale per weight from
+    # its global amax (one all-reduce per step for all weights); needs --fp8 current, --parallel fsdp, torchrun
+    fp8_all_gather: bool = False
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each layer in backward
     parallel: str = "fsdp"  # under torchrun: "fsdp" (FSDP2 fully_shard per layer) or "ddp"
@@ -400,7 +403,7 @@ class TrainConfig:
         self.muon_dtype = to_choice("muon_dtype", self.muon_dtype, MUON_DTYPES)
         self.precision = to_choice("precision", self.precision, PRECISIONS)
         self.fp8 = to_choice("fp8", self.fp8, FP8_RECIPES, optional=True)
-        for name in ("fp8_emulate", "compile", "activation_checkpointing", "export_hf", "progress"):
+        for name in ("fp8_emulate", "fp8_all_gather", "compile", "activation_checkpointing", "export_hf", "progress"):
             setattr(self, name, b(name, getattr(self, name)))
         self.parallel = to_choice("parallel", self.parallel, PARALLELISMS)
         self.dp_replicate = i("dp_replicate", self.dp_replicate, 1, hint=" (1 = plain FSDP2)")
@@ -429,6 +432,19 @@ class TrainConfig:
         need(self.init_from is None or Path(self.init_from).is_dir(), "init_from",
              f"no such checkpoint directory {self.init_from!r}")
         need(not self.fp8_emulate or self.fp8 is not None, "fp8_emulate", "only makes sense with --fp8 RECIPE")
+        if self.fp8_all_gather:
+            need(self.fp8 == "current", "fp8_all_gather",
+                 "needs --fp8 current (the weight's FP8 scale comes from its global amax, one tensor-wise scale); "
+                 + (f"--fp8 {self.fp8} has " + ("a scale per row or block" if self.fp8 in ("row", "block") else
+                                                 "weight scales from an amax history")
+                    if self.fp8 else "no --fp8 was given")
+                 + ". Use --fp8 current --fp8-all-gather, or drop --fp8-all-gather")
+            need(self.parallel == "fsdp", "fp8_all_gather",
+                 f"needs --parallel fsdp (FSDP2 all-gathers the weights; --parallel {self.parallel} has no weight "
+                 "all-gather to make smaller): use --parallel fsdp, or drop --fp8-all-gather")
+            need(not self.compile, "fp8_all_gather",
+                 "does not work with --compile yet (the FP8 all-gather weights are eager-only tensor subclasses; "
+                 "compiled, a world-2 run computed wrong gradients); drop one of them")
         need(self.vocab_size is None or self.tokenizer is None, "vocab_size",
              f"{self.vocab_size} sizes the default BPE, which --tokenizer {self.tokenizer} replaces; drop "
              "--vocab-size (the model's vocabulary follows the tokenizer: its size rounded up to a multiple of 128, "

@@ -123,15 +123,12 @@ def _fully_shard():
     return fully_shard
 
 
-def check_replicate(parallel: str, dp_replicate: int, info: DistInfo, fp8: str | None = None) -> None:
-    """``--dp-replicate R``: FSDP2 only, R must divide the number of processes, and not with ``--fp8`` yet (measured:
-    world 4 as 2 x 2 with ``--fp8 delayed --fp8-emulate`` on gloo hung in the first steps -- the per-linear amax
-    all-reduces over the world and HSDP's replica all-reduces deadlock; not diagnosed yet)."""
+def check_replicate(parallel: str, dp_replicate: int, info: DistInfo) -> None:
+    """``--dp-replicate R``: FSDP2 only, and R must divide the number of processes.  (With ``--fp8`` too: the
+    delayed recipe's amaxes are all-reduced over the whole world, every rank in the same order -- see
+    ``wrap_model`` for the FP8 weight cache that once made those orders differ and hang.)"""
     if dp_replicate == 1:
         return
-    if fp8 is not None:
-        raise ValueError(f"--dp-replicate {dp_replicate}: not supported with --fp8 yet (HSDP with FP8 amax reductions "
-                         "hangs on gloo); use --dp-replicate 1 (plain FSDP2) with --fp8")
     if parallel != "fsdp":
         raise ValueError(f"--dp-replicate {dp_replicate}: HSDP is FSDP2 on a 2-D mesh; use it with --parallel fsdp")
     if info.world % dp_replicate:
@@ -139,15 +136,39 @@ def check_replicate(parallel: str, dp_replicate: int, info: DistInfo, fp8: str |
                          "1 = plain FSDP2")
 
 
+def check_fp8_all_gather(fp8_all_gather: bool, info: DistInfo) -> None:
+    """``--fp8-all-gather`` needs several processes (the other combinations are refused by the config)."""
+    if fp8_all_gather and not info.active:
+        raise ValueError("--fp8-all-gather: one process has no weight all-gather (nothing is sharded); run under "
+                         "torchrun with 2+ processes (FSDP2), or drop --fp8-all-gather")
+
+
 def wrap_model(model: nn.Module, parallel: str, device: torch.device, info: DistInfo,
-               dp_replicate: int = 1) -> nn.Module:
+               dp_replicate: int = 1, fp8_all_gather: bool = False) -> nn.Module:
     """FSDP2: ``fully_shard`` on every decoder layer then on the root (the tied embedding/LM head and final norm
     live in the root group); with ``dp_replicate`` R > 1 on a 2-D ``(R, world / R)`` mesh (HSDP: rank r shards
     with the ranks of its block of world / R consecutive ranks -- one node under torchrun -- and replicates across
     the R blocks; gradients are reduce-scattered within a block, then all-reduced across blocks).  DDP:
-    ``DistributedDataParallel``.  Identity with one process."""
+    ``DistributedDataParallel``.  Identity with one process.  ``fp8_all_gather``: FP8Linear weights are all-gathered
+    as FP8 (:func:`xkernels.fp8.fsdp.enable_fp8_all_gather`; the trainer calls ``precompute_fp8_scales`` after each
+    optimizer step).
+
+    FP8 (issue 22: ``--dp-replicate 2 --fp8 delayed`` on 4 processes hung; so did plain FSDP2 world 2 at the Muon
+    switch): FP8Linear cached its FP8 weight under the key (version counter, data pointer).  FSDP2 all-gathers into
+    one unsharded parameter whose version counter it never moves, so the key only changed when the allocator handed
+    back another address -- which differs between ranks.  Ranks then pushed different numbers of weight amaxes, each
+    an all-reduce over the world, and waited on each other (faulthandler: rank 0 in FSDP2's backward all-gather,
+    rank 1 in an amax all-reduce of its forward), and a rank that hit the cache used last step's FP8 weight.  Under
+    FSDP2 the cache is off (:func:`xkernels.fp8.fsdp.prepare_fp8_for_fsdp`): one weight amax per forward on every
+    rank."""
     if not info.active:
         return model
+    if parallel == "fsdp":
+        from xkernels.fp8.fsdp import enable_fp8_all_gather, prepare_fp8_for_fsdp
+
+        prepare_fp8_for_fsdp(model)  # no FP8 weight cache: FSDP2 refills the unsharded weight in place
+        if fp8_all_gather:
+            enable_fp8_all_gather(model)  # weights all-gathered as FP8 codes (before fully_shard)
     if parallel == "fsdp" and dp_replicate > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
