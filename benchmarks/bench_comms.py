@@ -30,6 +30,15 @@ and DTensor's collectives never pass through those functions.  One exception, me
 ``dist.all_to_all_single`` reaches the backend without a dispatcher op, so that one Python function is wrapped too;
 while the wrapper runs the mode ignores c10d ops, so nothing is counted twice on either version.
 
+FP8 ``delayed`` under FSDP2 deadlocks without a workaround (found here, measured at world 2 on torch 2.13):
+``FP8Linear._weight_fp8`` caches the quantised weight keyed by ``(weight._version, weight.data_ptr())`` and all-reduces
+the weight amax only on a cache miss.  Under FSDP2 the unsharded weight is re-allocated at every all-gather, so
+whether the key repeats depends on each rank's allocator: one rank issued the amax all-reduce while the other went
+on to the next layer's all-gather, and both waited forever.  (Plausibly the same cause as the HSDP + FP8 hang
+that ``check_replicate`` refuses.)  The measured runs drop that cache before every forward of an FP8 linear
+(:func:`_drop_weight_cache`), so every rank issues one weight amax per forward -- what the trainer does under
+torch.compile, where the cache is bypassed.  The fix belongs in ``xkernels.fp8.linear``.
+
 Each record: op kind, process-group size ``W``, dtype, bytes in / out on this rank.  Two byte columns:
 
 * **payload** ``S`` -- the full logical size of the collective: all-gather the gathered output, reduce-scatter the
@@ -485,6 +494,7 @@ def _one_config(name: str, dp_replicate: int, fp8: str | None, fp8_all_gather: b
     from xkernels.newton_schulz import default_compute_dtype
 
     return {"name": name, "world": info.world, "dp_replicate": dp_replicate, "fp8": fp8, "fp8_linears": n_fp8,
+            "fp8_all_gather": fp8_all_gather,
             "ns_dtype": str(default_compute_dtype(device)).replace("torch.", ""), "rank": info.rank,
             "steps": steps}
 
@@ -499,7 +509,7 @@ def worker(out_dir: Path, configs: list[tuple], fp8_all_gather: bool) -> None:
 
     torch.set_num_threads(1)
     info, device = init_distributed("cpu")
-    results = [_one_config(n, r, f, fp8_all_gather, info, device) for n, _, r, f in configs]
+    results = [_one_config(n, r, f, fp8_all_gather and n.endswith("-ag"), info, device) for n, _, r, f in configs]
     (out_dir / f"rank{info.rank}.json").write_text(json.dumps(results))
     info.barrier()
     for stream in (sys.stdout, sys.stderr):
@@ -556,8 +566,8 @@ def run_measured(fp8_all_gather: bool) -> list[dict]:
             from xmodel.training.distributed import DistInfo
 
             with _threads(1):
-                out.extend(_one_config(n, r, f, fp8_all_gather, DistInfo(), torch.device("cpu"))
-                           for n, _, r, f in configs)
+                out.extend(_one_config(n, r, f, fp8_all_gather and n.endswith("-ag"), DistInfo(),
+                                       torch.device("cpu")) for n, _, r, f in configs)
         else:
             for per_rank in zip(*measure(world, configs, fp8_all_gather)):
                 out.extend(per_rank)
@@ -595,7 +605,7 @@ def formula_for(entry: dict, optimizer: str) -> list[Record]:
     ns_bytes = torch.empty((), dtype=getattr(torch, entry["ns_dtype"])).element_size()
     return step_collectives(XmodelConfig(**SCALED), entry["world"], entry["dp_replicate"], optimizer,
                             ns_bytes=ns_bytes, fp8_linears=entry["fp8_linears"],
-                            fp8_amax=entry["fp8"] == "delayed")
+                            fp8_amax=entry["fp8"] == "delayed", fp8_gather=entry.get("fp8_all_gather", False))
 
 
 def validate(measured: list[dict]) -> list[dict]:
@@ -740,19 +750,32 @@ def render(result: dict) -> str:
               "NVLink, a group spanning nodes is bound by IB. Compute: 6·N·tokens (`flops_per_token`, attention "
               f"included) at {MFU:.0%} MFU of {H100_BF16_TFLOPS:.0f} TFLOP/s bf16 dense. AdamW rows: stable phase, "
               "batch 480 x 3712; Muon rows: decay, 960 x 3776; one micro-batch per GPU per step (no gradient "
-              "accumulation; each extra micro-batch repeats the all-gathers; at 512 GPUs batch 480 is under one sequence per GPU, "
-              "counted fractionally). Time is bytes over bandwidth only: no per-collective latency (the FP8 delayed "
-              "rows differ from fp32 by 3 x 336 four-byte all-reduces -- latency, not bytes). No overlap assumed: comm/compute is "
+              "accumulation; each extra micro-batch repeats the all-gathers; at 512 GPUs batch 480 is under one "
+              "sequence per GPU, counted fractionally). Time is bytes over bandwidth only: no per-collective latency "
+              "(the FP8 delayed rows differ from fp32 by 3 x 336 four-byte all-reduces -- latency, not bytes). "
+              "No overlap assumed: comm/compute is "
               "the share of a step if nothing overlapped (FSDP2 overlaps the all-gathers with compute).", "",
-              "| GPUs | layout | weight all-gather | optimizer | collectives | payload GB | bus GB NVLink | bus GB IB | "
-              "comm ms | compute ms | comm/compute | NS TFLOP (max rank) | NS ms (max rank) |",
+              "| GPUs | layout | weight all-gather | optimizer | collectives | payload GB | bus GB NVLink | "
+              "bus GB IB | comm ms | compute ms | comm/compute | NS TFLOP (max rank) | NS ms (max rank) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["scenarios_1p3b"]:
         lines.append(f"| {r['world']} | {r['layout']} | {r['weight_all_gather']} | {r['optimizer']} | "
-                     f"{r['collectives']} | {r['payload_gb']:.2f} | {r['bus_intra_gb']:.2f} | {r['bus_inter_gb']:.2f} | "
+                     f"{r['collectives']} | {r['payload_gb']:.2f} | {r['bus_intra_gb']:.2f} | "
+                     f"{r['bus_inter_gb']:.2f} | "
                      f"{r['comm_s'] * 1e3:.1f} | {r['compute_s'] * 1e3:.1f} | {r['comm_fraction']:.1%} | "
                      f"{r['ns_tflop_max_rank']:.2f} | {r['ns_s_max_rank'] * 1e3:.1f} |")
-    lines += ["", result.get("fp8_all_gather_note", ""), ""]
+    lines += ["", result.get("fp8_all_gather_note", ""), "", "## Summary (paper estimates, AdamW stable phase)", ""]
+    pick = {(r["world"], r["layout"], r["weight_all_gather"]): r for r in result["scenarios_1p3b"]
+            if r["optimizer"] == "adamw"}
+    for world in (64, 512):
+        parts = []
+        for layout in ("FSDP", "HSDP 8/node"):
+            today, fp8 = pick[(world, layout, "fp32 (today)")], pick[(world, layout, "fp8 (formula)")]
+            parts.append(f"{layout}: {today['bus_intra_gb']:.1f} GB NVLink + {today['bus_inter_gb']:.1f} GB IB bus "
+                         f"bytes per GPU, {today['comm_s'] * 1e3:.0f} ms vs {today['compute_s'] * 1e3:.0f} ms compute "
+                         f"({today['comm_fraction']:.0%}; FP8 all-gather {fp8['comm_fraction']:.0%})")
+        lines.append(f"- {world} GPUs: " + "; ".join(parts) + ".")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -783,9 +806,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     measured = run_measured(args.fp8_all_gather and has_field)
     validation = validate(measured)
-    from xmodel.config import XmodelConfig
-
     from benchmarks.conftest import versions
+    from xmodel.config import XmodelConfig
 
     cmd = "python -m benchmarks.bench_comms" + (f" --out {args.out}" if args.out else "") + \
         (" --fp8-all-gather" if args.fp8_all_gather else "")

@@ -55,14 +55,13 @@ def test_counter_sees_each_collective_once_with_its_bytes(fake_world4):
 
 
 def test_fsdp2_step_matches_formula(fake_world4):
+    from xkernels.dispatch import force_backend
     from xmodel.config import XmodelConfig
     from xmodel.model import Xmodel
     from xmodel.train import _switch, grad_norm
     from xmodel.training.config import TrainConfig
     from xmodel.training.distributed import DistInfo, wrap_model
     from xmodel.training.optim import TrainOptimizer, build_adamw
-
-    from xkernels.dispatch import force_backend
 
     mc = XmodelConfig(**bc.SCALED)
     info = DistInfo(rank=0, world=4)
