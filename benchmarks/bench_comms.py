@@ -26,9 +26,9 @@ How collectives are counted (:class:`CommCounter`): a ``TorchDispatchMode`` that
 its collectives come back to the mode, as ``torch.distributed.tensor.debug.CommDebugMode`` does).  Why the
 dispatcher and not wrapping ``torch.distributed`` functions: FSDP2 calls different Python entry points in different
 torch versions (``all_gather_into_tensor`` on 2.11, ``all_gather_single`` on 2.13) but both lower to the same ops,
-and DTensor's collectives never pass through those functions.  One exception, measured: on torch 2.13 with gloo,
-``dist.all_to_all_single`` reaches the backend without a dispatcher op, so that one Python function is wrapped too;
-while the wrapper runs the mode ignores c10d ops, so nothing is counted twice on either version.
+and DTensor's collectives never pass through those functions.  Checked on torch 2.11 and 2.13 with gloo and the
+fake backend: every call the trainer makes (``all_reduce``, FSDP2's gathers and reduce-scatters, Muon's
+``all_to_all_single`` sync and async, DTensor's norm reduction) shows up exactly once.
 
 FP8 ``delayed`` under FSDP2 deadlocks without a workaround (found here, measured at world 2 on torch 2.13):
 ``FP8Linear._weight_fp8`` caches the quantised weight keyed by ``(weight._version, weight.data_ptr())`` and all-reduces
@@ -64,7 +64,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -185,8 +184,6 @@ class CommCounter(torch.utils._python_dispatch.TorchDispatchMode):
         super().__init__()
         self.records: list[Record] = []
         self.phase = "-"
-        self._inside = threading.local()  # set while a wrapped torch.distributed function runs
-        self._patched: list[tuple[Any, str, Any]] = []
 
     @contextlib.contextmanager
     def in_phase(self, phase: str):
@@ -195,36 +192,6 @@ class CommCounter(torch.utils._python_dispatch.TorchDispatchMode):
             yield
         finally:
             self.phase = previous
-
-    # -- the one Python-level wrapper (all_to_all_single bypasses the dispatcher on torch 2.13 + gloo)
-    def __enter__(self):
-        import torch.distributed as dist
-        import torch.distributed.distributed_c10d as c10d
-
-        original = c10d.all_to_all_single
-        counter = self
-
-        def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
-                              async_op=False):
-            pg = group if group is not None else c10d._get_default_group()
-            counter._record("all_to_all", pg.size(), input, output, "all_to_all_single")
-            counter._inside.active = True
-            try:
-                return original(output, input, output_split_sizes, input_split_sizes, group=group,
-                                async_op=async_op)
-            finally:
-                counter._inside.active = False
-
-        for mod in (dist, c10d):
-            self._patched.append((mod, "all_to_all_single", getattr(mod, "all_to_all_single")))
-            setattr(mod, "all_to_all_single", all_to_all_single)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for mod, name, fn in reversed(self._patched):
-            setattr(mod, name, fn)
-        self._patched.clear()
-        return super().__exit__(*exc)
 
     def _record(self, kind: str, world: int, inp: Any, out: Any, op: str) -> None:
         self.records.append(Record(kind, int(world), _dtype(inp), _nbytes(inp), _nbytes(out), self.phase, op))
@@ -238,7 +205,7 @@ class CommCounter(torch.utils._python_dispatch.TorchDispatchMode):
             return NotImplemented  # let DTensor run: its collectives come back here on plain tensors
         ns, name = func.namespace, func._overloadpacket._qualified_op_name.split("::")[-1]
         out = func(*args, **kwargs)
-        if ns == "c10d" and name in _C10D_OPS and not getattr(self._inside, "active", False):
+        if ns == "c10d" and name in _C10D_OPS:
             kind, layout = _C10D_OPS[name]
             world = next(_pg_size(a) for a in args if _pg_size(a) is not None)
             if layout == "out_in":

@@ -51,7 +51,6 @@ def test_counter_sees_each_collective_once_with_its_bytes(fake_world4):
         ("broadcast", 4, 24, 24.0),
         ("all_reduce", 4, 12, 18.0),  # functional collective (DTensor's path)
     ]
-    assert "bench_comms" not in dist.all_to_all_single.__code__.co_filename  # the wrapper is removed on exit
 
 
 def test_fsdp2_step_matches_formula(fake_world4):
