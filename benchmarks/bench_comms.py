@@ -30,12 +30,14 @@ and DTensor's collectives never pass through those functions.  Checked on torch 
 fake backend: every call the trainer makes (``all_reduce``, FSDP2's gathers and reduce-scatters, Muon's
 ``all_to_all_single`` sync and async, DTensor's norm reduction) shows up exactly once.
 
-FP8 ``delayed`` under FSDP2 deadlocks without a workaround (found here, measured at world 2 on torch 2.13):
-``FP8Linear._weight_fp8`` caches the quantised weight keyed by ``(weight._version, weight.data_ptr())`` and all-reduces
-the weight amax only on a cache miss.  Under FSDP2 the unsharded weight is re-allocated at every all-gather, so
-whether the key repeats depends on each rank's allocator: one rank issued the amax all-reduce while the other went
-on to the next layer's all-gather, and both waited forever.  (Plausibly the same cause as the HSDP + FP8 hang
-that ``check_replicate`` refuses.)  The measured runs drop that cache before every forward of an FP8 linear
+FP8 ``delayed`` under FSDP2 deadlocks without a workaround (found here, gloo at world 2, torch 2.13; the trainer too:
+``torchrun --nproc_per_node 2 -m xmodel.train ... --fp8 delayed --fp8-emulate`` logged step 1, then nothing for
+150 s).  ``FP8Linear._weight_fp8`` caches the quantised weight keyed by ``(weight._version, weight.data_ptr())`` and
+all-reduces the weight amax only on a cache miss.  FSDP2 frees the unsharded weight's storage after the forward and
+refills it at the next all-gather, so whether the key repeats can differ between ranks (our reading; the stacks
+showed one rank inside an FP8 linear's amax all-reduce and the other already in the next layer's all-gather).
+Plausibly the same cause as the HSDP + FP8 hang that ``check_replicate`` refuses; not checked.  With the cache
+dropped the runs finish.  The measured runs drop that cache before every forward of an FP8 linear
 (:func:`_drop_weight_cache`), so every rank issues one weight amax per forward -- what the trainer does under
 torch.compile, where the cache is bypassed.  The fix belongs in ``xkernels.fp8.linear``.
 
