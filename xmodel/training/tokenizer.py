@@ -92,7 +92,8 @@ class TextTokenizer:
         return hashlib.sha1(self.path.read_bytes()).hexdigest()[:12]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        """The ids of each text, no special tokens added (the framing adds BOS/EOS)."""
+        return [e.ids for e in encode_ids(self.tokenizer, texts)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
@@ -127,6 +128,18 @@ class TextTokenizer:
             raise ValueError(f"--tokenizer: {path} has no end-of-text token (looked for {', '.join(_EOS_CANDIDATES)})")
         bos_id = _first_id(tok, ([bos_name] if bos_name else []) + list(_BOS_CANDIDATES))
         return cls(tok, path, eos_id, bos_id, add_bos)
+
+
+def encode_ids(tok: Tokenizer, texts: list[str]) -> list:
+    """``tok``'s encodings of ``texts`` (no special tokens added) for their ids only.
+
+    ``encode_batch_fast`` (tokenizers >= 0.21) returns the same ids as ``encode_batch`` but leaves the offsets at
+    zero: it skips converting each token's byte offsets into character offsets, which for text with any non-ASCII
+    character builds a byte -> character hash map of the whole document.  Measured with the DeepSeek-V3 tokenizer on
+    Python source (``valgrind --tool=cachegrind``, 526 kB): 17% fewer instructions per document.  Older tokenizers
+    fall back to ``encode_batch``."""
+    fast = getattr(tok, "encode_batch_fast", None)
+    return (fast or tok.encode_batch)(texts, add_special_tokens=False)
 
 
 def _token_name(value) -> str | None:
