@@ -15,7 +15,8 @@ from xmodel.training.config import ConfigError, TrainConfig
 from xmodel.training.data import SourceSpec, TokenSource, eval_batches, load_source, open_prepared
 from xmodel.training.megatron import IndexedDataset, write_indexed_dataset
 from xmodel.training.preprocess import _framed, prepare
-from xmodel.training.tokenizer import DEFAULT_WORD_CACHE, WORD_CACHE, TextTokenizer, encode_ids, set_word_cache, train_bpe
+from xmodel.training.tokenizer import DEFAULT_WORD_CACHE, WORD_CACHE, TextTokenizer, encode_ids, set_word_cache
+from xmodel.training.tokenizer import train_bpe
 
 TEXTS = [f"Record {i}: {'alpha beta gamma ' * (i % 7 + 1)}and the number {i * 13}." for i in range(300)]
 SMALL_MODEL = [a for a in TINY_MODEL if a not in ("--model.vocab_size", "512")]
