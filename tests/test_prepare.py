@@ -15,8 +15,7 @@ from xmodel.training.config import ConfigError, TrainConfig
 from xmodel.training.data import SourceSpec, TokenSource, eval_batches, load_source, open_prepared
 from xmodel.training.megatron import IndexedDataset, write_indexed_dataset
 from xmodel.training.preprocess import _framed, prepare
-from xmodel.training.tokenizer import DEFAULT_WORD_CACHE, WORD_CACHE, TextTokenizer, encode_ids, set_word_cache
-from xmodel.training.tokenizer import train_bpe
+from xmodel.training.tokenizer import TextTokenizer, encode_ids, train_bpe
 
 TEXTS = [f"Record {i}: {'alpha beta gamma ' * (i % 7 + 1)}and the number {i * 13}." for i in range(300)]
 SMALL_MODEL = [a for a in TINY_MODEL if a not in ("--model.vocab_size", "512")]
@@ -84,9 +83,6 @@ def test_ids_only_encoding_and_framing_match_the_full_encoding(tok_dirs):
         assert arr.dtype == dtype
         assert arr.tolist() == [t for ids in full for t in ([bos] if bos is not None else []) + ids + [1]]
     assert _framed([], 0, 1, np.dtype(np.uint16)).shape == (0,)
-    for capacity in (2, WORD_CACHE, DEFAULT_WORD_CACHE):  # the word cache saves merges, never changes an id
-        assert set_word_cache(tok.tokenizer, capacity)
-        assert [e.ids for e in encode_ids(tok.tokenizer, texts * 2)] == full * 2
 
 
 def test_prepare_cli_and_training_on_the_directory(tok_dirs, tmp_path, capsys):

@@ -354,7 +354,6 @@ def prepare(files: list[Path], tokenizer, framing, out_dir: Path, text_field: st
     """Tokenise ``files`` into ``out_dir`` (parts + ``manifest.json``); returns the manifest.  Resumable: parts whose
     ``.json`` key matches are kept.  ``workers`` 0 = one per core.  Raises :class:`BadInput` naming the file."""
     from xmodel.training.shards import read_shard, token_dtype
-    from xmodel.training.tokenizer import DEFAULT_WORD_CACHE, WORD_CACHE, set_word_cache
 
     out_dir = Path(out_dir)
     workers = workers or default_workers()
@@ -418,7 +417,6 @@ def prepare(files: list[Path], tokenizer, framing, out_dir: Path, text_field: st
         bar.update(max(0, min(total_bytes, finished[0] + chars) - bar.n))
 
     _WORKER.update(tok=tokenizer.tokenizer, bos=framing.bos_id, eos=framing.eos_id, dtype=dtype, live=live)
-    widened = set_word_cache(tokenizer.tokenizer, WORD_CACHE)  # before the fork: every worker inherits it
     saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # also keeps the fork below quiet and safe
     pool = None
@@ -448,8 +446,6 @@ def prepare(files: list[Path], tokenizer, framing, out_dir: Path, text_field: st
         if bar is not None:
             bar.close()
         _WORKER.clear()
-        if widened:  # the caller's tokenizer back to the library's default (and its memory freed)
-            set_word_cache(tokenizer.tokenizer, DEFAULT_WORD_CACHE)
         if saved_env is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:

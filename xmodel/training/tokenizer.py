@@ -142,25 +142,6 @@ def encode_ids(tok: Tokenizer, texts: list[str]) -> list:
     return (fast or tok.encode_batch)(texts, add_special_tokens=False)
 
 
-# Words whose BPE merges a preparing process remembers.  The tokenizers library's default, 10,000, is exceeded by a
-# few MB of code (3 MB of Python source: 24,597 distinct pre-tokenised words), and a word that misses the cache is
-# merged again at every occurrence.  2^18 words cost tens of MB per process; on that 3 MB the wider cache ran 4.3%
-# fewer instructions (cachegrind), more on larger corpora, whose vocabulary of words keeps growing.
-WORD_CACHE = 1 << 18
-DEFAULT_WORD_CACHE = 10_000  # the tokenizers library's BPE default (DEFAULT_CACHE_CAPACITY)
-
-
-def set_word_cache(tok: Tokenizer, capacity: int) -> bool:
-    """Let ``tok``'s model cache the merges of up to ``capacity`` words (empties the cache); the ids are unchanged,
-    the cache only saves merging a word again.  Returns False (and does nothing) where the ``tokenizers`` version has
-    no ``Model._resize_cache``."""
-    resize = getattr(tok.model, "_resize_cache", None)
-    if resize is None:
-        return False
-    resize(capacity)
-    return True
-
-
 def _token_name(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
