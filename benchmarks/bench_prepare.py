@@ -10,7 +10,9 @@ put on ``PYTHONPATH`` together with ``--shim`` (a directory with a ``sitecustomi
 
 Timing: each command runs as a subprocess; the clock starts when the tool says it begins the work (ours: the
 "tokenizing ..." line, Megatron: "Time to startup") and stops when the process exits, so the imports (Megatron's
-take ~20 s) are not counted for either.  Tokens: ours from ``manifest.json``, Megatron's from its ``.idx``.  Run
+take ~20 s) are not counted for either.  CPU time: user + system seconds of the tool's whole process tree over the
+same span (its children's rusage at exit less the tree's CPU time read from ``/proc`` at the marker), which on a busy
+shared box is steadier than wall time.  Tokens: ours from ``manifest.json``, Megatron's from its ``.idx``.  Run
 this on an idle machine; on a shared box compare only the paired rounds and report the load average.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -29,23 +32,53 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def timed(cmd: list[str], marker: str, env: dict) -> tuple[float, float]:
-    """Seconds from the line containing ``marker`` to the process exit, and from the start to the exit."""
+def _tree_cpu(root: int) -> float:
+    """CPU seconds (user + system, including waited-for children) used so far by process ``root`` and every live
+    process below it, read from ``/proc`` (0.0 where there is no ``/proc``)."""
+    kids: dict[int, list[int]] = {}
+    cpu: dict[int, int] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        kids.setdefault(int(fields[1]), []).append(int(entry))  # fields[1]: the parent's pid
+        cpu[int(entry)] = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime (clock ticks)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0)
+        todo += kids.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def timed(cmd: list[str], marker: str, env: dict) -> tuple[float, float, float]:
+    """Seconds from the line containing ``marker`` to the process exit, from the start to the exit, and the CPU
+    seconds (user + system) that the process and all its children used between the marker and the exit: the
+    children's rusage at the end less the process tree's CPU time read from ``/proc`` at the marker."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     start = None
+    cpu_at_start = 0.0
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if start is None and marker in line:
             start = time.perf_counter()
+            cpu_at_start = _tree_cpu(proc.pid)
     if proc.wait() != 0 or start is None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{''.join(lines[-20:])}")
     end = time.perf_counter()
-    return end - start, end - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime) - cpu_at_start
+    return end - start, end - t0, cpu
 
 
-def run_ours(inp: Path, tokenizer: str, workers: int, out: Path) -> tuple[tuple[float, float], int]:
+def run_ours(inp: Path, tokenizer: str, workers: int, out: Path) -> tuple[tuple[float, float, float], int]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     secs = timed([sys.executable, "-m", "xmodel.prepare", str(inp), "--tokenizer", tokenizer, "--out", str(out),
                   "--workers", str(workers), "--no-progress"], "tokenizing", env)
@@ -53,7 +86,7 @@ def run_ours(inp: Path, tokenizer: str, workers: int, out: Path) -> tuple[tuple[
 
 
 def run_megatron(inp: Path, tokenizer: str, workers: int, prefix: Path, megatron: Path, shim: Path | None
-                 ) -> tuple[tuple[float, float], int]:
+                 ) -> tuple[tuple[float, float, float], int]:
     from xmodel.training.megatron import IndexedDataset
 
     path = os.pathsep.join(str(p) for p in (shim, megatron) if p)
@@ -104,19 +137,21 @@ def main(argv: list[str] | None = None) -> int:
                 for tool in order if args.megatron else ["ours"]:
                     out = tmp / f"{tool}-{r}-{w}"
                     if tool == "ours":
-                        (secs, wall), tokens = run_ours(args.input, args.tokenizer, w, out)
+                        (secs, wall, cpu), tokens = run_ours(args.input, args.tokenizer, w, out)
                     else:
-                        (secs, wall), tokens = run_megatron(args.input, args.tokenizer, w, out, args.megatron,
-                                                            args.shim)
-                    rows.append((tool, r, w, secs, tokens))
+                        (secs, wall, cpu), tokens = run_megatron(args.input, args.tokenizer, w, out, args.megatron,
+                                                                 args.shim)
+                    rows.append((tool, r, w, secs, tokens, cpu))
                     print(f"round {r} {tool:<8} workers {w}: {tokens:,} tokens in {secs:.1f} s = "
-                          f"{tokens / secs / 1e3:.0f}k tok/s, {mb / secs:.2f} MB/s; {wall:.1f} s with the "
+                          f"{tokens / secs / 1e3:.0f}k tok/s, {mb / secs:.2f} MB/s; {cpu:.1f} CPU-s = "
+                          f"{tokens / max(cpu, 1e-9) / 1e3:.0f}k tok/CPU-s; {wall:.1f} s with the "
                           f"start-up (load {os.getloadavg()[0]:.1f})", flush=True)
         if args.megatron:
             equal, docs = same_tokens(tmp / f"ours-0-{workers[0]}", tmp / f"megatron-0-{workers[0]}")
             print(f"token ids equal in {equal:,} of {docs:,} documents")
         print("\npaired rounds (tokens/s; ratio = ours / Megatron in the same round, same worker count):")
-        rate = {(name, r, w): t / secs for name, r, w, secs, t in rows}
+        rate = {(name, r, w): t / secs for name, r, w, secs, t, _ in rows}
+        per_cpu = {(name, r, w): t / max(cpu, 1e-9) for name, r, w, _, t, cpu in rows}
         for w in workers:
             for r in range(args.rounds):
                 ours = rate[("ours", r, w)]
@@ -124,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.megatron:
                     theirs = rate[("megatron", r, w)]
                     line += f", megatron {theirs / 1e3:.0f}k, ratio {ours / theirs:.2f}x"
+                    line += (f"; per CPU-s ours {per_cpu[('ours', r, w)] / 1e3:.0f}k, megatron "
+                             f"{per_cpu[('megatron', r, w)] / 1e3:.0f}k, ratio "
+                             f"{per_cpu[('ours', r, w)] / per_cpu[('megatron', r, w)]:.2f}x")
                 print(line)
         if len(workers) > 1:
             for r in range(args.rounds):

@@ -14,8 +14,8 @@ from xmodel.train import main as train_main
 from xmodel.training.config import ConfigError, TrainConfig
 from xmodel.training.data import SourceSpec, TokenSource, eval_batches, load_source, open_prepared
 from xmodel.training.megatron import IndexedDataset, write_indexed_dataset
-from xmodel.training.preprocess import prepare
-from xmodel.training.tokenizer import TextTokenizer, train_bpe
+from xmodel.training.preprocess import _framed, prepare
+from xmodel.training.tokenizer import TextTokenizer, encode_ids, train_bpe
 
 TEXTS = [f"Record {i}: {'alpha beta gamma ' * (i % 7 + 1)}and the number {i * 13}." for i in range(300)]
 SMALL_MODEL = [a for a in TINY_MODEL if a not in ("--model.vocab_size", "512")]
@@ -48,7 +48,8 @@ def test_prepare_stream_is_the_same_for_any_worker_count_and_resumes(tok_dirs, t
     src = write_jsonl(tmp_path / "a.jsonl", TEXTS)
     (tmp_path / "b.txt").write_text(TEXTS[0])
     files = [src, tmp_path / "b.txt"]
-    expected = [t for ids in tok.encode_batch(TEXTS + TEXTS[:1]) for t in [0, *ids, 1]]
+    full = tok.tokenizer.encode_batch(TEXTS + TEXTS[:1], add_special_tokens=False)  # with offsets: the reference
+    expected = [t for enc in full for t in [0, *enc.ids, 1]]
     streams = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
@@ -67,6 +68,21 @@ def test_prepare_stream_is_the_same_for_any_worker_count_and_resumes(tok_dirs, t
     assert f"resuming: {n - 1} of {n} part(s) already done" in logs[0]
     assert open_prepared(out, tok, framing)[:].tolist() == expected
     assert "prepared 301 documents" in logs[-1] and "tokens/s" in logs[-1]
+
+
+def test_ids_only_encoding_and_framing_match_the_full_encoding(tok_dirs):
+    """The preparation encodes without offsets (``encode_batch_fast``) and frames the ids straight into the shard
+    dtype: the ids must be those of the full ``encode_batch``, for ASCII, non-ASCII, digits, CJK and empty text."""
+    tok = TextTokenizer.load(tok_dirs / "plain")
+    texts = ["déjà vu: naïve café ☕ 12345678 and 東京タワー", "", "def f(x):\n\treturn x ** 2  # ünïcödé\r\n",
+             *corpus_texts()[:3], "x" * 1000 + " 3.14159 ¡¿ 🙂🙂"]
+    full = [e.ids for e in tok.tokenizer.encode_batch(texts, add_special_tokens=False)]
+    assert [e.ids for e in encode_ids(tok.tokenizer, texts)] == tok.encode_batch(texts) == full
+    for bos, dtype in ((None, np.uint16), (0, np.uint32)):
+        arr = _framed(full, bos, 1, np.dtype(dtype))
+        assert arr.dtype == dtype
+        assert arr.tolist() == [t for ids in full for t in ([bos] if bos is not None else []) + ids + [1]]
+    assert _framed([], 0, 1, np.dtype(np.uint16)).shape == (0,)
 
 
 def test_prepare_cli_and_training_on_the_directory(tok_dirs, tmp_path, capsys):

@@ -40,7 +40,7 @@ class ShardWriter:
         self.file.write(b"\0" * HEADER_SIZE)
 
     def write(self, tokens: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(tokens, dtype=self.dtype.newbyteorder("<")).tobytes())
+        self.file.write(np.ascontiguousarray(tokens, dtype=self.dtype.newbyteorder("<")).data)  # no copy if it fits
         self.count += len(tokens)
 
     def close(self) -> Path:

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 BOS_MODES = ("auto", "always", "never")
 VOCAB_MULTIPLE = 128  # the model's vocabulary is the tokenizer's rounded up to this (tensor-core friendly rows)
@@ -92,7 +92,8 @@ class TextTokenizer:
         return hashlib.sha1(self.path.read_bytes()).hexdigest()[:12]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        """The ids of each text, no special tokens added (the framing adds BOS/EOS)."""
+        return [e.ids for e in encode_ids(self.tokenizer, texts)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
@@ -127,6 +128,17 @@ class TextTokenizer:
             raise ValueError(f"--tokenizer: {path} has no end-of-text token (looked for {', '.join(_EOS_CANDIDATES)})")
         bos_id = _first_id(tok, ([bos_name] if bos_name else []) + list(_BOS_CANDIDATES))
         return cls(tok, path, eos_id, bos_id, add_bos)
+
+
+def encode_ids(tok: Tokenizer, texts: list[str]) -> list[Encoding]:
+    """``tok``'s encodings of ``texts`` (no special tokens added), for their ids only: the offsets may be zeros.
+
+    ``encode_batch_fast`` (tokenizers >= 0.21) returns the same ids as ``encode_batch`` but skips converting each
+    token's byte offsets into character offsets (a byte -> character hash map of each whole document).  Measured with
+    the DeepSeek-V3 tokenizer on Python source (``valgrind --tool=cachegrind``, 526 kB, 130,907 tokens): 17% fewer
+    instructions per token.  Older tokenizers fall back to ``encode_batch``."""
+    fast = getattr(tok, "encode_batch_fast", None)
+    return (fast or tok.encode_batch)(texts, add_special_tokens=False)
 
 
 def _token_name(value) -> str | None:
