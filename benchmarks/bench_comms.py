@@ -729,6 +729,35 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:.3f}" if x >= 1e6 else f"{x / 1e9:.6f}"
 
 
+def _gather_table(measured: list[dict]) -> list[str]:
+    """Measured weight all-gather bytes of one step, fp32 gather vs FP8 gather (rank 0, AdamW step; Muon's are
+    the same), split into the root group (tied embedding + final norm: fp32 in both, gathered once) and the layers."""
+    from xmodel.config import XmodelConfig
+
+    root = [shapes for name, shapes in fsdp_groups(XmodelConfig(**SCALED)) if name == "root"][0]
+    gathers = {}
+    for e in measured:
+        if e["rank"] == 0 and (e["fp8"] is None or e["fp8_all_gather"]):
+            recs = [r for r in e["steps"]["adamw"] if r["kind"] == "all_gather"]
+            gathers[(e["world"], e["dp_replicate"], e["fp8_all_gather"])] = recs
+    lines = ["## Weight all-gather bytes, measured: fp32 gather vs FP8 gather (rank 0, one step)", "",
+             "Payload bytes of every all-gather of the step (forward + backward); root = tied embedding + final "
+             "norm (fp32 in both, gathered once), layers = the decoder layers (gathered twice). FP8 gather: "
+             "`--fp8 current --fp8-all-gather`; fp32 gather: the same world without FP8.", "",
+             "| W | replicas | gathers | fp32 gather: all / layers | FP8 gather: all / layers | FP8 / fp32: all / "
+             "layers |", "|---|---|---|---|---|---|"]
+    for (world, rep, ag), recs in sorted(gathers.items()):
+        base = gathers.get((world, rep, False))
+        if not ag or base is None:
+            continue
+        shards = world // rep
+        root_bytes = sum(shard_numel(s, shards) for s in root) * 4 * shards
+        a, b = sum(r["bytes_out"] for r in base), sum(r["bytes_out"] for r in recs)
+        lines.append(f"| {world} | {rep} | {len(recs)} | {a:,} / {a - root_bytes:,} | {b:,} / {b - root_bytes:,} | "
+                     f"{b / a:.3f} / {(b - root_bytes) / (a - root_bytes):.3f} |")
+    return lines + [""]
+
+
 def render(result: dict) -> str:
     from xmodel.config import XmodelConfig
 
@@ -765,6 +794,7 @@ def render(result: dict) -> str:
               "cases match exactly." + (" Differences: " + "; ".join(
                   f"{v['config']} W{v['world']} r{v['rank']} {v['optimizer']}: {v['diffs']}" for v in bad)
                   if bad else ""), ""]
+    lines += _gather_table(result["measured"])
     if result.get("check_1p3b"):
         lines += ["## The 1.3B shapes counted (fake process group, rank 0) vs formula", "",
                   "One process plays rank 0 of W (torch's fake backend: collectives dispatched, no data moved), the "
@@ -798,6 +828,8 @@ def render(result: dict) -> str:
               "accumulation; each extra micro-batch repeats the all-gathers; at 512 GPUs batch 480 is under one "
               "sequence per GPU, counted fractionally). Time is bytes over bandwidth only: no per-collective latency "
               "(the FP8 delayed rows differ from fp32 by 3 x 336 four-byte all-reduces -- latency, not bytes). "
+              "The FP8 all-gather rows come from the same formula, checked exact against the measured "
+              "`*-fp8-current-ag` runs. "
               "No overlap assumed: comm/compute is "
               "the share of a step if nothing overlapped (FSDP2 overlaps the all-gathers with compute).", "",
               "| GPUs | layout | weight all-gather | optimizer | collectives | payload GB | bus GB NVLink | "
