@@ -10,8 +10,8 @@
    and one Muon step of a scaled model (:data:`SCALED`) at world 1/2/4 for FSDP, HSDP 2x2, and FP8 (emulated,
    ``delayed`` = the paper's recipe with its amax all-reduces, ``current``, and ``current`` with the FP8 weight
    all-gather).  Each step is preceded by an uncounted
-   warm-up step, and mirrors ``xmodel.train.train_loop``: forward, backward, the loss all-reduce, the gradient norm
-   (clip), the optimizer step and the stop-flag all-reduce.
+   warm-up step, and mirrors ``xmodel.train.train_loop``: forward, backward, the gradient norm (clip), the loss
+   all-reduce, the optimizer step, ``precompute_fp8_scales`` (FP8 all-gather only) and the stop-flag all-reduce.
 2. **Formula** (:func:`step_collectives`): the same collectives derived from the parameter shapes, the FSDP2 layout
    (dim-0 shards padded to ``ceil(d0/S)`` rows) and Muon's partition (:func:`muon_partition`, a copy of the
    arithmetic of ``xkernels.optim.muon._orthogonalize_fsdp``).  It is checked against part 1 op by op and phase by
@@ -392,8 +392,8 @@ CONFIGS = [
 def _train_config(fp8: str | None, dp_replicate: int, fp8_all_gather: bool):
     from xmodel.training.config import TrainConfig
 
-    return TrainConfig(fp8=fp8, fp8_emulate=fp8 is not None, fp8_all_gather=fp8_all_gather, dp_replicate=dp_replicate,
-                       device="cpu", threads=1)
+    return TrainConfig(fp8=fp8, fp8_emulate=fp8 is not None, fp8_all_gather=fp8_all_gather,
+                       dp_replicate=dp_replicate, device="cpu", threads=1)
 
 
 def _one_config(name: str, dp_replicate: int, fp8: str | None, fp8_all_gather: bool, info, device) -> dict:
@@ -734,16 +734,16 @@ def _gather_table(measured: list[dict]) -> list[str]:
     the same), split into the root group (tied embedding + final norm: fp32 in both, gathered once) and the layers."""
     from xmodel.config import XmodelConfig
 
-    root = [shapes for name, shapes in fsdp_groups(XmodelConfig(**SCALED)) if name == "root"][0]
+    root = next(shapes for name, shapes in fsdp_groups(XmodelConfig(**SCALED)) if name == "root")
     gathers = {}
     for e in measured:
         if e["rank"] == 0 and (e["fp8"] is None or e["fp8_all_gather"]):
             recs = [r for r in e["steps"]["adamw"] if r["kind"] == "all_gather"]
             gathers[(e["world"], e["dp_replicate"], e["fp8_all_gather"])] = recs
     lines = ["## Weight all-gather bytes, measured: fp32 gather vs FP8 gather (rank 0, one step)", "",
-             "Payload bytes of every all-gather of the step (forward + backward); root = tied embedding + final "
-             "norm (fp32 in both, gathered once), layers = the decoder layers (gathered twice). FP8 gather: "
-             "`--fp8 current --fp8-all-gather`; fp32 gather: the same world without FP8.", "",
+             ("Payload bytes of every all-gather of the step (forward + backward); root = tied embedding + final "
+              "norm (fp32 in both, gathered once), layers = the decoder layers (gathered twice). FP8 gather: "
+              "`--fp8 current --fp8-all-gather`; fp32 gather: the same world without FP8."), "",
              "| W | replicas | gathers | fp32 gather: all / layers | FP8 gather: all / layers | FP8 / fp32: all / "
              "layers |", "|---|---|---|---|---|---|"]
     for (world, rep, ag), recs in sorted(gathers.items()):
