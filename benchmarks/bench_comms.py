@@ -8,14 +8,16 @@
    meta device and initialised, ``fp8_convert``, ``wrap_model`` (FSDP2 per layer + root, HSDP with ``dp_replicate``),
    ``build_adamw`` / ``TrainOptimizer``, ``micro_batch_loss``, ``grad_norm``, the switch to Muon -- run one AdamW step
    and one Muon step of a scaled model (:data:`SCALED`) at world 1/2/4 for FSDP, HSDP 2x2, and FP8 (emulated,
-   ``delayed`` = the paper's recipe with its amax all-reduces, and ``current``).  Each step is preceded by an uncounted
-   warm-up step, and mirrors ``xmodel.train.train_loop``: forward, backward, the loss all-reduce, the gradient norm
-   (clip), the optimizer step and the stop-flag all-reduce.
+   ``delayed`` = the paper's recipe with its amax all-reduces, ``current``, and ``current`` with the FP8 weight
+   all-gather).  Each step is preceded by an uncounted
+   warm-up step, and mirrors ``xmodel.train.train_loop``: forward, backward, the gradient norm (clip), the loss
+   all-reduce, the optimizer step, ``precompute_fp8_scales`` (FP8 all-gather only) and the stop-flag all-reduce.
 2. **Formula** (:func:`step_collectives`): the same collectives derived from the parameter shapes, the FSDP2 layout
    (dim-0 shards padded to ``ceil(d0/S)`` rows) and Muon's partition (:func:`muon_partition`, a copy of the
    arithmetic of ``xkernels.optim.muon._orthogonalize_fsdp``).  It is checked against part 1 op by op and phase by
    phase, exact bytes (the "validation" table); then it gives the 1.3B preset at 8/64/512 GPUs, where no run is
-   possible here.  Rows that no run measured yet (bf16 or FP8 weight all-gather) are marked "formula".
+   possible here.  The one row no run measures (bf16 weight all-gather: ``wrap_model`` sets no
+   ``MixedPrecisionPolicy``, so FSDP2 gathers the fp32 master weights) is marked "formula".
 3. **Paper extrapolation**: bytes per GPU per step at 64 and 512 H100s, flat FSDP vs HSDP (FSDP in 8-GPU nodes,
    replicated across nodes), time at NVLink and InfiniBand bandwidths against the step's compute time.
 
@@ -30,16 +32,12 @@ and DTensor's collectives never pass through those functions.  Checked on torch 
 fake backend: every call the trainer makes (``all_reduce``, FSDP2's gathers and reduce-scatters, Muon's
 ``all_to_all_single`` sync and async, DTensor's norm reduction) shows up exactly once.
 
-FP8 ``delayed`` under FSDP2 deadlocks without a workaround (found here, gloo at world 2, torch 2.13; the trainer too:
-``torchrun --nproc_per_node 2 -m xmodel.train ... --fp8 delayed --fp8-emulate`` logged step 1, then nothing for
-150 s).  ``FP8Linear._weight_fp8`` caches the quantised weight keyed by ``(weight._version, weight.data_ptr())`` and
-all-reduces the weight amax only on a cache miss.  FSDP2 frees the unsharded weight's storage after the forward and
-refills it at the next all-gather, so whether the key repeats can differ between ranks (our reading; the stacks
-showed one rank inside an FP8 linear's amax all-reduce and the other already in the next layer's all-gather).
-Plausibly the same cause as the HSDP + FP8 hang that ``check_replicate`` refuses; not checked.  With the cache
-dropped the runs finish.  The measured runs drop that cache before every forward of an FP8 linear
-(:func:`_drop_weight_cache`), so every rank issues one weight amax per forward -- what the trainer does under
-torch.compile, where the cache is bypassed.  The fix belongs in ``xkernels.fp8.linear``.
+FP8 under FSDP2: ``wrap_model`` turns FP8Linear's weight cache off (``xkernels.fp8.fsdp.prepare_fp8_for_fsdp``; the
+cache once made ranks issue different numbers of ``delayed`` amax all-reduces and hang), so every rank issues one
+weight amax per forward.  FP8 weight all-gather (``TrainConfig.fp8_all_gather``, recipe ``current``): FSDP2 gathers
+the FP8Linear weights as E4M3 codes, 1 byte per element, with one scale per weight from its world amax; the step
+calls ``xkernels.fp8.fsdp.precompute_fp8_scales`` after the optimizer step (and once before the first step), as
+``xmodel.train.train_loop`` does: one all-reduce (MAX) of all those amaxes (phase "fp8_scales").
 
 Each record: op kind, process-group size ``W``, dtype, bytes in / out on this rank.  Two byte columns:
 
@@ -316,8 +314,10 @@ def step_collectives(model_config, world: int, replicate: int = 1, optimizer: st
     """The collectives of one trainer step on one rank (as :class:`Record` s, ``op`` = "formula").
 
     ``gather_bytes``: bytes per element of the weight all-gather (4 = fp32, what ``wrap_model`` does today: no
-    ``MixedPrecisionPolicy``; 2 = bf16 param_dtype).  ``fp8_gather``: the FP8 linears' weights gathered as 1 byte
-    per element, their scale computed from one all-reduced fp32 amax per linear per step.  ``fp8_amax``: delayed
+    ``MixedPrecisionPolicy``; 2 = bf16 param_dtype).  ``fp8_gather`` (``--fp8-all-gather``): the FP8 linears'
+    weights -- every 2-D parameter of a decoder layer -- gathered as 1 byte per element (the norms in
+    ``gather_bytes``, in the same buffer), and after the optimizer step ``precompute_fp8_scales``: one all-reduce
+    over the world of ``fp8_linears`` fp32 amaxes (4 bytes each).  ``fp8_amax``: delayed
     scaling's amax all-reduces over the world (input + weight in the forward, grad_output in the backward, per FP8
     linear).  The gradient norm (``grad_norm``: ``clip_grad_norm_`` on the DTensor gradients) is one all-reduce of
     one fp32 value per parameter tensor over the shard group (measured: the per-parameter partial norms, stacked)."""
@@ -338,9 +338,6 @@ def step_collectives(model_config, world: int, replicate: int = 1, optimizer: st
             return (sum(shard_numel(s, shards) * (1 if len(s) == 2 else gather_bytes) for s in shapes), "float8")
         return sum(shard_numel(s, shards) for s in shapes) * gather_bytes, dname[gather_bytes]
 
-    if fp8_gather:
-        for _ in range(fp8_linears):  # one amax per FP8 weight, for its tensorwise scale
-            add("all_reduce", shards, 4, 4, "forward", "float32", "shard")
     for name, shapes in groups:
         shard, dtype = gathered(name, shapes)
         add("all_gather", shards, shard, shard * shards, "forward", dtype, "shard")
@@ -359,13 +356,15 @@ def step_collectives(model_config, world: int, replicate: int = 1, optimizer: st
         shard = sum(shard_numel(s, shards) for s in shapes) * grad_bytes
         add("reduce_scatter", shards, shard * shards, shard, "backward", dname[grad_bytes], "shard")
         add("all_reduce", replicate, shard, shard, "backward", dname[grad_bytes], "replicate")
-    add("all_reduce", world, 8, 8, "trainer", "float64")  # the loss (xmodel.train: info.all_reduce_sum)
     n_params = sum(len(shapes) for _, shapes in groups)
     add("all_reduce", shards, 4 * n_params, 4 * n_params, "clip", "float32", "shard")
+    add("all_reduce", world, 8, 8, "trainer", "float64")  # the loss (xmodel.train: info.all_reduce_sum)
     if optimizer == "muon":
         a2a, _ = muon_partition(hidden_matrices(model_config), shards, chunk_numel, grad_bytes, ns_bytes)
         for nin, nout in a2a:
             add("all_to_all", shards, nin, nout, "optimizer", "?", "shard")
+    if fp8_gather:  # precompute_fp8_scales: the next step's weight scales, one all-reduce (MAX) for all
+        add("all_reduce", world, 4 * fp8_linears, 4 * fp8_linears, "fp8_scales", "float32")
     add("all_reduce", world, 4, 4, "trainer", "float32")  # the stop flag (info.any)
     return recs
 
@@ -374,31 +373,31 @@ def step_collectives(model_config, world: int, replicate: int = 1, optimizer: st
 # Measured runs (gloo, spawned processes)
 # ---------------------------------------------------------------------------------------------------------
 
-# (name, world, dp_replicate, fp8 recipe or None)
+# (name, world, dp_replicate, fp8 recipe or None, FP8 weight all-gather)
 CONFIGS = [
-    ("fsdp", 1, 1, None),
-    ("fsdp", 2, 1, None),
-    ("fsdp+fp8-delayed", 2, 1, "delayed"),
-    ("fsdp", 4, 1, None),
-    ("fsdp+fp8-delayed", 4, 1, "delayed"),
-    ("fsdp+fp8-current", 4, 1, "current"),
-    ("hsdp-2x2", 4, 2, None),
+    ("fsdp", 1, 1, None, False),
+    ("fsdp", 2, 1, None, False),
+    ("fsdp+fp8-delayed", 2, 1, "delayed", False),
+    ("fsdp+fp8-current-ag", 2, 1, "current", True),
+    ("fsdp", 4, 1, None, False),
+    ("fsdp+fp8-delayed", 4, 1, "delayed", False),
+    ("fsdp+fp8-current", 4, 1, "current", False),
+    ("fsdp+fp8-current-ag", 4, 1, "current", True),
+    ("hsdp-2x2", 4, 2, None, False),
+    ("hsdp-2x2+fp8-delayed", 4, 2, "delayed", False),
+    ("hsdp-2x2+fp8-current-ag", 4, 2, "current", True),
 ]
 
 
 def _train_config(fp8: str | None, dp_replicate: int, fp8_all_gather: bool):
     from xmodel.training.config import TrainConfig
 
-    kwargs: dict[str, Any] = dict(fp8=fp8, fp8_emulate=fp8 is not None, dp_replicate=dp_replicate, device="cpu",
-                                  threads=1)
-    if fp8_all_gather:
-        kwargs["fp8_all_gather"] = True
-    return TrainConfig(**kwargs)
+    return TrainConfig(fp8=fp8, fp8_emulate=fp8 is not None, fp8_all_gather=fp8_all_gather,
+                       dp_replicate=dp_replicate, device="cpu", threads=1)
 
 
 def _one_config(name: str, dp_replicate: int, fp8: str | None, fp8_all_gather: bool, info, device) -> dict:
     """One AdamW step and one Muon step (each after an uncounted warm-up step) of the scaled model, counted."""
-    import inspect
     from types import SimpleNamespace
 
     from xmodel.config import XmodelConfig
@@ -421,21 +420,19 @@ def _one_config(name: str, dp_replicate: int, fp8: str | None, fp8_all_gather: b
         from xkernels.fp8.linear import FP8Linear
 
         n_fp8 = sum(isinstance(m, FP8Linear) for m in model.modules())
-        if fp8 == "delayed":  # see the module docstring: the weight cache decides per rank whether to all-reduce
-            for m in model.modules():
-                if isinstance(m, FP8Linear):
-                    m.register_forward_pre_hook(_drop_weight_cache)
-    extra = {}
-    if fp8_all_gather and "fp8_all_gather" in inspect.signature(wrap_model).parameters:
-        extra["fp8_all_gather"] = True
-    model = wrap_model(model, "fsdp", device, info, dp_replicate if info.active else 1, **extra)
+    model = wrap_model(model, "fsdp", device, info, dp_replicate if info.active else 1, fp8_all_gather)
     opt = TrainOptimizer(build_adamw(model, 1e-3, 1e-2), model)
+    fp8_scales = None
+    if fp8_all_gather:  # as train_loop: the scales once before the first step, then after every optimizer step
+        from xkernels.fp8.fsdp import precompute_fp8_scales as fp8_scales
+
+        fp8_scales(model)
     run = SimpleNamespace(model=model, device=device, autocast=contextlib.nullcontext(), optimizer=opt, cfg=cfg)
     gen = torch.Generator().manual_seed(1000 + info.rank)
     counter = CommCounter()
     steps: dict[str, Any] = {}
 
-    def step(counted: bool):
+    def step(counted: bool):  # xmodel.train.train_loop's order, one micro-batch
         batch = torch.randint(0, mc.vocab_size, (1, SEQ + 1), generator=gen)
         ctx = counter if counted else contextlib.nullcontext()
         with ctx:
@@ -443,15 +440,18 @@ def _one_config(name: str, dp_replicate: int, fp8: str | None, fp8_all_gather: b
                 loss = micro_batch_loss(run, batch)
             with counter.in_phase("backward"):
                 loss.backward()
-            with counter.in_phase("trainer"):
-                info.all_reduce_sum([float(loss.detach())], device)
             with counter.in_phase("clip"):
                 grad_norm(run)
+            with counter.in_phase("trainer"):
+                info.all_reduce_sum([float(loss.detach())], device)
             with counter.in_phase("optimizer"):
                 opt.step()
+            if fp8_scales is not None:
+                with counter.in_phase("fp8_scales"):
+                    fp8_scales(model)
+            opt.zero_grad()
             with counter.in_phase("trainer"):
                 info.any(False, device)
-        opt.zero_grad()
 
     for phase in ("adamw", "muon"):
         if phase == "muon":
@@ -468,17 +468,13 @@ def _one_config(name: str, dp_replicate: int, fp8: str | None, fp8_all_gather: b
             "steps": steps}
 
 
-def _drop_weight_cache(module, args) -> None:
-    module._w_cache = None
-
-
-def worker(out_dir: Path, configs: list[tuple], fp8_all_gather: bool) -> None:
+def worker(out_dir: Path, configs: list[tuple]) -> None:
     """One rank (started by :func:`measure` with torchrun's environment variables): every config in turn."""
     from xmodel.training.distributed import init_distributed
 
     torch.set_num_threads(1)
     info, device = init_distributed("cpu")
-    results = [_one_config(n, r, f, fp8_all_gather and n.endswith("-ag"), info, device) for n, _, r, f in configs]
+    results = [_one_config(n, r, f, ag, info, device) for n, _, r, f, ag in configs]
     (out_dir / f"rank{info.rank}.json").write_text(json.dumps(results))
     info.barrier()
     for stream in (sys.stdout, sys.stderr):
@@ -547,7 +543,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(world: int, configs: list[tuple], fp8_all_gather: bool, timeout: float = 240) -> list[list[dict]]:
+def measure(world: int, configs: list[tuple], timeout: float = 300) -> list[list[dict]]:
     """Run ``configs`` (all of this world size) in ``world`` spawned processes; returns each rank's results."""
     with tempfile.TemporaryDirectory() as tmp:
         port = _free_port()
@@ -555,7 +551,7 @@ def measure(world: int, configs: list[tuple], fp8_all_gather: bool, timeout: flo
                "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "XKERNELS_BACKEND": "torch"}
         env.pop("TRITON_INTERPRET", None)
-        spec = json.dumps({"configs": configs, "fp8_all_gather": fp8_all_gather, "out": tmp})
+        spec = json.dumps({"configs": configs, "out": tmp})
         logs = [open(Path(tmp) / f"rank{r}.log", "w+") for r in range(world)]  # files: a full pipe would block
         procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.bench_comms", "--worker", spec],
                                   env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO,
@@ -581,7 +577,7 @@ def measure(world: int, configs: list[tuple], fp8_all_gather: bool, timeout: flo
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-def run_measured(fp8_all_gather: bool) -> list[dict]:
+def run_measured() -> list[dict]:
     """Every config of :data:`CONFIGS` (world 1 in this process, 2 and 4 spawned); one entry per (config, rank)."""
     out = []
     for world in sorted({c[1] for c in CONFIGS}):
@@ -590,10 +586,9 @@ def run_measured(fp8_all_gather: bool) -> list[dict]:
             from xmodel.training.distributed import DistInfo
 
             with _threads(1):
-                out.extend(_one_config(n, r, f, fp8_all_gather and n.endswith("-ag"), DistInfo(),
-                                       torch.device("cpu")) for n, _, r, f in configs)
+                out.extend(_one_config(n, r, f, ag, DistInfo(), torch.device("cpu")) for n, _, r, f, ag in configs)
         else:
-            for per_rank in zip(*measure(world, configs, fp8_all_gather)):
+            for per_rank in zip(*measure(world, configs)):
                 out.extend(per_rank)
     return out
 
@@ -629,7 +624,7 @@ def formula_for(entry: dict, optimizer: str) -> list[Record]:
     ns_bytes = torch.empty((), dtype=getattr(torch, entry["ns_dtype"])).element_size()
     return step_collectives(XmodelConfig(**SCALED), entry["world"], entry["dp_replicate"], optimizer,
                             ns_bytes=ns_bytes, fp8_linears=entry["fp8_linears"],
-                            fp8_amax=entry["fp8"] == "delayed", fp8_gather=entry.get("fp8_all_gather", False))
+                            fp8_amax=entry["fp8"] == "delayed", fp8_gather=entry["fp8_all_gather"])
 
 
 def validate(measured: list[dict]) -> list[dict]:
@@ -650,19 +645,30 @@ def validate(measured: list[dict]) -> list[dict]:
     return rows
 
 
+AG_FP32 = "fp32 (today)"
+AG_FP8 = "fp8 (--fp8-all-gather)"
+FP8_AG_NOTE = (
+    "FP8 weight all-gather (`--fp8 current --fp8-all-gather`; measured above as `*-fp8-current-ag`, formula exact): "
+    "the FP8 linears' weights travel as 1 byte per element -- 1/4 of today's fp32 gather (`wrap_model` sets no "
+    "MixedPrecisionPolicy, so FSDP2 gathers the fp32 master weights; the forward casts under bf16 autocast on GPU), "
+    "1/2 of a bf16 gather -- while the embedding and the norms still go as fp32; plus one all-reduce (MAX) of 336 "
+    "fp32 amaxes (1,344 bytes) per step, `precompute_fp8_scales`. Gradients (reduce-scatter) stay fp32: the bytes "
+    "saved are in the all-gathers only. The 'bf16 (formula)' rows are not measured (no MixedPrecisionPolicy yet).")
+
+
 def scenarios_1p3b() -> list[dict]:
     """The 1.3B preset (formula): per GPU per step at 8 / 64 / 512 GPUs, flat FSDP vs HSDP (8-GPU nodes)."""
     from xmodel.config import XmodelConfig
 
     mc = XmodelConfig.from_preset("xmodel-2.5")
-    n_fp8 = 7 * mc.num_hidden_layers
+    n_fp8 = len(hidden_matrices(mc))  # the decoder layers' linears (7 per layer) are the FP8Linears
     rows = []
     for world in (8, 64, 512):
         layouts = [("FSDP", 1)] + ([("HSDP 8/node", world // GPUS_PER_NODE)] if world > GPUS_PER_NODE else [])
         for layout, rep in layouts:
             # (label, all-gather bytes per element, FP8 weight gather, FP8 delayed amax all-reduces)
-            for ag, gb, fp8g, amax in (("fp32 (today)", 4, False, False), ("fp32 + FP8 delayed amax", 4, False, True),
-                                       ("bf16 (formula)", 2, False, False), ("fp8 (formula)", 2, True, True)):
+            for ag, gb, fp8g, amax in ((AG_FP32, 4, False, False), ("fp32 + FP8 delayed amax", 4, False, True),
+                                       (AG_FP8, 4, True, False), ("bf16 (formula)", 2, False, False)):
                 for optimizer in ("adamw", "muon"):
                     recs = step_collectives(mc, world, rep, optimizer, gather_bytes=gb, grad_bytes=4, ns_bytes=2,
                                             chunk_numel=CUDA_CHUNK_NUMEL, fp8_linears=n_fp8, fp8_amax=amax,
@@ -723,6 +729,35 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:.3f}" if x >= 1e6 else f"{x / 1e9:.6f}"
 
 
+def _gather_table(measured: list[dict]) -> list[str]:
+    """Measured weight all-gather bytes of one step, fp32 gather vs FP8 gather (rank 0, AdamW step; Muon's are
+    the same), split into the root group (tied embedding + final norm: fp32 in both, gathered once) and the layers."""
+    from xmodel.config import XmodelConfig
+
+    root = next(shapes for name, shapes in fsdp_groups(XmodelConfig(**SCALED)) if name == "root")
+    gathers = {}
+    for e in measured:
+        if e["rank"] == 0 and (e["fp8"] is None or e["fp8_all_gather"]):
+            recs = [r for r in e["steps"]["adamw"] if r["kind"] == "all_gather"]
+            gathers[(e["world"], e["dp_replicate"], e["fp8_all_gather"])] = recs
+    lines = ["## Weight all-gather bytes, measured: fp32 gather vs FP8 gather (rank 0, one step)", "",
+             ("Payload bytes of every all-gather of the step (forward + backward); root = tied embedding + final "
+              "norm (fp32 in both, gathered once), layers = the decoder layers (gathered twice). FP8 gather: "
+              "`--fp8 current --fp8-all-gather`; fp32 gather: the same world without FP8."), "",
+             "| W | replicas | gathers | fp32 gather: all / layers | FP8 gather: all / layers | FP8 / fp32: all / "
+             "layers |", "|---|---|---|---|---|---|"]
+    for (world, rep, ag), recs in sorted(gathers.items()):
+        base = gathers.get((world, rep, False))
+        if not ag or base is None:
+            continue
+        shards = world // rep
+        root_bytes = sum(shard_numel(s, shards) for s in root) * 4 * shards
+        a, b = sum(r["bytes_out"] for r in base), sum(r["bytes_out"] for r in recs)
+        lines.append(f"| {world} | {rep} | {len(recs)} | {a:,} / {a - root_bytes:,} | {b:,} / {b - root_bytes:,} | "
+                     f"{b / a:.3f} / {(b - root_bytes) / (a - root_bytes):.3f} |")
+    return lines + [""]
+
+
 def render(result: dict) -> str:
     from xmodel.config import XmodelConfig
 
@@ -759,6 +794,7 @@ def render(result: dict) -> str:
               "cases match exactly." + (" Differences: " + "; ".join(
                   f"{v['config']} W{v['world']} r{v['rank']} {v['optimizer']}: {v['diffs']}" for v in bad)
                   if bad else ""), ""]
+    lines += _gather_table(result["measured"])
     if result.get("check_1p3b"):
         lines += ["## The 1.3B shapes counted (fake process group, rank 0) vs formula", "",
                   "One process plays rank 0 of W (torch's fake backend: collectives dispatched, no data moved), the "
@@ -792,6 +828,8 @@ def render(result: dict) -> str:
               "accumulation; each extra micro-batch repeats the all-gathers; at 512 GPUs batch 480 is under one "
               "sequence per GPU, counted fractionally). Time is bytes over bandwidth only: no per-collective latency "
               "(the FP8 delayed rows differ from fp32 by 3 x 336 four-byte all-reduces -- latency, not bytes). "
+              "The FP8 all-gather rows come from the same formula, checked exact against the measured "
+              "`*-fp8-current-ag` runs. "
               "No overlap assumed: comm/compute is "
               "the share of a step if nothing overlapped (FSDP2 overlaps the all-gathers with compute).", "",
               "| GPUs | layout | weight all-gather | optimizer | collectives | payload GB | bus GB NVLink | "
@@ -803,13 +841,13 @@ def render(result: dict) -> str:
                      f"{r['bus_inter_gb']:.2f} | "
                      f"{r['comm_s'] * 1e3:.1f} | {r['compute_s'] * 1e3:.1f} | {r['comm_fraction']:.1%} | "
                      f"{r['ns_tflop_max_rank']:.2f} | {r['ns_s_max_rank'] * 1e3:.1f} |")
-    lines += ["", result.get("fp8_all_gather_note", ""), "", "## Summary (paper estimates, AdamW stable phase)", ""]
+    lines += ["", FP8_AG_NOTE, "", "## Summary (paper estimates, AdamW stable phase)", ""]
     pick = {(r["world"], r["layout"], r["weight_all_gather"]): r for r in result["scenarios_1p3b"]
             if r["optimizer"] == "adamw"}
     for world in (64, 512):
         parts = []
         for layout in ("FSDP", "HSDP 8/node"):
-            today, fp8 = pick[(world, layout, "fp32 (today)")], pick[(world, layout, "fp8 (formula)")]
+            today, fp8 = pick[(world, layout, AG_FP32)], pick[(world, layout, AG_FP8)]
             parts.append(f"{layout}: {today['bus_intra_gb']:.1f} GB NVLink + {today['bus_inter_gb']:.1f} GB IB bus "
                          f"bytes per GPU, {today['comm_s'] * 1e3:.0f} ms vs {today['compute_s'] * 1e3:.0f} ms compute "
                          f"({today['comm_fraction']:.0%}; FP8 all-gather {fp8['comm_fraction']:.0%})")
@@ -821,8 +859,6 @@ def render(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="path stem: writes <out>.json and <out>.md (default: print the markdown)")
-    p.add_argument("--fp8-all-gather", action="store_true",
-                   help="also measure FSDP + FP8 weight all-gather (needs TrainConfig.fp8_all_gather)")
     p.add_argument("--check-1p3b", nargs="*", default=[], metavar="W:R",
                    help="also count the real 1.3B shapes as rank 0 of W ranks (R replicas; HSDP when R > 1) on the "
                         "fake process group, one process each (~80 s and ~9 GB per entry at W = 64)")
@@ -835,23 +871,10 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(0)
     if args.worker:
         spec = json.loads(args.worker)
-        worker(Path(spec["out"]), [tuple(c) for c in spec["configs"]], spec["fp8_all_gather"])
+        worker(Path(spec["out"]), [tuple(c) for c in spec["configs"]])
         return 0
-    from xmodel.training.config import TrainConfig
-
-    note = ("FP8 weight all-gather: the rows marked 'fp8 (formula)' gather the FP8 linears' weights as 1 byte per "
-            "element (embedding and norms in bf16) plus one fp32 amax all-reduce per linear for its scale; not "
-            "measured yet.")
-    has_field = "fp8_all_gather" in {f.name for f in dataclasses.fields(TrainConfig)}
-    if args.fp8_all_gather:
-        if not has_field:
-            print("--fp8-all-gather: TrainConfig has no fp8_all_gather field on this branch; skipping that "
-                  "measurement (the table keeps the formula rows)", file=sys.stderr)
-        else:
-            CONFIGS.extend([("fsdp+fp8-ag", 2, 1, "delayed"), ("fsdp+fp8-ag", 4, 1, "delayed")])
-            note += " Measured configs 'fsdp+fp8-ag' ran with fp8_all_gather=True (see the validation table)."
     t0 = time.perf_counter()
-    measured = run_measured(args.fp8_all_gather and has_field)
+    measured = run_measured()
     validation = validate(measured)
     checks = []
     for spec in args.check_1p3b:
@@ -868,12 +891,11 @@ def main(argv: list[str] | None = None) -> int:
     from xmodel.config import XmodelConfig
 
     cmd = "python -m benchmarks.bench_comms" + (f" --out {args.out}" if args.out else "") + \
-        (" --fp8-all-gather" if args.fp8_all_gather else "") + \
         (" --check-1p3b " + " ".join(args.check_1p3b) if args.check_1p3b else "")
     result = {"date": time.strftime("%Y-%m-%d"), "command": cmd, "versions": versions(), "scaled": SCALED,
               "measured": measured, "validation": validation, "check_1p3b": checks,
               "ns_1p3b": ns_table(XmodelConfig.from_preset("xmodel-2.5")),
-              "scenarios_1p3b": scenarios_1p3b(), "fp8_all_gather_note": note,
+              "scenarios_1p3b": scenarios_1p3b(), "fp8_all_gather_note": FP8_AG_NOTE,
               "paper_figures": {"nvlink_gbs": NVLINK_GBS, "ib_gbs": IB_GBS, "h100_bf16_tflops": H100_BF16_TFLOPS,
                                 "mfu": MFU, "gpus_per_node": GPUS_PER_NODE}}
     result["wall_s"] = time.perf_counter() - t0
