@@ -100,21 +100,22 @@ def test_two_process_gloo_matches_one_process(one_process, tiny, tmp_path, paral
 def test_world4_run_ends_cleanly_under_load(tiny, tmp_path):  # noqa: F811
     """Issue 22: world-4 runs (FSDP2, Muon from the decay) trained every step, then one rank aborted at the end
     ("terminate called without an active exception": gloo threads outliving the interpreter, see
-    ``xmodel.training.distributed.exit_process``) and no export or summary was written.  Two runs while a busy
-    process competes for the cores: each exits 0 with the HF export and the summary."""
+    ``xmodel.training.distributed.exit_process``) and no export or summary was written.  A run while a busy process
+    competes for the cores (the abort came more often on a busy machine) exits 0 with the HF export and the summary.
+    The suite ends more world-4 runs the same way: the two HSDP tests below (exit 0, HF export) and the 4 -> 2 and
+    2 -> 4 resumes of ``tests/test_train_reshard.py`` (exit 0)."""
     load = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        for i in range(2):
-            proc = run(tiny_args(tiny, tmp_path, "--steps", "6", "--decay-start", "3", "--decay", "3", "--eval-every",
-                                 "0", "--threads", "1", "--batch-size", "1", "--eval-batches", "1", "--export-hf",
-                                 "--name", f"r{i}"), 4)
-            assert proc.returncode == 0 and "terminate called" not in proc.stderr, (i, proc.stderr[-3000:])
-            assert (tmp_path / f"r{i}" / "hf" / "model.safetensors").is_file()
-            assert json.loads((tmp_path / f"r{i}" / "summary.json").read_text())["steps"] == 6
-            assert train_losses(tmp_path / f"r{i}") == train_losses(tmp_path / "r0")  # and deterministic
+        proc = run(tiny_args(tiny, tmp_path, "--steps", "6", "--decay-start", "3", "--decay", "3", "--eval-every", "0",
+                             "--threads", "1", "--batch-size", "1", "--eval-batches", "1", "--export-hf", "--name",
+                             "r"), 4)
     finally:
         load.kill()
         load.wait()
+    assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "r" / "hf" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 6
+    assert sorted(train_losses(tmp_path / "r")) == list(range(1, 7))
 
 
 @pytest.fixture(scope="module")
