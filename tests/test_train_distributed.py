@@ -87,7 +87,9 @@ def test_two_process_gloo_matches_one_process(one_process, tiny, tmp_path, paral
     out = export_checkpoint(tmp_path / "two", tmp_path / "two-export")
     again = Xmodel.from_pretrained(out)
     assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), again.state_dict().values()))
-    # resume the 2-process run from its sharded checkpoint for 2 more steps
+    if parallel == "fsdp":
+        return  # FSDP2's sharded checkpoints resume at world 2 in tests/test_train_reshard.py (4 -> 2)
+    # resume the 2-process DDP run from its checkpoint for 2 more steps
     more = run(tiny_args(tiny, tmp_path, *COMMON[:-1], "--name", "two", "--batch-size", "2", "--parallel", parallel,
                          "--steps", "8"), 2)
     assert more.returncode == 0, more.stderr[-3000:]
